@@ -1,0 +1,155 @@
+"""ModelArgs: the architecture facts of one Llama model, whatever file it came from.
+
+Field names follow Meta's reference (`dim`, `n_layers`, `n_heads`, `n_kv_heads`, `norm_eps`,
+`rope_theta`) plus an explicit `hidden_dim`. Format readers (herd.formats.*) resolve their own
+conventions (Meta's `multiple_of`, HF's `intermediate_size`, GGUF's `feed_forward_length`) into
+these fields; nothing here parses files. No torch import: this module is pure data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from herd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE inverse frequencies are rescaled for long context.
+
+    kind "llama3": Llama 3.1/3.2 and Llama 4 Scout band-wise scaling (factor, low/high freq factors,
+    original context). kind "divisors": per-frequency divisors as GGUF stores them in `rope_freqs`.
+    kind "linear": positions divided by `factor` (older fine-tunes).
+    """
+
+    kind: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+    divisors: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("llama3", "divisors", "linear"):
+            raise ConfigError(f"unknown RoPE scaling kind {self.kind!r} (herd knows llama3, divisors, linear)")
+        if self.kind == "divisors" and not self.divisors:
+            raise ConfigError("RoPE scaling kind 'divisors' needs the divisor values")
+
+
+@dataclass(frozen=True)
+class MoEArgs:
+    """Llama 4 mixture of experts: sigmoid router over `num_experts`, `top_k` chosen, plus a shared expert."""
+
+    num_experts: int
+    top_k: int
+    hidden_dim: int  # each routed expert's (and the shared expert's) SwiGLU width
+    layers: tuple[int, ...]  # layer ids whose FFN is a MoE; the rest are dense SwiGLU of ModelArgs.hidden_dim
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    hidden_dim: int  # dense SwiGLU width (Llama 4: the dense layers of Maverick)
+    norm_eps: float
+    rope_theta: float
+    max_seq_len: int  # context length the model was trained for
+    head_dim: int | None = None  # None: dim // n_heads
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = False  # Llama 3.2 1B/3B: output projection is the embedding matrix
+    # Llama 4
+    moe: MoEArgs | None = None
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE (global attention, temperature tuning)
+    attention_chunk_size: int | None = None  # RoPE layers attend within aligned chunks of this many tokens
+    use_qk_norm: bool = False  # weightless RMS norm of q and k after RoPE, on RoPE layers
+    attn_temperature_tuning: bool = False  # scale q on NoPE layers by 1 + attn_scale*ln(1+floor((pos+1)/floor_scale))
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+
+    def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads}); give head_dim")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+        bad = [i for i in (*self.nope_layers, *(self.moe.layers if self.moe else ())) if not 0 <= i < self.n_layers]
+        if bad:
+            raise ConfigError(f"layer ids {bad} are outside 0..{self.n_layers - 1}")
+        if self.moe and not 1 <= self.moe.top_k <= self.moe.num_experts:
+            raise ConfigError(f"top_k {self.moe.top_k} must be within 1..num_experts ({self.moe.num_experts})")
+
+    @property
+    def is_llama4(self) -> bool:
+        return self.moe is not None or bool(self.nope_layers) or self.use_qk_norm or self.attention_chunk_size is not None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one transformer block does; derived once from ModelArgs so the model never tests layer ids."""
+
+    moe: bool
+    rope: bool
+    qk_norm: bool
+    chunk_size: int | None
+    temperature_tuning: bool
+
+
+def layer_plan(args: ModelArgs) -> list[LayerSpec]:
+    moe_layers = set(args.moe.layers) if args.moe else set()
+    nope = set(args.nope_layers)
+    plan = []
+    for i in range(args.n_layers):
+        rope = i not in nope
+        plan.append(
+            LayerSpec(
+                moe=i in moe_layers,
+                rope=rope,
+                qk_norm=args.use_qk_norm and rope,
+                chunk_size=args.attention_chunk_size if rope else None,
+                temperature_tuning=args.attn_temperature_tuning and not rope,
+            )
+        )
+    return plan
+
+
+def parameter_counts(args: ModelArgs) -> tuple[int, int]:
+    """(total, active per token) parameter counts; they differ only for mixture-of-experts models."""
+    d, hd = args.dim, args.head_dim
+    attn = d * hd * (2 * args.n_heads + 2 * args.n_kv_heads)
+    dense_ffn = 3 * d * args.hidden_dim
+    total = active = args.vocab_size * d * (1 if args.tie_embeddings else 2) + d
+    for spec in layer_plan(args):
+        total += attn + 2 * d
+        active += attn + 2 * d
+        if spec.moe:
+            expert = 3 * d * args.moe.hidden_dim
+            total += d * args.moe.num_experts + expert * (args.moe.num_experts + 1)
+            active += d * args.moe.num_experts + expert * (args.moe.top_k + 1)
+        else:
+            total += dense_ffn
+            active += dense_ffn
+    return total, active
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None, ffn_exp: float = 4.0) -> int:
+    """Meta's SwiGLU width rule (FeedForward.__init__): 2/3 of ffn_exp*dim, scaled, rounded up."""
+    hidden = int(2 * int(ffn_exp * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+__all__ = ["ModelArgs", "RopeScaling", "MoEArgs", "LayerSpec", "layer_plan", "parameter_counts", "ffn_hidden_dim"]
