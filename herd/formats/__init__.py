@@ -1,0 +1,43 @@
+"""File → Checkpoint. The format is detected from the bytes and markers, never from a file name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from herd.errors import FormatError, ModelNotFound
+from herd.formats.checkpoint import Checkpoint, TokenizerSource
+
+GGUF_MAGIC = b"GGUF"
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a GGUF file, an HF directory (config.json + safetensors) or a Meta directory
+    (params.json + consolidated.NN.pth) into a Checkpoint."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelNotFound(f"{path}: no such file or directory")
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == GGUF_MAGIC:
+            from herd.formats.gguf import read_gguf
+
+            return read_gguf(path)
+        raise FormatError(f"{path}: not a GGUF file (starts with {magic!r}); pass a GGUF file or a model directory")
+    from herd.formats.hf import is_hf_dir, read_hf
+    from herd.formats.meta import is_meta_dir, read_meta
+
+    if is_hf_dir(path):
+        return read_hf(path)
+    if is_meta_dir(path):
+        return read_meta(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return open_checkpoint(ggufs[0])
+    raise FormatError(
+        f"{path}: not a model directory (no config.json, no params.json"
+        + (f", and {len(ggufs)} GGUF files: name one)" if ggufs else ", no GGUF file)")
+    )
+
+
+__all__ = ["open_checkpoint", "Checkpoint", "TokenizerSource"]

@@ -1,0 +1,168 @@
+"""The LLM facade returned by herd.load: the one place that wires loader, tokenizer, chat and generation."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from herd.config import ModelArgs
+from herd.errors import HerdError
+from herd.fingerprint import fingerprint
+from herd.formats import Checkpoint, open_checkpoint
+from herd.generate import Completion, GenerationStep, TokenLogprob, generate_steps
+from herd.loader import load_model
+from herd.models import resolve
+from herd.model import Transformer
+from herd.sampling import SamplingParams
+from herd.tokenizer import Tokenizer, load_tokenizer
+
+SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
+
+
+class LLM:
+    """A loaded model with its tokenizer and chat format.
+
+    Attributes: `config` (ModelArgs), `tokenizer`, `fingerprint` (SHA-256 of the exact weights),
+    `checkpoint` (where it came from: format, path, quantization, generation), `model` (the nn.Module).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, model: Transformer, tokenizer: Tokenizer | None):
+        self.checkpoint = checkpoint
+        self.model = model
+        self._tokenizer = tokenizer
+
+    @property
+    def config(self) -> ModelArgs:
+        return self.checkpoint.args
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise HerdError(f"{self.checkpoint.path}: no tokenizer found next to the weights; token ids only")
+        return self._tokenizer
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 over the canonical tensors: the same for the same weights in any format or sharding."""
+        return fingerprint(self.checkpoint.tensors)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    @property
+    def stop_ids(self) -> set[int]:
+        ids = set(self.checkpoint.eos_token_ids)
+        if self._tokenizer is not None:
+            ids |= set(self._tokenizer.stop_ids)
+        return ids
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Float32 logits: [T, vocab] for one sequence, [B, T, vocab] for a [B, T] batch."""
+        tokens = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
+        if tokens.dim() not in (1, 2) or tokens.numel() == 0:
+            raise ValueError(f"token_ids must be a non-empty [T] or [B, T] sequence, got shape {tuple(tokens.shape)}")
+        if tokens.shape[-1] > self.config.max_seq_len:
+            raise HerdError(f"{tokens.shape[-1]} tokens exceed the model's context of {self.config.max_seq_len}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
+        out = self.model(tokens[None] if tokens.dim() == 1 else tokens)
+        return out[0] if tokens.dim() == 1 else out
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 256,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        logprobs: int | None = None,
+        **sampling,
+    ) -> Iterator[GenerationStep]:
+        """Yield GenerationSteps as tokens are produced; `step.text` is ready to print.
+
+        Sampling keywords: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+        frequency_penalty, seed (see herd.sampling.SamplingParams). Generation ends at the model's
+        end-of-turn tokens, at `stop` strings (not included in the text) or after `max_tokens`."""
+        unknown = set(sampling) - SAMPLING_FIELDS
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {sorted(unknown)}; known: {sorted(SAMPLING_FIELDS)}")
+        ids = self._prompt_ids(prompt)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stop_ids = self.stop_ids | set(stop_token_ids or ())
+        return generate_steps(
+            self.model, self.tokenizer, ids, max_tokens, SamplingParams(**sampling), stop_ids, stops, logprobs
+        )
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs) -> Completion:
+        """Complete a prompt (text, or token ids used as given). Same options as `stream`."""
+        n_prompt = len(self._prompt_ids(prompt))
+        steps = list(self.stream(prompt, max_tokens=max_tokens, **kwargs))
+        logprobs: list[TokenLogprob] | None = None
+        if kwargs.get("logprobs") is not None:
+            logprobs = [s.logprob for s in steps]
+        return Completion(
+            text="".join(s.text for s in steps),
+            token_ids=[s.token_id for s in steps],
+            finish_reason=steps[-1].finish_reason if steps else "length",
+            prompt_tokens=n_prompt,
+            completion_tokens=len(steps),
+            logprobs=logprobs,
+        )
+
+    # -- chat -------------------------------------------------------------------------------
+    @cached_property
+    def chat_format(self):
+        from herd.chat import chat_format_for
+
+        return chat_format_for(self.checkpoint.generation, self.checkpoint.chat_template)
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The token ids the model sees for these OpenAI-shaped messages, ending with the assistant header."""
+        from herd.chat import render
+
+        return render(messages, self.tokenizer, self.chat_format, tools=tools, add_generation_prompt=True)
+
+    def _chat_stops(self, kwargs: dict) -> dict:
+        """Add the chat format's end-of-turn strings and tokens to the caller's stops."""
+        stop = kwargs.pop("stop", None)
+        stops = ([stop] if isinstance(stop, str) else list(stop or [])) + list(self.chat_format.stop_texts)
+        ids = set(kwargs.pop("stop_token_ids", None) or ()) | set(self.chat_format.stop_token_ids(self.tokenizer))
+        return dict(kwargs, stop=stops, stop_token_ids=ids)
+
+    def chat_stream(self, messages: list[dict], tools: list[dict] | None = None, **kwargs) -> Iterator[GenerationStep]:
+        """Stream the assistant's reply to a conversation. Same options as `stream`."""
+        return self.stream(self.chat_prompt(messages, tools), **self._chat_stops(kwargs))
+
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, **kwargs) -> Completion:
+        """Answer a conversation (OpenAI message shape). Same options as `generate`; max_tokens defaults to 512."""
+        kwargs.setdefault("max_tokens", 512)
+        return self.generate(self.chat_prompt(messages, tools), **self._chat_stops(kwargs))
+
+    def __repr__(self) -> str:
+        a = self.config
+        return f"LLM({self.checkpoint.path.name}, {self.checkpoint.format}, dim={a.dim}, layers={a.n_layers})"
+
+
+def load(
+    source: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> LLM:
+    """Load a model: a GGUF file, an HF directory (config.json + safetensors), a Meta checkpoint
+    directory (params.json + consolidated.NN.pth), or a known alias such as "smollm2-135m"
+    (the default when `source` is None). `dtype` may be a torch dtype or "float32"/"bfloat16"/"float16"."""
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+    checkpoint = open_checkpoint(resolve(source))
+    model = load_model(checkpoint, device=device, dtype=dtype, progress=progress)
+    tokenizer = load_tokenizer(checkpoint.tokenizer) if checkpoint.tokenizer is not None else None
+    return LLM(checkpoint, model, tokenizer)

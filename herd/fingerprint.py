@@ -1,0 +1,38 @@
+"""A SHA-256 that names exact weights, whatever file layout carried them.
+
+Tensors are hashed in sorted canonical-name order (Meta names, interleaved q/k), each as
+name, storage type, shape and raw bytes: sharding, file order and format do not change it;
+any changed weight, dtype or quantization does. Eval records bind scores to this value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from herd.formats.checkpoint import TensorLike
+from herd.quant import GGMLTensor
+
+VERSION = b"herd-fingerprint-v1\0"
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    t = tensor.detach().contiguous().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
+
+
+def fingerprint(tensors: dict[str, TensorLike]) -> str:
+    h = hashlib.sha256(VERSION)
+    for name in sorted(tensors):
+        t = tensors[name]
+        if isinstance(t, GGMLTensor):
+            kind, shape, data = f"ggml:{t.type_name}", t.shape, memoryview(np.ascontiguousarray(t.data)).cast("B")
+        else:
+            kind, shape, data = str(t.dtype).removeprefix("torch."), tuple(t.shape), _tensor_bytes(t)
+        h.update(f"{name}\0{kind}\0{','.join(map(str, shape))}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()

@@ -1,0 +1,212 @@
+"""One decoder for every Llama generation: Llama 1, 2, 3, 3.1, 3.2 and Llama 4 (Scout, Maverick).
+
+References: Meta's llama/model.py (Llama 1/2), llama-models models/llama3/model.py and
+models/llama4/{model,moe,ffn}.py, HF transformers modeling_llama.py / modeling_llama4.py.
+Per-layer variation (MoE or dense, RoPE or NoPE, chunked attention, QK norm) comes from
+herd.config.layer_plan, so Llama 1 and Llama 4 share one TransformerBlock.
+Parameter names are Meta's; q/k rows are in Meta's interleaved RoPE order (see rope.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.config import LayerSpec, ModelArgs, layer_plan
+from herd.model.cache import KVCache
+from herd.model.rope import apply_rope, inverse_frequencies, rope_angles
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """Every generation; the weight multiplies after the cast back, as Meta and HF both do."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; Llama 4 adds QK norm (RoPE layers), NoPE layers and temperature tuning."""
+
+    def __init__(self, args: ModelArgs, spec: LayerSpec):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.spec = spec
+        self.norm_eps = args.norm_eps
+        self.floor_scale, self.attn_scale = args.floor_scale, args.attn_scale
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, ctx: "ForwardContext", layer_id: int):
+        batch, steps, _ = x.shape
+        q = self.wq(x).view(batch, steps, self.n_heads, self.head_dim)
+        k = self.wk(x).view(batch, steps, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, steps, self.n_kv_heads, self.head_dim)
+        if self.spec.rope:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if self.spec.qk_norm:
+            q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
+        if self.spec.temperature_tuning:
+            # Llama 4 NoPE layers sharpen attention at long range: 1.0 below floor_scale tokens.
+            scale = torch.log1p(torch.floor((ctx.positions.float() + 1) / self.floor_scale)) * self.attn_scale + 1
+            q = (q * scale[..., None, None]).type_as(q)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(layer_id, k, v, ctx.positions, ctx.slot_ids, ctx.start)
+        mask = ctx.mask(self.spec.chunk_size, k.shape[2])
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and steps > 1, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.wo(out.transpose(1, 2).reshape(batch, steps, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU, every generation: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Experts(nn.Module):
+    """Llama 4 routed experts, stacked: w1, w3 [E, F, D] and w2 [E, D, F] (Linear layout per expert)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+
+    def forward(self, x, expert: int):
+        return F.linear(F.silu(F.linear(x, self.w1[expert])) * F.linear(x, self.w3[expert]), self.w2[expert])
+
+
+class MoE(nn.Module):
+    """Llama 4: sigmoid router over raw top-k logits, score scales the expert *input*, plus a shared expert."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.moe.top_k
+        self.router = nn.Linear(args.dim, args.moe.num_experts, bias=False)
+        self.experts = Experts(args.moe.num_experts, args.dim, args.moe.hidden_dim)
+        self.shared_expert = FeedForward(args.dim, args.moe.hidden_dim)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        top_logits, top_experts = self.router(x).topk(self.top_k, dim=-1)  # [N, k]
+        scores = torch.sigmoid(top_logits.float()).to(x.dtype)
+        out = self.shared_expert(x)
+        # Only the chosen experts run, each on its own tokens (the references run all experts densely).
+        for expert in top_experts.unique().tolist():
+            token, slot = torch.nonzero(top_experts == expert, as_tuple=True)
+            routed = self.experts(x[token] * scores[token, slot, None], expert)
+            out.index_add_(0, token, routed.to(out.dtype))
+        return out.view(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, spec: LayerSpec):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, spec)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = MoE(args) if spec.moe else FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x, ctx: "ForwardContext", layer_id: int):
+        h = x + self.attention(self.attention_norm(x), ctx, layer_id)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class ForwardContext:
+    """What every layer of one forward pass shares: positions, RoPE angles, the cache and mask rules."""
+
+    def __init__(self, positions, cos, sin, cache, slot_ids, start):
+        self.positions, self.cos, self.sin = positions, cos, sin
+        self.cache, self.slot_ids, self.start = cache, slot_ids, start
+        self._masks: dict = {}
+
+    def mask(self, chunk_size: int | None, n_keys: int) -> torch.Tensor | None:
+        """Boolean [B, 1, T, n_keys] mask (True = attend), or None when plain causal attention is exact."""
+        steps = self.positions.shape[1]
+        if self.start is not None and self.slot_ids is None:
+            if self.cache is None:  # keys are this pass's own tokens, all rows alike
+                first_key, causal_exact = self.start, True
+            else:  # keys are cache positions 0..n_keys-1; SDPA's is_causal aligns top-left
+                first_key, causal_exact = 0, self.start + steps == n_keys and (steps == 1 or self.start == 0)
+            one_chunk = chunk_size is None or first_key // chunk_size == (self.start + steps - 1) // chunk_size
+            if causal_exact and one_chunk:
+                return None
+        key = (chunk_size, n_keys)
+        if key not in self._masks:
+            q_pos = self.positions[:, None, :, None]  # [B, 1, T, 1]
+            if self.cache is None:
+                k_pos = self.positions[:, None, None, :]  # keys are this pass's own tokens
+            else:
+                k_pos = torch.arange(n_keys, device=q_pos.device)[None, None, None, :]
+            allowed = k_pos <= q_pos
+            if chunk_size is not None:
+                allowed = allowed & (k_pos // chunk_size == q_pos // chunk_size)
+            self._masks[key] = allowed
+        return self._masks[key]
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, spec) for spec in layer_plan(args))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", inverse_frequencies(args), persistent=False)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        slot_ids: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (float32) for tokens [B, T].
+
+        Positions are start_pos..start_pos+T-1 for every row, or given per token as `positions` [B, T]
+        (batched requests at different lengths). With a cache, k/v are written to rows `slot_ids`
+        (default 0..B-1) and attention covers everything cached before them. `last_only` computes
+        logits for the last position of each row only (generation needs nothing else)."""
+        batch, steps = tokens.shape
+        start = None
+        if positions is None:
+            start = start_pos
+            positions = torch.arange(start_pos, start_pos + steps, device=tokens.device).expand(batch, steps)
+        cos, sin = rope_angles(self.inv_freq, positions)
+        ctx = ForwardContext(positions, cos, sin, cache, slot_ids, start)
+        h = self.tok_embeddings(tokens)
+        for layer_id, layer in enumerate(self.layers):
+            h = layer(h, ctx, layer_id)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
