@@ -1,0 +1,94 @@
+"""`herd`: argument parsing and a table of subcommands; each command's module is imported only when run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "run": ("herd.cli.run", "complete one prompt, streamed"),
+    "chat": ("herd.cli.chat", "chat interactively with a model"),
+    "info": ("herd.cli.info", "show a model's architecture, size, quantization and fingerprint"),
+    "list": ("herd.cli.info", "list the models herd can load here by name"),
+}
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--top-k", type=int, default=0, help="0 disables")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="herd", description="Every Llama generation in one PyTorch codebase.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from herd import __version__
+
+        print(f"herd {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 0
+    from herd.errors import HerdError
+
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).main(args) or 0
+    except HerdError as e:
+        print(f"herd {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def load_with_progress(source, device=None, dtype=None):
+    """herd.load with a progress bar on stderr (a person watches it; pipes see nothing)."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    import herd
+
+    with Progress(
+        TextColumn("loading {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
+        transient=True, console=_stderr_console(),
+    ) as bar:
+        task = bar.add_task(str(source or "default model"), total=None)
+        return herd.load(source, device=device, dtype=dtype, progress=lambda i, n: bar.update(task, completed=i, total=n))
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
