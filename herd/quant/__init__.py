@@ -17,6 +17,7 @@ class GGMLTensor:
     ggml_type: int  # herd.quant.ggml.GGMLType value (F32=0, F16=1, Q4_0=2, ...)
     shape: tuple[int, ...]  # PyTorch order: the reverse of GGUF's ne[]; blocks run along the last dim
     data: np.ndarray  # uint8 view of the stored bytes (usually a slice of a memory map)
+    name: str = ""  # the tensor's name in its file, for error messages
 
     @property
     def type_name(self) -> str:
@@ -27,14 +28,20 @@ class GGMLTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from herd.quant.ggml import dequantize
 
-        return dequantize(self.data, self.ggml_type, self.shape).to(dtype)
+        return dequantize(self.data, self.ggml_type, self.shape, self.name or "tensor").to(dtype)
 
     def select_rows(self, index: torch.Tensor | np.ndarray) -> "GGMLTensor":
-        """Reorder or pick rows (the first dim) without dequantizing: blocks never cross rows."""
-        from herd.quant.ggml import row_nbytes
+        """Pick or reorder slices along the first dim (rows of a matrix, experts of a stack) without
+        dequantizing: blocks run along the last dim, so whole first-dim slices are whole blocks."""
+        from herd.errors import FormatError
+        from herd.quant.ggml import BLOCK_SIZES, GGMLType, tensor_nbytes
 
-        rows = self.data.reshape(-1, row_nbytes(self.ggml_type, self.shape[-1]))
-        if self.data.size != rows.shape[0] * rows.shape[1] or rows.shape[0] != int(np.prod(self.shape[:-1])):
-            raise ValueError("tensor bytes do not match its shape")
-        picked = rows[np.asarray(index)]
-        return GGMLTensor(self.ggml_type, (len(picked),) + tuple(self.shape[1:]) if len(self.shape) == 2 else self.shape, picked.reshape(-1))
+        name = self.name or "tensor"
+        if len(self.shape) < 2 and BLOCK_SIZES[GGMLType(self.ggml_type)][0] != 1:
+            raise ValueError(f"{name}: cannot pick single elements out of {self.type_name} blocks")
+        if self.data.size != tensor_nbytes(self.ggml_type, self.shape, name):
+            raise FormatError(f"{name}: {self.data.size} bytes do not match {self.type_name} {list(self.shape)}")
+        index = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
+        slices = self.data.reshape(self.shape[0], -1)  # one row of bytes per first-dim slice
+        picked = slices[index]  # fancy indexing copies; IndexError for out-of-range ids
+        return GGMLTensor(self.ggml_type, (len(index), *self.shape[1:]), picked.reshape(-1), self.name)
