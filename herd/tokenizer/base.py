@@ -32,3 +32,16 @@ class Tokenizer(ABC):
 
     def is_special(self, token_id: int) -> bool:
         return False
+
+
+# Texts of the tokens that end a turn or a document in the vocabularies herd knows (Llama 3, Llama 4,
+# ChatML, SentencePiece, GPT-2-style; llama.cpp also counts <|endoftext|> as end of generation).
+END_OF_TURN_TEXTS = (
+    "<|eot_id|>", "<|eom_id|>", "<|eot|>", "<|eom|>", "<|im_end|>", "<|end_of_text|>", "</s>", "<|endoftext|>",
+)  # fmt: skip
+
+
+def stop_ids_for(tokenizer: Tokenizer, *ids: int | None) -> frozenset[int]:
+    """The given ids (EOS, EOT, EOM ...) plus every end-of-turn token the vocabulary holds."""
+    found = (tokenizer.special_id(text) for text in END_OF_TURN_TEXTS)
+    return frozenset(i for i in (*ids, *found) if i is not None)
