@@ -53,7 +53,8 @@ def load_model(
         state[name] = tensor.to(device=device, dtype=dtype)
         if progress:
             progress(i + 1, len(expected))
-    model.load_state_dict(state, strict=True, assign=True)
+    # Every name was checked above; strict=False only because a tied output.weight shares tok_embeddings.
+    model.load_state_dict(state, strict=False, assign=True)
     if checkpoint.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = inverse_frequencies(checkpoint.args).to(device)  # buffers built on "meta" hold no values

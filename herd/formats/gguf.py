@@ -229,7 +229,7 @@ _MATH_KEYS: dict[str, tuple] = {
     "attention.scale": (0.0,), "attention.output_scale": (1.0,), "attention.clamp_kqv": (0.0,),
     "attention.max_alibi_bias": (0.0,), "attn_logit_softcapping": (0.0,), "final_logit_softcapping": (0.0,),
     "router_logit_softcapping": (0.0,), "attention.layer_norm_epsilon": (), "use_parallel_residual": (False,),
-    "attention.temperature_length": (), "attention.temperature_scale": (), "rope.dimension_sections": (),
+    "rope.dimension_sections": (),
     "rope.scaling.attn_factor": (1.0,), "swiglu_clamp_exp": (), "swiglu_clamp_shexp": (),
     "expert_weights_norm": (False,), "expert_weights_scale": (0.0, 1.0), "leading_dense_block_count": (0,),
     "moe_every_n_layers": (), "full_attention_interval": (), "expert_group_count": (0, 1),
@@ -327,9 +327,10 @@ def _args(md: dict[str, Any], arch: str, tensors: dict[str, Any], path: Path) ->
         # No GGUF key says whether q/k are normed: llama.cpp decides by model type, off only for
         # the 128-expert Maverick (matching HF's use_qk_norm: Scout true, Maverick false).
         use_qk_norm=n_experts != 128,
-        attn_temperature_tuning=bool(nope),  # llama.cpp defaults: floor 8192, scale 0.1 (NoPE layers only)
-        floor_scale=8192.0,
-        attn_scale=0.1,
+        attn_temperature_tuning=bool(nope),  # NoPE layers only
+        # gguf-py's attention.temperature_length/_scale keys; llama.cpp's defaults are 8192 and 0.1.
+        floor_scale=float(get("attention.temperature_length", 8192, kind=float)),
+        attn_scale=float(get("attention.temperature_scale", 0.1, kind=float)),
     )
 
 

@@ -47,8 +47,10 @@ def is_meta_dir(path: Path) -> bool:
 def _load_shard(path: Path) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise TruncatedFile(f"{path}: empty file")
+    # torch.save files are zip archives and can be memory-mapped; a legacy plain pickle cannot.
+    mmap = zipfile.is_zipfile(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise UnsafePickle(f"{path}: holds objects other than tensors; refused to unpickle ({e})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
@@ -74,7 +76,7 @@ def args_from_params(params: dict, tensors: dict[str, torch.Tensor]) -> tuple[Mo
     tied = "output.weight" not in tensors or torch.equal(tensors["output.weight"], tensors["tok_embeddings.weight"])
     if llama4:
         generation = "4"
-    elif vocab >= 128256:
+    elif "rope_theta" in params or params.get("use_scaled_rope"):  # Llama 1/2 params.json have neither
         generation = ("3.2" if tied else "3.1") if params.get("use_scaled_rope") else "3"
     else:
         generation = "1" if float(params.get("norm_eps", 1e-5)) < 5e-6 else "2"
@@ -138,7 +140,7 @@ def args_from_params(params: dict, tensors: dict[str, torch.Tensor]) -> tuple[Mo
     )
 
 
-def merge_shards(shards: list[dict[str, torch.Tensor]], embedding_dim: int) -> dict[str, torch.Tensor]:
+def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int) -> dict[str, torch.Tensor]:
     if len(shards) == 1:
         return shards[0]
     merged = {}
@@ -146,7 +148,8 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], embedding_dim: int) -> d
         parts = [shard[name] for shard in shards]
         short = name.split(".", 2)[-1] if name.startswith("layers.") else name
         if name == "tok_embeddings.weight":
-            merged[name] = torch.cat(parts, dim=embedding_dim)
+            # Llama 1/2 split the embedding by columns, Llama 3's VocabParallelEmbedding by rows.
+            merged[name] = torch.cat(parts, dim=1 if parts[0].shape[1] != dim else 0)
         elif short in CONCAT_DIM:
             merged[name] = torch.cat(parts, dim=CONCAT_DIM[short])
         elif parts[0].dim() <= 1:
@@ -209,10 +212,9 @@ def read_meta(path: Path) -> Checkpoint:
     for shard in shards:
         for name in [n for n in shard if n.endswith(DROPPED_SUFFIXES)]:
             del shard[name]
-    # Llama 1/2 split the embedding by columns; Llama 3's VocabParallelEmbedding by rows.
-    vocab_hint = int(params.get("vocab_size", -1))
-    embedding_dim = 0 if vocab_hint >= 128256 else 1
-    tensors = merge_shards(shards, embedding_dim)
+    if "dim" not in params:
+        raise ConfigError(f"{path / 'params.json'} lacks the field 'dim'")
+    tensors = merge_shards(shards, int(params["dim"]))
     if "tok_embeddings.weight" not in tensors:
         raise FormatError(f"{path}: no tok_embeddings.weight in the checkpoint")
     args, generation = args_from_params(params, tensors)

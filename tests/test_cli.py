@@ -1,0 +1,89 @@
+"""The `herd` command as a person uses it: a real pseudo-terminal for `herd chat`, real processes for the rest."""
+
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+HERD = [sys.executable, "-m", "herd"]
+
+
+def run(*args, **kwargs):
+    return subprocess.run(HERD + list(args), capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_chat_multi_turn_in_a_terminal(smollm2_path):
+    child = pexpect.spawn(sys.executable, ["-m", "herd", "chat", str(smollm2_path), "--temperature", "0"],
+                          encoding="utf-8", timeout=120, dimensions=(40, 200))
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("My name is Alice. Please remember it.")
+        child.expect_exact(">>> ")
+        first = child.before
+        assert len(first.strip()) > len("My name is Alice. Please remember it.")  # an answer was streamed
+        child.sendline("What is my name?")
+        child.expect_exact(">>> ")
+        assert "Alice" in child.before.split("What is my name?", 1)[1]  # the second turn saw the first
+        child.sendline("/reset")
+        child.expect_exact("(conversation cleared)")
+        child.expect_exact(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_chat_ctrl_c_stops_an_answer_not_the_chat(smollm2_path):
+    child = pexpect.spawn(sys.executable, ["-m", "herd", "chat", str(smollm2_path), "--max-tokens", "400"],
+                          encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Write a very long story about a dragon.")
+        child.expect(r"\w+ \w+ \w+")  # the answer has started streaming
+        child.sendintr()
+        child.expect_exact("[stopped]")
+        child.expect_exact(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_run_streams_an_answer(smollm2_path):
+    result = run("run", str(smollm2_path), "What is the capital of France?", "--temperature", "0", "--max-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_run_uses_default_model():
+    result = run("run", "--raw", "1, 2, 3, 4,", "--temperature", "0", "--max-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    assert "5" in result.stdout
+
+
+def test_info(smollm2_path):
+    result = run("info", str(smollm2_path))
+    assert result.returncode == 0, result.stderr
+    for expected in ("llama", "Q4_1", "8,192", "49,152", "gguf"):
+        assert expected in result.stdout
+    import herd
+
+    assert herd.load(smollm2_path).fingerprint in result.stdout
+
+
+def test_list_shows_default_model():
+    result = run("list")
+    assert result.returncode == 0 and "smollm2-135m" in result.stdout
+
+
+@pytest.mark.parametrize("source,message", [
+    ("/nonexistent/model.gguf", "neither a file"),
+    ("meta-llama/Llama-3.1-8B-Instruct", "does not download"),
+])
+def test_bad_sources_explain(source, message):
+    result = run("info", source)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
