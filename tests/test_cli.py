@@ -13,30 +13,45 @@ def run(*args, **kwargs):
     return subprocess.run(HERD + list(args), capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def test_chat_multi_turn_in_a_terminal(smollm2_path):
-    child = pexpect.spawn(sys.executable, ["-m", "herd", "chat", str(smollm2_path), "--temperature", "0"],
-                          encoding="utf-8", timeout=120, dimensions=(40, 200))
+def _answer(child, typed: str) -> str:
+    """The streamed answer printed after `typed` (the terminal echoes what was typed first)."""
+    child.expect_exact(">>> ")
+    return child.before.replace("\r\n", "\n").split(typed, 1)[1].strip("\n")
+
+
+def test_chat_multi_turn_in_a_terminal(smollm2_path, smollm2):
+    """Drive `herd chat` through a pseudo-terminal; the second answer must be the model's greedy answer
+    to the whole conversation, not to the second message alone."""
+    first, second = "My name is Alice and I like green apples.", "What fruit do I like?"
+    child = pexpect.spawn(sys.executable, ["-m", "herd", "chat", str(smollm2_path), "--temperature", "0",
+                                            "--max-tokens", "40"], encoding="utf-8", timeout=120, dimensions=(40, 200))
     try:
         child.expect_exact(">>> ")
-        child.sendline("My name is Alice. Please remember it.")
-        child.expect_exact(">>> ")
-        first = child.before
-        assert len(first.strip()) > len("My name is Alice. Please remember it.")  # an answer was streamed
-        child.sendline("What is my name?")
-        child.expect_exact(">>> ")
-        assert "Alice" in child.before.split("What is my name?", 1)[1]  # the second turn saw the first
+        child.sendline(first)
+        answer1 = _answer(child, first)
+        child.sendline(second)
+        answer2 = _answer(child, second)
         child.sendline("/reset")
         child.expect_exact("(conversation cleared)")
         child.expect_exact(">>> ")
+        child.sendline(second)
+        answer_alone = _answer(child, second)
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+    greedy = dict(temperature=0, max_tokens=40)
+    turn1 = [{"role": "user", "content": first}]
+    assert answer1 == smollm2.chat(turn1, **greedy).text.strip()
+    history = turn1 + [{"role": "assistant", "content": answer1}, {"role": "user", "content": second}]
+    assert answer2 == smollm2.chat(history, **greedy).text.strip()
+    assert answer_alone == smollm2.chat([{"role": "user", "content": second}], **greedy).text.strip()
+    assert answer2 != answer_alone  # the first turn changed the second answer
 
 
 def test_chat_ctrl_c_stops_an_answer_not_the_chat(smollm2_path):
-    child = pexpect.spawn(sys.executable, ["-m", "herd", "chat", str(smollm2_path), "--max-tokens", "400"],
+    child = pexpect.spawn(sys.executable, ["-m", "herd", "chat", str(smollm2_path), "--max-tokens", "300"],
                           encoding="utf-8", timeout=120)
     try:
         child.expect_exact(">>> ")

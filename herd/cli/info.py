@@ -16,7 +16,6 @@ def main(args):
 
 def show_info(source):
     from rich.console import Console
-    from rich.table import Table
 
     from herd.config import layer_plan, parameter_counts
     from herd.fingerprint import fingerprint
@@ -28,7 +27,6 @@ def show_info(source):
     a = ck.args
     total, active = parameter_counts(a)
     plan = layer_plan(a)
-    table = Table(show_header=False, box=None)
     rows = [
         ("path", str(path)),
         ("format", ck.format),
@@ -49,9 +47,9 @@ def show_info(source):
         ("chat format", "template from the file" if ck.chat_template else f"built-in (Llama {ck.generation})"),
         ("fingerprint", fingerprint(ck.tensors)),
     ]
+    console = Console(soft_wrap=True)  # never cut a path or the fingerprint to the terminal's width
     for key, value in rows:
-        table.add_row(f"[bold]{key}[/bold]", value)
-    Console().print(table)
+        console.print(f"[bold]{key:<15}[/bold] {value}", highlight=False)
 
 
 def list_models():
