@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from herd.config import ModelArgs
-from herd.errors import HerdError
+from herd.errors import ContextOverflow, HerdError
 from herd.fingerprint import fingerprint
 from herd.formats import Checkpoint, open_checkpoint
 from herd.generate import Completion, GenerationStep, TokenLogprob, generate_steps
@@ -67,7 +67,7 @@ class LLM:
         if tokens.dim() not in (1, 2) or tokens.numel() == 0:
             raise ValueError(f"token_ids must be a non-empty [T] or [B, T] sequence, got shape {tuple(tokens.shape)}")
         if tokens.shape[-1] > self.config.max_seq_len:
-            raise HerdError(f"{tokens.shape[-1]} tokens exceed the model's context of {self.config.max_seq_len}")
+            raise ContextOverflow(f"{tokens.shape[-1]} tokens exceed the model's context of {self.config.max_seq_len}")
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
         out = self.model(tokens[None] if tokens.dim() == 1 else tokens)
@@ -102,8 +102,8 @@ class LLM:
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs) -> Completion:
         """Complete a prompt (text, or token ids used as given). Same options as `stream`."""
-        n_prompt = len(self._prompt_ids(prompt))
-        steps = list(self.stream(prompt, max_tokens=max_tokens, **kwargs))
+        ids = self._prompt_ids(prompt)
+        steps = list(self.stream(ids, max_tokens=max_tokens, **kwargs))
         logprobs: list[TokenLogprob] | None = None
         if kwargs.get("logprobs") is not None:
             logprobs = [s.logprob for s in steps]
@@ -111,7 +111,7 @@ class LLM:
             text="".join(s.text for s in steps),
             token_ids=[s.token_id for s in steps],
             finish_reason=steps[-1].finish_reason if steps else "length",
-            prompt_tokens=n_prompt,
+            prompt_tokens=len(ids),
             completion_tokens=len(steps),
             logprobs=logprobs,
         )
