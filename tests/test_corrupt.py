@@ -191,6 +191,16 @@ def test_meta_params_without_dim(meta_dir):
     raises(errors.ConfigError, meta_dir, "dim")
 
 
+@pytest.mark.parametrize("field,value", [
+    ("quantization_args", {"scheme": "int4_weight_int8_dynamic_activation", "group_size": 32}),
+    ("lora_args", {"rank": 8, "scale": 2.0}),
+    ("vision_num_cross_attention_layers", 8),
+])
+def test_meta_unsupported_params(meta_dir, field, value):
+    edit_json(meta_dir / "params.json", lambda p: p.update({field: value}))
+    raises(errors.UnsupportedArchitecture, meta_dir, field)
+
+
 def test_meta_wrong_shape(meta_dir):
     name = "layers.0.attention.wk.weight"
     edit_pth(meta_dir, lambda sd: sd.__setitem__(name, sd[name].t().contiguous()))

@@ -115,3 +115,26 @@ def test_transformers4_style_config(gen, tmp_path):
     diff = max_diff(herd.load(str(legacy), **CPU_F32).logits(ids), ref.logits(ids))
     print(f"{gen} (transformers 4 config): max|Δ| = {diff:.2e}")
     assert diff < TOL
+
+
+def test_llama4_conditional_generation_text_part(tmp_path):
+    """Real Scout/Maverick repos are Llama4ForConditionalGeneration: text_config, language_model.* keys and
+    vision weights. herd loads the text model and matches HF's logits for text-only input."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = B.hf_config("llama4_scout").to_dict()
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    ids = B.tokens("llama4_scout")
+    with torch.no_grad():
+        want = model(input_ids=ids[None]).logits[0]
+    got = herd.load(tmp_path, **CPU_F32).logits(ids)
+    diff = max_diff(got, want)
+    print(f"llama4 conditional-generation text part: max|Δ| = {diff:.2e}")
+    assert diff < TOL

@@ -161,8 +161,10 @@ def canonical_tensors(raw: dict[str, Any], args: ModelArgs) -> dict[str, torch.T
         if name.startswith(SKIPPED_PREFIXES) or name.endswith("rotary_emb.inv_freq"):
             continue
         key = name
-        for prefix in ("language_model.", "model."):  # Llama4ForConditionalGeneration nests the text model
-            key = key.removeprefix(prefix)
+        # Llama4ForConditionalGeneration nests the text model: language_model.model.* (hub files) or
+        # model.language_model.* (transformers 5 in memory).
+        while key.startswith(("language_model.", "model.")):
+            key = key.split(".", 1)[1]
         if key == "embed_tokens.weight":
             out["tok_embeddings.weight"] = tensor
         elif key == "norm.weight":

@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 
 from herd.config import ModelArgs, MoEArgs, RopeScaling, ffn_hidden_dim
-from herd.errors import ConfigError, FormatError, TruncatedFile, UnexpectedTensor, UnsafePickle
+from herd.errors import (
+    ConfigError,
+    FormatError,
+    TruncatedFile,
+    UnexpectedTensor,
+    UnsafePickle,
+    UnsupportedArchitecture,
+)
 from herd.formats.checkpoint import Checkpoint, TokenizerSource
 
 # How a tensor split across model-parallel ranks is put back together (dim to concatenate on).
@@ -34,6 +41,12 @@ SHARED_EXPERT = {
     "feed_forward.w_in_shared_FD.weight": "w1",
     "feed_forward.w_swiglu_FD.weight": "w3",
     "feed_forward.w_out_shared_DF.weight": "w2",
+}
+# params.json fields that change the text model in ways herd does not implement.
+UNSUPPORTED_PARAMS = {
+    "quantization_args": "Meta's own quantized checkpoints (fp8/int4 layouts) are not read; use the bf16 release",
+    "lora_args": "a LoRA-augmented checkpoint; merge the adapters first",
+    "vision_num_cross_attention_layers": "Llama 3.2 Vision inserts cross-attention layers into the text model",
 }
 CONTEXT_BY_GENERATION = {"1": 2048, "2": 4096, "3": 8192, "3.1": 131072, "3.2": 131072, "4": 10485760}
 DROPPED_SUFFIXES = ("rope.freqs", "freqs_cis", "_extra_state", "global_gate_stats_3E", "expert_activation_DE",
@@ -66,6 +79,9 @@ def args_from_params(params: dict, tensors: dict[str, torch.Tensor]) -> tuple[Mo
         dim, n_layers, n_heads = int(params["dim"]), int(params["n_layers"]), int(params["n_heads"])
     except KeyError as e:
         raise ConfigError(f"params.json lacks the field {e.args[0]!r}") from None
+    for key, why in UNSUPPORTED_PARAMS.items():
+        if params.get(key):
+            raise UnsupportedArchitecture(f"params.json: {key} is set: {why}")
     vocab = int(params.get("vocab_size", -1))
     if vocab <= 0:  # Llama 1/2 write -1: the tokenizer decides, and the embedding shows it
         vocab = tensors["tok_embeddings.weight"].shape[0]
