@@ -68,3 +68,27 @@ def test_length_finish(smollm2):
     out = smollm2.generate("Count: 1, 2, 3,", max_tokens=5, temperature=0, stop_token_ids=[])
     assert out.finish_reason == "length" and out.completion_tokens == 5
     assert out.text == smollm2.tokenizer.decode(out.token_ids)
+
+
+@pytest.mark.parametrize("option,value", [("top_p", 0.6), ("min_p", 0.05)])
+def test_filters_never_leave_the_allowed_set_on_real_logits(smollm2, option, value):
+    """Allowed sets computed independently with numpy from SmolLM2's real next-token distribution."""
+    import numpy as np
+
+    from herd.sampling import SamplingParams, sample
+
+    ids = smollm2.tokenizer.encode("My favourite animal is the")
+    logits = smollm2.logits(ids)[-1]
+    probs = np.exp(logits.double().numpy() - logits.double().numpy().max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    if option == "top_p":  # smallest prefix of the sorted distribution whose mass reaches p
+        allowed = set(order[: int(np.searchsorted(np.cumsum(probs[order]), value)) + 1].tolist())
+    else:
+        allowed = set(np.nonzero(probs >= value * probs.max())[0].tolist())
+    assert 1 < len(allowed) < len(probs) // 20  # a real choice, not a trivial one
+    params = SamplingParams(temperature=1.0, **{option: value})
+    generator = torch.Generator().manual_seed(0)
+    drawn = sample(logits[None].repeat(2000, 1), params, generator).tolist()
+    assert set(drawn) <= allowed
+    assert len(set(drawn)) > 1
