@@ -19,6 +19,8 @@ ALLOWED = {
     "models": {"errors"},
     "loader": {"formats", "model", "quant", "config", "errors", "parallel"},
     "generate": {"model", "sampling", "tokenizer", "errors"},
+    "engine": {"model", "sampling", "tokenizer", "errors", "generate"},
+    "server": {"api", "engine", "chat", "errors", "sampling"},
 }
 
 

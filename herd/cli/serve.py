@@ -1,0 +1,55 @@
+"""`herd serve [SOURCE]`: an OpenAI-compatible HTTP server with continuous batching."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from herd.cli import add_model_options, load_with_progress, model_options
+
+DEFAULT_CONTEXT = 4096
+
+
+def add_arguments(parser, name):
+    parser.add_argument("source", nargs="?", default=None,
+                        help="GGUF file, model directory or alias (default smollm2-135m)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("HERD_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $HERD_API_KEY, else none)")
+    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV slots; default 8)")
+    parser.add_argument("--context", type=int, default=None,
+                        help=f"tokens per sequence, prompt + output (default: the model's, at most {DEFAULT_CONTEXT})")
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help="requests that may wait for a slot before new ones get 429 (default 8 x max-batch)")
+    parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the source)")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_model_options(parser)
+
+
+def main(args):
+    import uvicorn
+
+    from herd.server import create_app
+
+    llm = load_with_progress(args.source, args.device, args.dtype, **model_options(args))
+    context = args.context or min(llm.config.max_seq_len, DEFAULT_CONTEXT)
+    if context > llm.config.max_seq_len:
+        print(f"herd serve: --context {context} exceeds the model's context of {llm.config.max_seq_len}",
+              file=sys.stderr)
+        return 2
+    source = args.source or "smollm2-135m"
+    model_id = args.served_model_name or (llm.checkpoint.path.stem if os.path.exists(source) else source)
+    aliases = {source, str(llm.checkpoint.path), llm.checkpoint.path.name, llm.checkpoint.path.stem}
+    app = create_app(llm, max_batch=args.max_batch, context=context, max_queue=args.max_queue,
+                     api_key=args.api_key, model_id=model_id, aliases=aliases)
+    engine = app.state.served.engine.engine
+    kv = engine.kv_cache_bytes
+    print(f"herd serve: {model_id} ({llm.checkpoint.format}, {llm.device}, {llm.model.tok_embeddings.weight.dtype})",
+          file=sys.stderr)
+    print(f"KV cache: {args.max_batch} slots x {context} tokens = {args.max_batch * context} tokens, "
+          f"{kv / 2**20:.1f} MiB; queue {engine.scheduler.max_queue}", file=sys.stderr)
+    print(f"listening on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""),
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0

@@ -1,0 +1,149 @@
+"""The continuous-batching engine: schedule → run → update, one step at a time.
+
+    engine = Engine(model, tokenizer, max_batch=8, context=4096)
+    engine.add_request(Request("a", prompt_ids, max_tokens=32))
+    while engine.has_work():
+        for out in engine.step(): ...
+
+Outputs are RequestOutput deltas. Text is cut by herd.generate.TextStream (the generator's own stop and
+detokenization rules), tokens are drawn by herd.sampling, so a request gives the same tokens here as
+through LLM.generate up to floating-point differences between batched and single forwards.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+from herd.engine.metrics import Metrics
+from herd.engine.request import Request, RequestOutput
+from herd.engine.runner import Runner
+from herd.engine.scheduler import Scheduler, Sequence
+from herd.generate import TextStream, check_context
+from herd.model import Transformer
+from herd.tokenizer import Tokenizer
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, context: int | None = None,
+                 max_queue: int = 256, prefill_budget: int = 256, metrics: Metrics | None = None):
+        self.context = context or model.args.max_seq_len
+        if self.context > model.args.max_seq_len:
+            raise ValueError(f"context {self.context} exceeds the model's context of {model.args.max_seq_len} tokens")
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.scheduler = Scheduler(max_batch, max_queue, prefill_budget)
+        self.runner = Runner(model, tokenizer, max_batch, self.context)
+        self.metrics = metrics or Metrics()
+        self.metrics.gauges["herd_kv_cache_bytes"] = self.runner.cache.nbytes()
+        self.metrics.live = self.gauges
+        self._seqs: dict[str, Sequence] = {}
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.runner.cache.nbytes()
+
+    def validate(self, request: Request) -> None:
+        """Raise ValueError or herd.errors.ContextOverflow for a request that can never run."""
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if request.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {request.max_tokens}")
+        vocab = self.runner.vocab_size
+        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= vocab:
+            raise ValueError(f"prompt token ids must lie in 0..{vocab - 1}")
+        if request.params.logit_bias and max(int(k) for k in request.params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias names a token past the vocabulary (ids 0..{vocab - 1})")
+        # One position more than prompt + output is never written: the last token is not fed back.
+        check_context(len(request.prompt_ids), request.max_tokens, self.context)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (raises QueueFull past the queue bound, ContextOverflow if it cannot fit)."""
+        self.validate(request)
+        if request.request_id in self._seqs:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        seq = Sequence(request, list(request.prompt_ids), added_at=time.monotonic())
+        seq.output = TextStream(self.tokenizer, request.stop_ids, request.stop)
+        seq.generator = self.runner.generator(request.params.seed)
+        seq.constraint = request.constraint() if request.constraint is not None else None
+        self.scheduler.add(seq)
+        self._seqs[request.request_id] = seq
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now (waiting or running); its slot is free for the next step."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self.metrics.inc("herd_requests_total", finish_reason="abort")
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        try:
+            ready = self.runner.execute(plan)
+            sampled = self.runner.sample(ready)
+        except Exception as e:  # the step's sequences fail; the engine and the other requests go on
+            seqs = [c.seq for c in plan.prefill] + plan.decode
+            return [self._fail(s, f"{type(e).__name__}: {e}") for s in seqs]
+        outputs = []
+        for chunk in plan.prefill:
+            self.metrics.inc("herd_prompt_tokens_total", chunk.end - chunk.start)
+            if chunk.completes_prompt and chunk.seq.request.max_tokens == 0:
+                out = self._output(chunk.seq, [], None, "", "length")
+                outputs.append(out)
+        now = time.monotonic()
+        for (seq, _), (token, logprob) in zip(ready, sampled):
+            outputs.append(self._advance(seq, token, logprob, now))
+        self.metrics.generated(len(sampled))
+        self.metrics.inc("herd_generation_tokens_total", len(sampled))
+        return outputs
+
+    def _advance(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
+        seq.token_ids.append(token)
+        seq.n_generated += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.metrics.observe_ttft(now - seq.added_at)
+        last = seq.n_generated >= seq.request.max_tokens
+        text, finish = seq.output.push(token, last=last)
+        if finish is None and seq.constraint is not None:
+            try:
+                seq.constraint.advance(token)
+            except ValueError as e:
+                return self._fail(seq, str(e))
+            if seq.constraint.finished:  # the value is complete and nothing may follow it
+                text, finish = text + seq.output.finish(), "stop"
+        return self._output(seq, [token], [logprob] if logprob is not None else None, text, finish)
+
+    def _output(self, seq, tokens, logprobs, text, finish) -> RequestOutput:
+        req = seq.request
+        out = RequestOutput(req.request_id, text, tokens, logprobs, None, finish, seq.n_prompt, seq.n_generated)
+        if req.prompt_logprobs is not None and seq.n_generated <= 1:
+            out.prompt_logprobs = seq.prompt_logprobs
+        if finish is not None:
+            self._seqs.pop(req.request_id, None)
+            self.scheduler.finish(seq, finish)
+            self.metrics.inc("herd_requests_total", finish_reason=finish)
+        return out
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        out = self._output(seq, [], None, "", "error")
+        out.error = message
+        return out
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every queued and running request with an error (after an unexpected exception)."""
+        return [self._fail(s, message) for s in list(self._seqs.values())]
+
+    def gauges(self) -> dict[str, float]:
+        """Queue length, running requests and KV-cache use now (read from any thread)."""
+        s = self.scheduler
+        running = list(s.running)
+        return {"herd_queue_length": len(s.waiting), "herd_running_requests": len(running),
+                "herd_kv_cache_usage_ratio": sum(x.num_computed for x in running) / (s.max_batch * self.context)}
