@@ -8,10 +8,10 @@
 __version__ = "0.1.0"
 
 
-def load(source=None, device=None, dtype=None, progress=None):
+def load(source=None, device=None, dtype=None, progress=None, **options):
     from herd.api import load as _load
 
-    return _load(source, device=device, dtype=dtype, progress=progress)
+    return _load(source, device=device, dtype=dtype, progress=progress, **options)
 
 
 load.__doc__ = "Load a model; see herd.api.load."

@@ -155,14 +155,27 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    quantized: bool | None = None,
+    compile: bool | None = None,
+    threads: int | None = None,
 ) -> LLM:
     """Load a model: a GGUF file, an HF directory (config.json + safetensors), a Meta checkpoint
-    directory (params.json + consolidated.NN.pth), or a known alias such as "smollm2-135m"
-    (the default when `source` is None). `dtype` may be a torch dtype or "float32"/"bfloat16"/"float16"."""
+    directory (params.json + consolidated.NN.pth), a directory written by `herd quantize`, or a known
+    alias such as "smollm2-135m" (the default when `source` is None).
+
+    `dtype` may be a torch dtype or "float32"/"bfloat16"/"float16". On the CPU a quantized file (GGUF
+    Q4_0/Q4_1/Q4_K/Q8_0/..., `herd quantize` output) stays quantized and computes in bfloat16 unless
+    `dtype` is float32 (the exact dequantized path) or `quantized=False`; `quantized=True` insists.
+    `compile`: torch.compile the decode step (None: herd.runtime decides; needs a C++ compiler).
+    `threads`: CPU threads for PyTorch (default: the number of physical cores)."""
+    from herd.runtime import compile_decode, set_threads
+
+    set_threads(threads)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
     checkpoint = open_checkpoint(resolve(source))
-    model = load_model(checkpoint, device=device, dtype=dtype, progress=progress)
+    model = load_model(checkpoint, device=device, dtype=dtype, progress=progress, quantized=quantized)
+    compile_decode(model, compile)
     tokenizer = load_tokenizer(checkpoint.tokenizer) if checkpoint.tokenizer is not None else None
     return LLM(checkpoint, model, tokenizer)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from herd.formats.checkpoint import TensorLike
-from herd.quant import GGMLTensor
+from herd.quant import GGMLTensor, Int4Weight, Int8Weight
 
 VERSION = b"herd-fingerprint-v1\0"
 
@@ -31,6 +31,9 @@ def fingerprint(tensors: dict[str, TensorLike]) -> str:
         t = tensors[name]
         if isinstance(t, GGMLTensor):
             kind, shape, data = f"ggml:{t.type_name}", t.shape, memoryview(np.ascontiguousarray(t.data)).cast("B")
+        elif isinstance(t, (Int4Weight, Int8Weight)):
+            kind, parts = t.parts()
+            shape, data = t.shape, memoryview(b"".join(bytes(_tensor_bytes(p)) for p in parts))
         else:
             kind, shape, data = str(t.dtype).removeprefix("torch."), tuple(t.shape), _tensor_bytes(t)
         h.update(f"{name}\0{kind}\0{','.join(map(str, shape))}\0{len(data)}\0".encode())

@@ -8,7 +8,7 @@ and not possibly the start of a stop string). The LLM facade (herd.api) builds `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -85,13 +85,45 @@ class StopStringMatcher:
         return out
 
 
-def _logprob(logits: torch.Tensor, token_id: int, top_n: int, tokenizer: Tokenizer) -> TokenLogprob:
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+def token_logprob(logits: torch.Tensor, token_id: int, top_n: int, tokenizer: Tokenizer,
+                  logprobs: torch.Tensor | None = None) -> TokenLogprob:
+    """The logprob of `token_id` under logits [V] (the model's own distribution) and the top_n alternatives.
+    `logprobs`: log_softmax(logits) when the caller already has it."""
+    if logprobs is None:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
     top = []
     if top_n:
         values, ids = logprobs.topk(top_n)
-        top = [(int(i), tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
+        top = [(int(i), tokenizer.decode([int(i)]), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
     return TokenLogprob(token_id, tokenizer.decode([token_id]), float(logprobs[token_id]), top)
+
+
+class TextStream:
+    """One request's output text: incremental detokenization, stop tokens and stop strings.
+
+    Shared by `generate_steps` and the batching engine, so both cut output the same way."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_ids: Iterable[int] = (), stop: Sequence[str] = ()):
+        self.stop_ids = frozenset(stop_ids)
+        self.decoder = StreamDecoder(tokenizer)
+        self.matcher = StopStringMatcher(stop)
+
+    def push(self, token_id: int, last: bool = False) -> tuple[str, str | None]:
+        """Feed one generated token: (newly final text, finish reason or None). `last`: the token budget
+        ends with this token. A stop token adds no text; a stop string is cut with everything after it."""
+        if token_id in self.stop_ids:
+            return self.finish(), "stop"
+        text, hit = self.matcher.feed(self.decoder.push(token_id))
+        if hit:
+            return text, "stop"
+        if last:
+            return text + self.finish(), "length"
+        return text, None
+
+    def finish(self) -> str:
+        """The text still held back when generation ends (a stop string in it still cuts it)."""
+        text, hit = self.matcher.feed(self.decoder.flush())
+        return text if hit else text + self.matcher.flush()
 
 
 @torch.inference_mode()
@@ -121,36 +153,23 @@ def generate_steps(
                               device=device)
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    stop_ids = set(stop_ids)
-    decoder = StreamDecoder(tokenizer)
-    matcher = StopStringMatcher(stop)
+    output = TextStream(tokenizer, stop_ids, stop)
     history = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
     n_prompt = len(prompt_ids)
     tokens = history[None]
     start = 0
+    decode_step = getattr(model, "decode_step", None) or model  # a compiled forward, where one is attached
     for step in range(max_tokens):
-        logits = model(tokens, start_pos=start, cache=cache, last_only=True)[:, -1]  # [1, V]
+        forward = model if step == 0 else decode_step
+        logits = forward(tokens, start_pos=start, cache=cache, last_only=True)[:, -1]  # [1, V]
         start += tokens.shape[1]
         shaped = apply_penalties(logits, history[None], params, n_prompt=n_prompt)
         token = sample(shaped, params, generator)  # [1]
         token_id = int(token[0])
         history = torch.cat([history, token])
-        lp = _logprob(logits[0], token_id, logprobs, tokenizer) if logprobs is not None else None
-        if token_id in stop_ids:  # the stop token itself is not part of the text
-            yield GenerationStep(token_id, _finish(decoder, matcher), lp, "stop")
+        lp = token_logprob(logits[0], token_id, logprobs, tokenizer) if logprobs is not None else None
+        text, finish = output.push(token_id, last=step == max_tokens - 1)
+        yield GenerationStep(token_id, text, lp, finish)
+        if finish:
             return
-        text, hit = matcher.feed(decoder.push(token_id))
-        if hit:
-            yield GenerationStep(token_id, text, lp, "stop")
-            return
-        if step == max_tokens - 1:
-            yield GenerationStep(token_id, text + _finish(decoder, matcher), lp, "length")
-            return
-        yield GenerationStep(token_id, text, lp, None)
         tokens = token[None]
-
-
-def _finish(decoder: StreamDecoder, matcher: StopStringMatcher) -> str:
-    """The text still held back when generation ends (a stop string in it still cuts it)."""
-    text, hit = matcher.feed(decoder.flush())
-    return text if hit else text + matcher.flush()

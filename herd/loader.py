@@ -1,20 +1,36 @@
 """Checkpoint → Transformer: build on the meta device, check every tensor, assign it once.
 
-Parameters are assigned (not copied) where dtype and device already match, so a memory-mapped
-checkpoint does not need a second full copy. Quantized GGML tensors are dequantized here for now.
+Two paths:
+- dense: every tensor becomes a parameter of the compute dtype. Parameters are assigned (not copied) where
+  dtype and device already match, so a memory-mapped checkpoint needs no second copy. GGML blocks are
+  dequantized here; `dtype=torch.float32` is the exact reference path the parity tests use.
+- quantized (CPU; the default for quantized GGUF files and `herd quantize` output): weights stay quantized.
+  Linear layers become herd.quant.linear modules (int4 for Q4_0/Q4_1/Q4_K, int8 per channel for herd q8,
+  else a bf16 Linear: Q8_0, Q5_K, Q6_K, F16), q/k/v and gate/up are fused into one matmul each, and the embedding keeps its stored rows.
+  Matmuls take bf16 inputs (the only activation dtype the CPU kernels vectorise); the residual stream,
+  norms, RoPE, attention (and its KV cache) stay fp32, and logits are returned as fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
+from torch import nn
 
-from herd.errors import MissingTensor, ShapeMismatch, UnexpectedTensor
+from herd.errors import HerdError, MissingTensor, ShapeMismatch, UnexpectedTensor
 from herd.formats.checkpoint import Checkpoint
 from herd.model import Transformer
 from herd.model.rope import inverse_frequencies
-from herd.quant import GGMLTensor
+from herd.quant import GGMLTensor, Int4Weight, Int8Weight, QuantizedWeight, release_pages
+from herd.quant.ggml import GGMLType
+
+
+def _is_quantized(t) -> bool:
+    if isinstance(t, GGMLTensor):
+        return t.ggml_type not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+    return isinstance(t, (Int4Weight, Int8Weight))
 
 
 def default_dtype(checkpoint: Checkpoint, device: torch.device) -> torch.dtype:
@@ -25,15 +41,50 @@ def default_dtype(checkpoint: Checkpoint, device: torch.device) -> torch.dtype:
     return torch.float32 if stored == {torch.float32} else torch.bfloat16
 
 
+def use_quantized(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype | None) -> bool:
+    """herd's default: keep weights quantized when the file is quantized, the device is the CPU and the
+    caller asked for no dtype or bf16 (float32 asks for the exact dequantized path)."""
+    return (device.type == "cpu" and dtype in (None, torch.bfloat16)
+            and any(_is_quantized(t) for t in checkpoint.tensors.values()))
+
+
 def load_model(
     checkpoint: Checkpoint,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
+    quantized: bool | None = None,
 ) -> Transformer:
+    """`quantized`: None chooses (see use_quantized); True insists on the quantized CPU path; False dequantizes."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if quantized is None:
+        quantized = use_quantized(checkpoint, device, dtype)
+    if quantized:
+        if device.type != "cpu":
+            raise HerdError(f"the quantized path runs on the CPU only; load on {device} with quantized=False")
+        if dtype not in (None, torch.bfloat16):
+            raise HerdError(f"the quantized CPU kernels compute in bfloat16, not {dtype}; pass quantized=False "
+                            "for a dequantized model of that dtype")
+        return _load_quantized(checkpoint, progress)
     dtype = dtype or default_dtype(checkpoint, device)
-    with torch.device("meta"):
+    model, expected = _skeleton(checkpoint)
+    state = {}
+    for i, (name, param) in enumerate(expected.items()):
+        source = checkpoint.tensors[name]
+        tensor = source.dequantize(dtype) if isinstance(source, QuantizedWeight) else source
+        state[name] = tensor.to(device=device, dtype=dtype)
+        if progress:
+            progress(i + 1, len(expected))
+    # Every name was checked; strict=False only because a tied output.weight shares tok_embeddings.
+    model.load_state_dict(state, strict=False, assign=True)
+    if checkpoint.args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return _finish(model, checkpoint, device)
+
+
+def _skeleton(checkpoint: Checkpoint) -> tuple[Transformer, dict[str, nn.Parameter]]:
+    """The model on the meta device, after checking the checkpoint names every parameter with its shape."""
+    with torch.device("meta"), _no_init():
         model = Transformer(checkpoint.args)
     expected = {name: p for name, p in model.named_parameters()}  # a tied output appears once, as tok_embeddings
     tensors = checkpoint.tensors
@@ -43,19 +94,125 @@ def load_model(
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise UnexpectedTensor(f"{checkpoint.path}: tensor(s) with no place in this architecture: {unexpected[:4]}")
-    state = {}
-    for i, (name, param) in enumerate(expected.items()):
-        source = tensors[name]
-        shape = tuple(source.shape)
+    for name, param in expected.items():
+        shape = tuple(tensors[name].shape)
         if shape != tuple(param.shape):
             raise ShapeMismatch(f"{checkpoint.path}: {name} has shape {shape}, the config implies {tuple(param.shape)}")
-        tensor = source.dequantize(dtype) if isinstance(source, GGMLTensor) else source
-        state[name] = tensor.to(device=device, dtype=dtype)
-        if progress:
-            progress(i + 1, len(expected))
-    # Every name was checked above; strict=False only because a tied output.weight shares tok_embeddings.
-    model.load_state_dict(state, strict=False, assign=True)
-    if checkpoint.args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+    return model, expected
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip random initialisation while building on "meta": every value is assigned from the checkpoint,
+    and meta-device normal_() would import torch._dynamo (over a second and tens of MB)."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def _finish(model: Transformer, checkpoint: Checkpoint, device: torch.device) -> Transformer:
     model.inv_freq = inverse_frequencies(checkpoint.args).to(device)  # buffers built on "meta" hold no values
     return model.eval().requires_grad_(False)
+
+
+# ---- the quantized CPU path ------------------------------------------------------------------------------
+
+_FUSED = {"attention": ("wqkv", ("wq", "wk", "wv")), "feed_forward": ("w13", ("w1", "w3"))}
+
+
+def _linear(sources: list) -> nn.Module:
+    """One module computing the given weights stacked along the output dim, kept quantized where a kernel
+    takes them exactly; otherwise a bf16 Linear of the dequantized weights."""
+    from herd.quant.linear import (COMPUTE_DTYPE, INT4_TYPES, BF16Linear, Int8Linear, dequantize_bf16, int4_from_ggml,
+                                   pack_int4)
+
+    first = sources[0]
+    if all(isinstance(s, GGMLTensor) and s.ggml_type == first.ggml_type for s in sources) \
+            and first.ggml_type in INT4_TYPES:
+        module = int4_from_ggml(sources)
+        for s in sources:  # packed: the file's pages need not stay resident
+            release_pages(s.data)
+        return module
+    if all(isinstance(s, Int4Weight) and s.group_size == first.group_size for s in sources):
+        planes = [(torch.cat([s.values() for s in sources]), torch.cat([s.scales for s in sources]),
+                   torch.cat([s.zeros for s in sources]))]
+        return pack_int4(planes, first.group_size)
+    if all(isinstance(s, Int8Weight) for s in sources):
+        return Int8Linear(torch.cat([s.q for s in sources]), torch.cat([s.scales for s in sources]))
+    if all(isinstance(s, (GGMLTensor, torch.Tensor)) for s in sources):
+        module = BF16Linear(dequantize_bf16(sources))
+        for s in sources:
+            if isinstance(s, GGMLTensor):
+                release_pages(s.data)
+        return module
+    return BF16Linear(torch.cat([s.dequantize(COMPUTE_DTYPE) for s in sources]))
+
+
+def _fusable(sources: list) -> bool:
+    """Fuse only what stays in one kernel: the same GGML type, or all herd int4 / int8 / float."""
+    kinds = {(type(s), getattr(s, "ggml_type", None), getattr(s, "group_size", None)) for s in sources}
+    return len(kinds) == 1
+
+
+def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
+    from herd.quant.linear import COMPUTE_DTYPE, QuantEmbedding, RefinedLogits
+
+    model, expected = _skeleton(checkpoint)
+    tensors = checkpoint.tensors
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    done: set[str] = set()
+    steps = len(linears) + 1
+    for i, name in enumerate(linears):
+        if progress:
+            progress(i + 1, steps)
+        if name in done:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        owner = parent_name.rpartition(".")[2]
+        fused_name, members = _FUSED.get(owner, (None, ()))
+        if owner == "shared_expert":
+            fused_name, members = _FUSED["feed_forward"]
+        if attr in members and all(hasattr(parent, m) for m in members):
+            sources = [tensors[f"{parent_name}.{m}.weight"] for m in members]
+            if _fusable(sources):
+                setattr(parent, fused_name, _linear(sources))
+                for m in members:
+                    delattr(parent, m)
+                    done.add(f"{parent_name}.{m}")
+                continue
+        key = "tok_embeddings.weight" if name == "output" and checkpoint.args.tie_embeddings else f"{name}.weight"
+        setattr(parent, attr, _linear([tensors[key]]))
+    model.tok_embeddings = QuantEmbedding(tensors["tok_embeddings.weight"], torch.float32)
+    out_source = tensors["tok_embeddings.weight" if checkpoint.args.tie_embeddings else "output.weight"]
+    if _is_quantized(out_source):  # near-ties of the top logits decided in fp32, from the stored rows
+        rows = model.tok_embeddings if checkpoint.args.tie_embeddings else QuantEmbedding(out_source, torch.float32)
+        model.output = RefinedLogits(model.output, rows)
+    # What is left: norm weights (fp32, like the residual stream) and Llama 4's stacked experts (bf16).
+    state = {}
+    for name in expected:
+        if name.startswith("tok_embeddings.") or not _has_param(model, name):
+            continue
+        source = tensors[name]
+        dtype = torch.float32 if len(source.shape) == 1 else COMPUTE_DTYPE
+        # a copy: tiny, and a view of the file map would alias its neighbours (torch.compile refuses that)
+        state[name] = source.dequantize(dtype) if isinstance(source, QuantizedWeight) else source.to(dtype, copy=True)
+    model.load_state_dict(state, strict=False, assign=True)
+    if progress:
+        progress(steps, steps)
+    return _finish(model, checkpoint, torch.device("cpu"))
+
+
+def _has_param(model: nn.Module, name: str) -> bool:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return False
+    return attr in module._parameters and module._parameters[attr] is not None and module._parameters[attr].is_meta

@@ -42,3 +42,11 @@ def hf_smollm2(smollm2_path):
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), dtype=torch.float32, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_path.parent), **kwargs)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_q(smollm2_path):
+    """The same file on herd's default CPU path: weights kept quantized, bf16 activations."""
+    import herd
+
+    return herd.load(smollm2_path, device="cpu")

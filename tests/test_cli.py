@@ -19,9 +19,11 @@ def _answer(child, typed: str) -> str:
     return child.before.replace("\r\n", "\n").split(typed, 1)[1].strip("\n")
 
 
-def test_chat_multi_turn_in_a_terminal(smollm2_path, smollm2):
+def test_chat_multi_turn_in_a_terminal(smollm2_path, smollm2_q):
     """Drive `herd chat` through a pseudo-terminal; the second answer must be the model's greedy answer
-    to the whole conversation, not to the second message alone."""
+    to the whole conversation, not to the second message alone. The CLI uses herd's defaults (the
+    quantized CPU path for this Q4_1 file), so the reference is the same file loaded with defaults."""
+    smollm2 = smollm2_q
     first, second = "My name is Alice and I like green apples.", "What fruit do I like?"
     child = pexpect.spawn(sys.executable, ["-m", "herd", "chat", str(smollm2_path), "--temperature", "0",
                                             "--max-tokens", "40"], encoding="utf-8", timeout=120, dimensions=(40, 200))
@@ -87,6 +89,26 @@ def test_info(smollm2_path):
     import herd
 
     assert herd.load(smollm2_path).fingerprint in result.stdout
+
+
+def test_info_memory(smollm2_path):
+    result = run("info", str(smollm2_path), "--memory")
+    assert result.returncode == 0, result.stderr
+    for expected in ("Int4Linear.weight", "KV cache", "peak RSS", "MiB"):
+        assert expected in result.stdout
+
+
+def test_bench_table_shows_ratios():
+    """The benchmark's table (no timing is asserted: only that every metric and ratio is printed)."""
+    from herd.bench import METRICS, table
+
+    fake = {k: 2.0 for k, *_ in METRICS}
+    report = dict(path="m.gguf", threads=2, runs=3, prompt_tokens=512, decode_tokens=128,
+                  medians={"herd": fake, "llama.cpp": {k: 1.0 for k in fake}, "hf": {k: 4.0 for k in fake}},
+                  details={"herd": "torch", "llama.cpp": "0.3.36", "hf": "transformers"})
+    text = table(report)
+    assert "herd/llama.cpp" in text and "herd/hf" in text and "2.00x" in text and "0.50x" in text
+    assert all(label in text for _, label, *_ in METRICS)
 
 
 def test_list_shows_default_model():

@@ -11,6 +11,9 @@ COMMANDS = {
     "chat": ("herd.cli.chat", "chat interactively with a model"),
     "info": ("herd.cli.info", "show a model's architecture, size, quantization and fingerprint"),
     "list": ("herd.cli.info", "list the models herd can load here by name"),
+    "serve": ("herd.cli.serve", "serve a model over an OpenAI-compatible HTTP API"),
+    "quantize": ("herd.cli.quantize", "write an HF or Meta checkpoint as int4 (q4) or int8 (q8) weights"),
+    "bench": ("herd.cli.bench", "decode/prefill speed, first-token time and memory vs llama.cpp and HF"),
 }
 
 
@@ -38,7 +41,11 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="float32 on a quantized file: the exact dequantized path")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="torch.compile the decode step (auto: where herd measured it faster)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def load_with_progress(source, device=None, dtype=None):
+def model_options(args: argparse.Namespace) -> dict:
+    options = {"threads": getattr(args, "threads", None)}
+    compile_ = getattr(args, "compile", "auto")
+    if compile_ != "auto":
+        options["compile"] = compile_ == "on"
+    return options
+
+
+def load_with_progress(source, device=None, dtype=None, **options):
     """herd.load with a progress bar on stderr (a person watches it; pipes see nothing)."""
     from rich.progress import BarColumn, Progress, TextColumn
 
@@ -85,7 +100,8 @@ def load_with_progress(source, device=None, dtype=None):
         transient=True, console=_stderr_console(),
     ) as bar:
         task = bar.add_task(str(source or "default model"), total=None)
-        return herd.load(source, device=device, dtype=dtype, progress=lambda i, n: bar.update(task, completed=i, total=n))
+        return herd.load(source, device=device, dtype=dtype, progress=lambda i, n: bar.update(task, completed=i, total=n),
+                         **options)
 
 
 def _stderr_console():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from herd.cli import add_model_options, add_sampling_options, load_with_progress, sampling_kwargs
+from herd.cli import add_model_options, add_sampling_options, load_with_progress, model_options, sampling_kwargs
 
 HELP = "Type a message. /reset starts over, /exit leaves (Ctrl-D too); Ctrl-C stops an answer."
 
@@ -25,7 +25,7 @@ def main(args):
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    llm = load_with_progress(args.source, args.device, args.dtype)
+    llm = load_with_progress(args.source, args.device, args.dtype, **model_options(args))
     options = dict(sampling_kwargs(args), max_tokens=args.max_tokens or 1024)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)

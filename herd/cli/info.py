@@ -6,12 +6,60 @@ from __future__ import annotations
 def add_arguments(parser, name):
     if name == "info":
         parser.add_argument("source", nargs="?", default=None, help="GGUF file, model directory or alias")
+        parser.add_argument("--memory", action="store_true",
+                            help="load the model as `herd run` would, generate a few tokens, report its memory")
+        parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
 
 def main(args):
     if args.command == "list":
         return list_models()
-    return show_info(args.source)
+    show_info(args.source)
+    if getattr(args, "memory", False):
+        show_memory(args.source, args.dtype)
+
+
+def show_memory(source, dtype=None):
+    """What loading costs: the model's own tensors (by kind), the KV cache per token, and this process's
+    peak resident memory (ru_maxrss: Python and torch included) after loading and a short generation."""
+    import resource
+
+    import herd
+
+    llm = herd.load(source, dtype=dtype)
+    mapped = 0
+    sizes: dict[str, int] = {}
+    for module in llm.model.modules():
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            n = t.numel() * t.element_size()
+            if type(module).__name__ == "QuantEmbedding" and name == "q" and getattr(module, "ggml_type", None):
+                mapped += n  # rows of the memory-mapped file: resident only where looked up
+                continue
+            kind = f"{type(module).__name__}.{name}" if type(module).__name__ not in ("RMSNorm",) else "norms"
+            sizes[kind] = sizes.get(kind, 0) + n
+    llm.generate("Hello", max_tokens=8, temperature=0)
+    a = llm.config
+    kv_dtype = llm.model.tok_embeddings.weight.dtype
+    per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * torch_itemsize(kv_dtype)
+    rows = [(k, f"{v / 2**20:,.1f} MiB") for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])]
+    rows.append(("mapped embedding rows", f"{mapped / 2**20:,.1f} MiB (file-backed, paged in by lookups)"))
+    rows.append(("weights in memory", f"{sum(sizes.values()) / 2**20:,.1f} MiB"))
+    rows.append(("KV cache", f"{per_token / 1024:,.1f} KiB per token ({kv_dtype}), "
+                             f"{per_token * a.max_seq_len / 2**20:,.0f} MiB at the full context"))
+    rows.append(("peak RSS", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB "
+                             "(this process: Python, torch, weights, a short generation)"))
+    from rich.console import Console
+
+    console = Console(soft_wrap=True)
+    console.print("[bold]memory[/bold]", highlight=False)
+    for key, value in rows:
+        console.print(f"  [bold]{key:<28}[/bold] {value}", highlight=False)
+
+
+def torch_itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 def show_info(source):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from herd.cli import add_model_options, add_sampling_options, load_with_progress, sampling_kwargs
+from herd.cli import add_model_options, add_sampling_options, load_with_progress, model_options, sampling_kwargs
 
 
 def add_arguments(parser, name):
@@ -23,7 +23,7 @@ def main(args):
     source, prompt = (None, args.words[0]) if len(args.words) == 1 else (args.words[0], " ".join(args.words[1:]))
     if prompt == "-":
         prompt = sys.stdin.read()
-    llm = load_with_progress(source, args.device, args.dtype)
+    llm = load_with_progress(source, args.device, args.dtype, **model_options(args))
     options = dict(sampling_kwargs(args), max_tokens=args.max_tokens or 512)
     started = time.perf_counter()
     if args.raw:

@@ -24,9 +24,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
             return read_gguf(path)
         raise FormatError(f"{path}: not a GGUF file (starts with {magic!r}); pass a GGUF file or a model directory")
+    from herd.formats.herdq import is_herdq_dir, read_herdq
     from herd.formats.hf import is_hf_dir, read_hf
     from herd.formats.meta import is_meta_dir, read_meta
 
+    if is_herdq_dir(path):
+        return read_herdq(path)
     if is_hf_dir(path):
         return read_hf(path)
     if is_meta_dir(path):

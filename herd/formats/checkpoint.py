@@ -6,7 +6,8 @@ Tensors use one vocabulary and one layout whatever the file:
 - Linear weights are [out, in]; Llama 4 routed experts are stacked [E, out, in]:
   `layers.N.feed_forward.experts.w1` / `.w3` [E, F, D] and `.w2` [E, D, F];
   router `layers.N.feed_forward.router.weight` [E, D]; shared expert `layers.N.feed_forward.shared_expert.w{1,2,3}.weight`.
-Values are torch tensors (memory-mapped where the format allows) or herd.quant.GGMLTensor blocks kept as stored.
+Values are torch tensors (memory-mapped where the format allows), herd.quant.GGMLTensor blocks kept as stored,
+or herd.quant.Int4Weight / Int8Weight (files written by `herd quantize`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any, Union
 import torch
 
 from herd.config import ModelArgs
-from herd.quant import GGMLTensor
+from herd.quant import GGMLTensor, Int4Weight, Int8Weight
 
-TensorLike = Union[torch.Tensor, GGMLTensor]
+TensorLike = Union[torch.Tensor, GGMLTensor, Int4Weight, Int8Weight]
 
 
 @dataclass

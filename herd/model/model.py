@@ -21,8 +21,8 @@ from herd.model.rope import apply_rope, inverse_frequencies, rope_angles
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    """x / sqrt(mean(x²) + eps), computed in fp32 and cast back."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +34,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32:  # the same maths in one kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return rms_norm(x, self.eps) * self.weight
 
 
@@ -50,14 +52,23 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # set by a load-time transform: one matmul for q, k and v
 
     def forward(self, x, ctx: "ForwardContext", layer_id: int):
+        # Projections may compute in a narrower dtype (quantized CPU kernels: bf16); attention runs in x's.
         batch, steps, _ = x.shape
-        q = self.wq(x).view(batch, steps, self.n_heads, self.head_dim)
-        k = self.wk(x).view(batch, steps, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, steps, self.n_kv_heads, self.head_dim)
-        if self.spec.rope:
-            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if self.wqkv is not None:
+            qkv = self.wqkv(x).to(x.dtype).view(batch, steps, -1, self.head_dim)
+            qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
+            if self.spec.rope:  # q and k heads rotate in one go
+                qk = apply_rope(qk, ctx.rot)
+            q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+        else:
+            q = self.wq(x).to(x.dtype).view(batch, steps, self.n_heads, self.head_dim)
+            k = self.wk(x).to(x.dtype).view(batch, steps, self.n_kv_heads, self.head_dim)
+            v = self.wv(x).to(x.dtype).view(batch, steps, self.n_kv_heads, self.head_dim)
+            if self.spec.rope:
+                q, k = apply_rope(q, ctx.rot), apply_rope(k, ctx.rot)
         if self.spec.qk_norm:
             q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
         if self.spec.temperature_tuning:
@@ -67,6 +78,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         if ctx.cache is not None:
             k, v = ctx.cache.update(layer_id, k, v, ctx.positions, ctx.slot_ids, ctx.start)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache was allocated in another dtype
         mask = ctx.mask(self.spec.chunk_size, k.shape[2])
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and steps > 1, enable_gqa=self.n_heads != self.n_kv_heads
@@ -82,8 +94,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: nn.Module | None = None  # set by a load-time transform: w1 and w3 in one matmul
 
     def forward(self, x):
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -97,6 +113,7 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
 
     def forward(self, x, expert: int):
+        x = x.to(self.w1.dtype)
         return F.linear(F.silu(F.linear(x, self.w1[expert])) * F.linear(x, self.w3[expert]), self.w2[expert])
 
 
@@ -140,8 +157,8 @@ class TransformerBlock(nn.Module):
 class ForwardContext:
     """What every layer of one forward pass shares: positions, RoPE angles, the cache and mask rules."""
 
-    def __init__(self, positions, cos, sin, cache, slot_ids, start):
-        self.positions, self.cos, self.sin = positions, cos, sin
+    def __init__(self, positions, rot, cache, slot_ids, start):
+        self.positions, self.rot = positions, rot
         self.cache, self.slot_ids, self.start = cache, slot_ids, start
         self._masks: dict = {}
 
@@ -202,8 +219,7 @@ class Transformer(nn.Module):
         if positions is None:
             start = start_pos
             positions = torch.arange(start_pos, start_pos + steps, device=tokens.device).expand(batch, steps)
-        cos, sin = rope_angles(self.inv_freq, positions)
-        ctx = ForwardContext(positions, cos, sin, cache, slot_ids, start)
+        ctx = ForwardContext(positions, rope_angles(self.inv_freq, positions), cache, slot_ids, start)
         h = self.tok_embeddings(tokens)
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, ctx, layer_id)

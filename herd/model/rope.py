@@ -15,7 +15,13 @@ from herd.config import ModelArgs
 
 
 def inverse_frequencies(args: ModelArgs) -> torch.Tensor:
-    """θ_i = theta^(-2i/hd), rescaled for long context as the model's RoPE scaling says (fp32, [hd/2])."""
+    """θ_i = theta^(-2i/hd), rescaled for long context as the model's RoPE scaling says (fp32, [hd/2]).
+    Computed on the CPU whatever the default device (the loader builds the model on "meta")."""
+    with torch.device("cpu"):
+        return _inverse_frequencies(args)
+
+
+def _inverse_frequencies(args: ModelArgs) -> torch.Tensor:
     hd = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     scaling = args.rope_scaling
@@ -45,15 +51,14 @@ def inverse_frequencies(args: ModelArgs) -> torch.Tensor:
     return scaled.float()
 
 
-def rope_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of pos·θ_i for positions [B, T] → two fp32 tensors [B, T, 1, hd/2]."""
+def rope_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The rotations e^(i·pos·θ_k) for positions [B, T] → complex64 [B, T, 1, hd/2]."""
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
-    return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+    return torch.polar(torch.ones_like(angles), angles).unsqueeze(2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, heads, hd] in fp32 (as Meta's reference does) and cast back."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, heads, hd/2, 2]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, heads, hd] in fp32 (as Meta's reference does) and cast back: each interleaved pair
+    (2k, 2k+1) is one complex number, multiplied by its rotation."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, T, heads, hd/2]
+    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)

@@ -212,17 +212,21 @@ def _as_torch(data: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(data)
 
 
-def dequantize(data: np.ndarray, ggml_type_: int, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
-    """Raw GGUF bytes of one tensor -> float32 tensor of `shape` (PyTorch order).
+def dequantize(data: np.ndarray | torch.Tensor, ggml_type_: int, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
+    """Raw GGUF bytes of one tensor (numpy or torch uint8) -> float32 tensor of `shape` (PyTorch order).
 
     F32 comes back as a view of `data` (no copy); every other type is a fresh tensor.
     """
     type_ = ggml_type(ggml_type_, name)
     shape = tuple(int(s) for s in shape)
     expected = tensor_nbytes(type_, shape, name)
-    if data.dtype != np.uint8 or data.size != expected:
-        raise FormatError(f"{name}: {type_.name} {list(shape)} needs {expected} bytes, got {data.size} ({data.dtype})")
-    raw = _as_torch(data)
+    if isinstance(data, torch.Tensor):  # bytes already on the torch side (rows picked from a map)
+        ok, size, raw = data.dtype == torch.uint8, data.numel(), data.reshape(-1)
+    else:
+        ok, size, raw = data.dtype == np.uint8, data.size, None
+    if not ok or size != expected:
+        raise FormatError(f"{name}: {type_.name} {list(shape)} needs {expected} bytes, got {size} ({data.dtype})")
+    raw = _as_torch(data) if raw is None else raw
     if type_ in _FLOAT_VIEW:
         # BF16 has no numpy dtype, so the reinterpretation happens on the torch side for all three.
         return raw.view(_FLOAT_VIEW[type_]).float().reshape(shape)

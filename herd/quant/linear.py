@@ -1,0 +1,307 @@
+"""Linear and embedding modules whose weights stay quantized, and the repacking that feeds them.
+
+The kernels are PyTorch's own CPU weight-only ops, vectorised (AVX2/AVX-512/NEON) for bf16 activations:
+
+- `Int4Linear`: `aten._weight_int4pack_mm_for_cpu`. Group-wise int4 along the input dim (group 32..256),
+  w = (q - 8) * scale + zero with q in 0..15 and scale/zero in bf16 — the gpt-fast convention. GGML Q4_0,
+  Q4_1 and Q4_K are this format exactly (only their fp16/6-bit scales are rounded to bf16). Q8_0 is two of
+  them side by side along the input dim (high and low nibble of q + 128), also exact, but measured slower
+  than bf16 (see INT4_TYPES).
+- `Int8Linear`: `aten._weight_int8pack_mm`, int8 per output channel, w = q * scale.
+- `BF16Linear`: Q8_0 (faster so) and types with no exact int4 form (Q5_K, Q6_K, F16): dequantized to bf16.
+- `QuantEmbedding`: an embedding table kept as stored GGML blocks; only looked-up rows are dequantized.
+
+Packed int4 weights depend on the CPU's vector width (PyTorch packs differently for AVX-512 and AVX2), so
+they are packed at load time, never stored. No model knowledge lives here: herd.loader decides what to swap.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.quant import GGMLTensor, Int4Weight, Int8Weight
+from herd.quant.ggml import BLOCK_SIZES, QK_K, GGMLType, _k_low4, _k_scales, _nibbles, dequantize
+
+COMPUTE_DTYPE = torch.bfloat16  # the only activation dtype the CPU weight-only kernels vectorise everywhere
+_PACK_ROWS = 1024  # rows packed per call: bounds the int32 temporary the packing op wants (a multiple of 64)
+
+# GGML types a quantized Linear keeps quantized (everything else is dequantized to bf16 at load).
+# Q8_0 also has an exact int4 form (two nibble planes, see ggml_int4_planes), but on a 2-core AVX2 EPYC it
+# measured 1.3-1.6x slower than a bf16 matmul of the dequantized weight at every shape tried (576x3072 to
+# 2048x8192, and the 49152x576 output), so Q8_0 takes the bf16 path.
+INT4_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K})
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W in PyTorch's packed CPU int4 layout. `split` > 1: the weight is `split` int4 planes
+    side by side along the input dim (Q8_0 as two nibble planes), so x is repeated `split` times."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, packed: torch.Tensor,
+                 scales_and_zeros: torch.Tensor, split: int = 1):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.split = group_size, split
+        self.register_buffer("weight", packed)  # uint8 [N16, split*K/2], CPU-specific packing, N16 = N rounded up to 16
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # bf16 [split*K/group, N16, 2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
+        if self.split > 1:
+            x = x.repeat(1, self.split)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+        if y.shape[-1] != self.out_features:  # rows padded to a multiple of 16
+            y = y[:, : self.out_features]
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        planes = f", {self.split} planes" if self.split > 1 else ""
+        return f"in={self.in_features}, out={self.out_features}, int4 group {self.group_size}{planes}"
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W int8 per output channel: w = q * scale."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # int8 [N, K]
+        self.register_buffer("scales", scales.to(COMPUTE_DTYPE))  # [N]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE), self.weight, self.scales)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per channel"
+
+
+class BF16Linear(nn.Module):
+    """A dequantized weight (GGML types without an exact int4 form: Q5_K, Q6_K, ...) in bf16."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.to(COMPUTE_DTYPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(COMPUTE_DTYPE), self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bf16"
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding rows kept quantized (GGML blocks, usually a slice of the file's memory map, or a herd
+    int4/int8 weight); a lookup dequantizes only the rows it needs. `weight` is an empty tensor that carries
+    the activation dtype and device, for code that asks the embedding which KV cache to allocate."""
+
+    def __init__(self, source: GGMLTensor | Int4Weight | Int8Weight | torch.Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = source.shape
+        self.ggml_type = self.group_size = None
+        self.dense = isinstance(source, torch.Tensor)
+        if self.dense:  # a float table in a quantized file: kept in bf16, looked up in `dtype`
+            parts = {"q": source.to(COMPUTE_DTYPE)}
+        elif isinstance(source, GGMLTensor):
+            self.ggml_type = GGMLType(source.ggml_type)
+            with warnings.catch_warnings():  # read-only maps are fine: lookups copy the rows they pick
+                warnings.simplefilter("ignore", UserWarning)
+                rows = torch.from_numpy(np.ascontiguousarray(source.data)).view(self.num_embeddings, -1)
+            parts = {"q": rows}  # uint8 [vocab, bytes per row]
+        elif isinstance(source, Int4Weight):
+            self.group_size = source.group_size
+            parts = {"q": source.q, "scales": source.scales, "zeros": source.zeros}
+        else:
+            parts = {"q": source.q, "scales": source.scales}
+        for name, t in parts.items():
+            self.register_buffer(name, t, persistent=False)
+        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
+
+    eager_methods = ("forward",)  # row lookups into a file map: herd.runtime keeps them out of torch.compile
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        idx = tokens.reshape(-1)
+        if self.dense:
+            out = self.q[idx]
+        elif self.ggml_type is not None:
+            picked = self.q[idx]
+            out = dequantize(picked.reshape(-1), self.ggml_type, (picked.shape[0], self.embedding_dim))
+        elif self.group_size is not None:
+            out = Int4Weight(self.q, self.scales, self.zeros, self.group_size).dequantize(rows=idx)
+        else:
+            out = Int8Weight(self.q, self.scales).dequantize(rows=idx)
+        return out.to(self.weight.dtype).view(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        kind = self.ggml_type.name if self.ggml_type is not None else f"int4 g{self.group_size}" if self.group_size else "int8"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {kind} rows"
+
+
+class RefinedLogits(nn.Module):
+    """The output projection: the bf16 kernel's logits (rounded: 0.125 apart near |20|), with every logit
+    within `margin` of its row's best recomputed in fp32 from the exactly dequantized rows, so the top of
+    the distribution (and greedy near-ties) ranks as the fp32 path ranks it."""
+
+    def __init__(self, linear: nn.Module, rows: QuantEmbedding, margin: float = 0.5, most: int = 64):
+        super().__init__()
+        self.linear, self.rows, self.margin, self.most = linear, rows, margin, most
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._refine(self.linear(x).float(), x)
+
+    eager_methods = ("_refine",)  # data-dependent indexing: herd.runtime keeps it out of torch.compile
+
+    def _refine(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        flat, xs = logits.view(-1, logits.shape[-1]), x.reshape(-1, x.shape[-1]).float()
+        best = flat.max(dim=-1, keepdim=True).values
+        row, col = torch.nonzero(flat >= best - self.margin - best.abs() / 128, as_tuple=True)
+        if row.numel() > self.most * flat.shape[0]:  # a flat distribution: refine the top few per row only
+            col = flat.topk(8, dim=-1).indices.reshape(-1)
+            row = torch.arange(flat.shape[0], device=flat.device).repeat_interleave(8)
+        flat[row, col] = (self.rows(col).float() * xs[row]).sum(-1)
+        return logits
+
+
+# ---- GGML blocks -> int4 planes (q in 0..15, scale, zero) with w = (q - 8) * scale + zero -------------
+
+
+def _blocks(t: GGMLTensor) -> torch.Tensor:
+    block, size = BLOCK_SIZES[GGMLType(t.ggml_type)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(t.data)).view(-1, size)
+
+
+def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
+    return b[:, at : at + 2].contiguous().view(torch.float16).float()
+
+
+def ggml_int4_planes(t: GGMLTensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """[(q uint8 [N, K], scale fp32 [N, K/32], zero fp32 [N, K/32])] such that the sum over planes of
+    (q - 8) * scale + zero, group by group, is exactly the GGML dequantization (before bf16 rounding)."""
+    type_ = GGMLType(t.ggml_type)
+    n, k = t.shape
+    b = _blocks(t)
+    if type_ == GGMLType.Q4_0:
+        d = _f16(b, 0)
+        return [(_nibbles(b[:, 2:]).reshape(n, k), d.view(n, -1), torch.zeros_like(d).view(n, -1))]
+    if type_ == GGMLType.Q4_1:
+        d, m = _f16(b, 0), _f16(b, 2)
+        return [(_nibbles(b[:, 4:]).reshape(n, k), d.view(n, -1), (m + 8 * d).view(n, -1))]
+    if type_ == GGMLType.Q4_K:  # 8 sub-blocks of 32: w = d*sc*q - dmin*m
+        sc, mn = _k_scales(b[:, 4:16])  # [nb, 8, 1]
+        scale = _f16(b, 0).unsqueeze(-1) * sc
+        zero = 8 * scale - _f16(b, 2).unsqueeze(-1) * mn
+        return [(_k_low4(b[:, 16:144]).reshape(n, k), scale.view(n, -1), zero.view(n, -1))]
+    if type_ == GGMLType.Q8_0:  # q + 128 = 16*hi + lo: w = d*q = (hi - 8) * 16d + (lo - 8) * d + 8d
+        d = _f16(b, 0)
+        u = (b[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+        hi, lo = (u >> 4).reshape(n, k), (u & 0x0F).reshape(n, k)
+        return [(hi, (16 * d).view(n, -1), torch.zeros_like(d).view(n, -1)), (lo, d.view(n, -1), (8 * d).view(n, -1))]
+    raise ValueError(f"{t.name}: {type_.name} has no exact int4 form")
+
+
+def pack_int4(planes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], group_size: int = 32) -> Int4Linear:
+    """Int4Linear from int4 planes [(q uint8 [N, K] 0..15, scale [N, K/g], zero [N, K/g])]."""
+    n, k = planes[0][0].shape
+    return _pack_rows(n, k, len(planes), group_size, lambda a, b: [tuple(x[a:b] for x in p) for p in planes])
+
+
+def _pack_rows(n: int, k: int, split: int, group_size: int, rows) -> Int4Linear:
+    """Pack `rows(a, b)` -> planes of rows a..b-1, _PACK_ROWS at a time, so temporaries stay small.
+    The op wants a multiple of 16 rows: padding rows are zero weights, cut from the output."""
+    n_pad = -(-n // 16) * 16
+    packed = torch.empty(n_pad, split * k // 2, dtype=torch.uint8)
+    scales_and_zeros = torch.zeros(split * k // group_size, n_pad, 2, dtype=COMPUTE_DTYPE)
+    for a in range(0, n_pad, _PACK_ROWS):  # PyTorch packs blocks of 32/64 rows independently: chunks concatenate
+        b = min(n_pad, a + _PACK_ROWS)
+        planes = rows(a, min(b, n))
+        q = torch.cat([p[0] for p in planes], dim=1).to(torch.int32)
+        if q.shape[0] < b - a:
+            q = torch.cat([q, q.new_full((b - a - q.shape[0], q.shape[1]), 8)])
+        packed[a:b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+        m = min(b, n)
+        scales_and_zeros[:, a:m, 0] = torch.cat([p[1] for p in planes], dim=1).T
+        scales_and_zeros[:, a:m, 1] = torch.cat([p[2] for p in planes], dim=1).T
+    return Int4Linear(k, n, group_size, packed, scales_and_zeros, split=split)
+
+
+def _ggml_rows(t: GGMLTensor, a: int, b: int) -> GGMLTensor:
+    data = t.data.reshape(t.shape[0], -1)[a:b].reshape(-1)
+    return GGMLTensor(t.ggml_type, (b - a, *t.shape[1:]), data, t.name)
+
+
+def dequantize_bf16(tensors: list) -> torch.Tensor:
+    """GGML (or float) weights stacked along the output dim as one bf16 matrix, dequantized a few rows at a
+    time so no full fp32 copy ever exists."""
+    n, k = sum(t.shape[0] for t in tensors), tensors[0].shape[1]
+    out = torch.empty(n, k, dtype=COMPUTE_DTYPE)
+    row = 0
+    for t in tensors:
+        for a in range(0, t.shape[0], _PACK_ROWS):
+            b = min(t.shape[0], a + _PACK_ROWS)
+            part = _ggml_rows(t, a, b).dequantize() if isinstance(t, GGMLTensor) else t[a:b]
+            out[row + a : row + b] = part
+        row += t.shape[0]
+    return out
+
+
+def int4_from_ggml(tensors: list[GGMLTensor]) -> Int4Linear:
+    """One Int4Linear for one or more GGML weights of the same type stacked along the output dim
+    (fused q/k/v or gate/up)."""
+    starts = np.cumsum([0] + [t.shape[0] for t in tensors])
+    k, split = tensors[0].shape[1], 2 if tensors[0].ggml_type == GGMLType.Q8_0 else 1
+
+    def rows(a: int, b: int):
+        parts = []
+        for t, s, e in zip(tensors, starts[:-1], starts[1:]):
+            lo, hi = max(a, s), min(b, e)
+            if lo < hi:
+                parts.append(ggml_int4_planes(_ggml_rows(t, lo - s, hi - s)))
+        return [tuple(torch.cat([p[i][j] for p in parts]) for j in range(3)) for i in range(split)]
+
+    return _pack_rows(int(starts[-1]), k, split, 32, rows)
+
+
+# ---- float weights -> int4 / int8 (herd quantize) -------------------------------------------------------
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest, per group of `group_size` along the input dim:
+    returns q uint8 [N, K] in 0..15, scale and zero bf16 [N, K/g] with w ≈ (q - 8) * scale + zero."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-8).to(COMPUTE_DTYPE).float()
+    zero = (lo + 8 * scale).to(COMPUTE_DTYPE).float()  # the kernel's zero, rounded as it will be used
+    q = torch.round((g - zero) / scale + 8).clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, k), scale.squeeze(-1).to(COMPUTE_DTYPE), zero.squeeze(-1).to(COMPUTE_DTYPE)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: q int8 [N, K], scale bf16 [N] with w ≈ q * scale."""
+    scale = (w.float().abs().amax(dim=1) / 127).clamp(min=1e-8).to(COMPUTE_DTYPE)
+    q = torch.round(w.float() / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] values 0..15 -> [N, K/2]: element 2i in the low nibble of byte i, 2i+1 in the high."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+__all__ = [
+    "COMPUTE_DTYPE", "INT4_TYPES", "Int4Linear", "Int8Linear", "BF16Linear", "QuantEmbedding", "RefinedLogits", "ggml_int4_planes", "pack_int4", "dequantize_bf16",
+    "int4_from_ggml", "quantize_int4", "quantize_int8", "pack_nibbles", "unpack_nibbles", "QK_K",
+]
