@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 import pytest
 import torch
 
-import herd
 from tests.fixtures import build as B
 
 TOL = 1e-4  # float32 in every format: only summation order differs
@@ -27,15 +26,7 @@ RELRMS_TOL = {"F16": 0.01, "Q8_0": 0.10, "Q8_0-llama4": 0.40}
 
 META_CASES = [(g, n) for g in B.GENERATIONS for n in ((1,) if g in B.LLAMA4 else (1, 2))]
 
-CPU_F32 = {"device": "cpu", "dtype": torch.float32}  # the reference runs there; herd's defaults are not under test
-_LOADED: dict[str, object] = {}
-
-
-def load(path):
-    key = str(path)
-    if key not in _LOADED:
-        _LOADED[key] = herd.load(key, **CPU_F32)
-    return _LOADED[key]
+from tests.test_parity_hf import load  # noqa: E402  (one cache of loaded models for both files)
 
 
 def max_diff(a, b) -> float:

@@ -9,7 +9,6 @@ Parameter names are Meta's; q/k rows are in Meta's interleaved RoPE order (see r
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
