@@ -24,6 +24,7 @@ METRICS = [  # key, label, format, higher is better
     ("decode_tps", "decode tok/s", "{:.1f}", True),
     ("prefill_tps", "prefill tok/s", "{:.1f}", True),
     ("first_token_s", "load→first token s", "{:.2f}", False),
+    ("start_first_token_s", "start→first token s", "{:.2f}", False),
     ("load_s", "load s", "{:.2f}", False),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}", False),
 ]

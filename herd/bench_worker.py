@@ -4,8 +4,9 @@ Standalone on purpose (no herd import at module level): llama.cpp runs it from i
 Engines: "herd" (herd.load), "llama.cpp" (llama-cpp-python), "hf" (transformers' GGUF loading, fp32 on
 the CPU: the usual PyTorch path). Every engine gets the same token ids, threads and greedy decoding.
 
-Measured: load_s (the load call), first_token_s (process start, imports included, to the first generated
-token of a short prompt), prefill_tps (a fresh 512-token prompt, best of 2), decode_tps (greedy tokens
+Measured: load_s (the load call), first_token_s (the load call's start to the first generated token of a
+short prompt), start_first_token_s (the same from process start: imports included, `import torch` alone
+takes 1-2 s), prefill_tps (a fresh 512-token prompt, best of 2), decode_tps (greedy tokens
 after the first, one token per forward), peak_rss_mb (ru_maxrss of this process).
 """
 
@@ -29,18 +30,19 @@ def run_herd(spec: dict) -> dict:
     import herd
     from herd.generate import generate_steps
     from herd.model import KVCache
+    from herd.sampling import SamplingParams
 
     t = time.perf_counter()
     llm = herd.load(spec["path"], threads=spec["threads"], **spec.get("herd_options", {}))
     load_s = time.perf_counter() - t
     short, long_ids, n_decode = spec["short"], spec["long"], spec["decode"]
 
-    def steps(ids, n):
-        return generate_steps(llm.model, llm.tokenizer, ids, n, stop_ids=())
+    def steps(ids, n):  # greedy, as the other engines decode
+        return generate_steps(llm.model, llm.tokenizer, ids, n, SamplingParams(temperature=0), stop_ids=())
 
     it = steps(short, 1)
     next(it)
-    first_token_s = time.perf_counter() - T0
+    first_token_s, start_first_token_s = time.perf_counter() - t, time.perf_counter() - T0
     prefill = []
     for _ in range(2):
         cache = KVCache.for_model(llm.config, len(long_ids) + 1, dtype=llm.model.tok_embeddings.weight.dtype)
@@ -53,7 +55,8 @@ def run_herd(spec: dict) -> dict:
         pass
     stamps = [time.perf_counter() for _ in steps(short, n_decode + 1)]
     decode_tps = n_decode / (stamps[-1] - stamps[0])
-    return dict(load_s=load_s, first_token_s=first_token_s, prefill_tps=max(prefill), decode_tps=decode_tps,
+    return dict(load_s=load_s, first_token_s=first_token_s, start_first_token_s=start_first_token_s,
+                prefill_tps=max(prefill), decode_tps=decode_tps,
                 detail=f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
@@ -67,7 +70,7 @@ def run_llama_cpp(spec: dict) -> dict:
     short, long_ids, n_decode = spec["short"], spec["long"], spec["decode"]
     gen = llm.generate(short, top_k=1, temp=0.0, reset=True)
     next(gen)
-    first_token_s = time.perf_counter() - T0
+    first_token_s, start_first_token_s = time.perf_counter() - t, time.perf_counter() - T0
     gen.close()
     prefill = []
     for _ in range(2):
@@ -81,7 +84,8 @@ def run_llama_cpp(spec: dict) -> dict:
         if i == n_decode:
             break
     decode_tps = n_decode / (stamps[-1] - stamps[0])
-    return dict(load_s=load_s, first_token_s=first_token_s, prefill_tps=max(prefill), decode_tps=decode_tps,
+    return dict(load_s=load_s, first_token_s=first_token_s, start_first_token_s=start_first_token_s,
+                prefill_tps=max(prefill), decode_tps=decode_tps,
                 detail=f"llama-cpp-python {llama_cpp.__version__}")
 
 
@@ -101,7 +105,7 @@ def run_hf(spec: dict) -> dict:
     greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
         model.generate(torch.tensor([short]), max_new_tokens=1, **greedy)
-        first_token_s = time.perf_counter() - T0
+        first_token_s, start_first_token_s = time.perf_counter() - t, time.perf_counter() - T0
         prefill = []
         for _ in range(2):
             t = time.perf_counter()
@@ -115,7 +119,8 @@ def run_hf(spec: dict) -> dict:
             out = model(token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         decode_tps = n_decode / (time.perf_counter() - t)
-    return dict(load_s=load_s, first_token_s=first_token_s, prefill_tps=max(prefill), decode_tps=decode_tps,
+    return dict(load_s=load_s, first_token_s=first_token_s, start_first_token_s=start_first_token_s,
+                prefill_tps=max(prefill), decode_tps=decode_tps,
                 detail=f"transformers {transformers.__version__}, fp32, {torch.get_num_threads()} threads")
 
 

@@ -128,23 +128,36 @@ _FUSED = {"attention": ("wqkv", ("wq", "wk", "wv")), "feed_forward": ("w13", ("w
 
 def _linear(sources: list) -> nn.Module:
     """One module computing the given weights stacked along the output dim, kept quantized where a kernel
-    takes them exactly; otherwise a bf16 Linear of the dequantized weights."""
-    from herd.quant.linear import (COMPUTE_DTYPE, INT4_TYPES, BF16Linear, Int8Linear, dequantize_bf16, int4_from_ggml,
-                                   pack_int4)
+    takes them exactly: herd's own kernels when they are built (herd.quant.native), else PyTorch's int4 and
+    int8 weight-only ops; otherwise a bf16 Linear of the dequantized weights."""
+    from herd import kernels
+    from herd.quant.linear import (COMPUTE_DTYPE, INT4_TYPES, Q4_TYPES, Q8_TYPES, BF16Linear, Int8Linear,
+                                   dequantize_bf16, int4_from_ggml, pack_int4, q4_from_ggml, q4_from_int4,
+                                   q8_from_ggml, q8_from_int8)
 
     first = sources[0]
-    if all(isinstance(s, GGMLTensor) and s.ggml_type == first.ggml_type for s in sources) \
-            and first.ggml_type in INT4_TYPES:
-        module = int4_from_ggml(sources)
-        for s in sources:  # packed: the file's pages need not stay resident
-            release_pages(s.data)
-        return module
+    fast = kernels.load() and first.shape[-1] % 32 == 0
+    if all(isinstance(s, GGMLTensor) and s.ggml_type == first.ggml_type for s in sources):
+        module = None
+        if fast and first.ggml_type in Q4_TYPES:
+            module = q4_from_ggml(sources)
+        elif fast and first.ggml_type in Q8_TYPES:
+            module = q8_from_ggml(sources)
+        elif first.ggml_type in INT4_TYPES:
+            module = int4_from_ggml(sources)
+        if module is not None:
+            for s in sources:  # repacked: the file's pages need not stay resident
+                release_pages(s.data)
+            return module
     if all(isinstance(s, Int4Weight) and s.group_size == first.group_size for s in sources):
-        planes = [(torch.cat([s.values() for s in sources]), torch.cat([s.scales for s in sources]),
-                   torch.cat([s.zeros for s in sources]))]
-        return pack_int4(planes, first.group_size)
+        q, scales, zeros = (torch.cat([s.values() for s in sources]), torch.cat([s.scales for s in sources]),
+                            torch.cat([s.zeros for s in sources]))
+        if fast and first.group_size % 32 == 0:
+            return q4_from_int4(q, scales, zeros, first.group_size)
+        return pack_int4([(q, scales.float(), zeros.float())], first.group_size)
     if all(isinstance(s, Int8Weight) for s in sources):
-        return Int8Linear(torch.cat([s.q for s in sources]), torch.cat([s.scales for s in sources]))
+        q, scales = torch.cat([s.q for s in sources]), torch.cat([s.scales for s in sources])
+        return q8_from_int8(q, scales) if fast else Int8Linear(q, scales)
     if all(isinstance(s, (GGMLTensor, torch.Tensor)) for s in sources):
         module = BF16Linear(dequantize_bf16(sources))
         for s in sources:
@@ -191,7 +204,9 @@ def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
         setattr(parent, attr, _linear([tensors[key]]))
     model.tok_embeddings = QuantEmbedding(tensors["tok_embeddings.weight"], torch.float32)
     out_source = tensors["tok_embeddings.weight" if checkpoint.args.tie_embeddings else "output.weight"]
-    if _is_quantized(out_source):  # near-ties of the top logits decided in fp32, from the stored rows
+    # A bf16 or int4pack output rounds logits ~0.1 apart: near-ties of the top ones are decided in fp32 from
+    # the stored rows. herd's kernels (fp32 out, ~15-bit activations) need no such help.
+    if _is_quantized(out_source) and not hasattr(model.output, "kernel_weights"):
         rows = model.tok_embeddings if checkpoint.args.tie_embeddings else QuantEmbedding(out_source, torch.float32)
         model.output = RefinedLogits(model.output, rows)
     # What is left: norm weights (fp32, like the residual stream) and Llama 4's stacked experts (bf16).

@@ -94,7 +94,10 @@ def test_info(smollm2_path):
 def test_info_memory(smollm2_path):
     result = run("info", str(smollm2_path), "--memory")
     assert result.returncode == 0, result.stderr
-    for expected in ("Int4Linear.weight", "KV cache", "peak RSS", "MiB"):
+    from herd import kernels
+
+    quantized = "Q4Linear.qs" if kernels.load() else "Int4Linear.weight"  # herd's kernels, else PyTorch's int4
+    for expected in (quantized, "KV cache", "peak RSS", "MiB"):
         assert expected in result.stdout
 
 

@@ -103,7 +103,29 @@ class _Reader:
             start = self.need(n * dtype.itemsize, what)
             values = np.frombuffer(self.buf, dtype, n, start).tolist()
             return [bool(v) for v in values] if etype == _BOOL else values
+        if etype == _STRING:
+            return self.strings(n, what)
         return [self.value(etype, f"{what}[{i}]") for i in range(n)]
+
+    def strings(self, n: int, what: str) -> list[str]:
+        """n strings in a row (vocabularies and merges: 10^5 of them) in one tight loop; any problem is
+        reported by re-reading the failing one with the checked path."""
+        buf, size, pos, out = self.buf, self.size, self.pos, []
+        length_at = struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(n):
+                (length,) = length_at(buf, pos)
+                end = pos + 8 + length
+                if end > size:
+                    raise ValueError
+                out.append(str(buf[pos + 8 : end], "utf-8"))
+                pos = end
+        except (ValueError, struct.error):
+            self.pos = pos
+            self.string(f"{what}[{len(out)}]")  # raises the specific error (truncation, length, UTF-8)
+            raise
+        self.pos = pos
+        return out
 
 
 def _header(r: _Reader) -> tuple[int, dict[str, Any], list[tuple[str, tuple[int, ...], int, int]]]:

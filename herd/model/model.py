@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd import kernels
 from herd.config import LayerSpec, ModelArgs, layer_plan
 from herd.model.cache import KVCache
 from herd.model.rope import apply_rope, inverse_frequencies, rope_angles
+
+
+ONE_OP_DECODE = True  # False: decode steps run op by op, as every other forward pass does (tests compare)
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -34,8 +38,25 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == self.weight.dtype == torch.float32:  # the same maths in one kernel
+            if _cpu_kernel(x):
+                return kernels.ops.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return rms_norm(x, self.eps) * self.weight
+
+
+def _cpu_kernel(x: torch.Tensor) -> bool:
+    """herd's CPU kernels (herd.kernels, once loaded) take fp32 inference tensors; autograd and other
+    devices go through PyTorch."""
+    return kernels.ops is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not (
+        torch.is_grad_enabled() and x.requires_grad)
+
+
+def attend(q, k, v, mask, causal: bool, gqa: bool):
+    """Scaled dot-product attention, q [B, H, T, hd], k/v [B, Hkv, L, hd]. One new token that sees every
+    cached key (decode) takes herd's CPU kernel where loaded; everything else PyTorch's SDPA."""
+    if q.shape[2] == 1 and mask is None and _cpu_kernel(q) and k.dtype == v.dtype == torch.float32:
+        return kernels.ops.decode_attention(q, k, v, q.shape[-1] ** -0.5)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -58,10 +79,14 @@ class Attention(nn.Module):
         batch, steps, _ = x.shape
         if self.wqkv is not None:
             qkv = self.wqkv(x).to(x.dtype).view(batch, steps, -1, self.head_dim)
-            qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
-            if self.spec.rope:  # q and k heads rotate in one go
-                qk = apply_rope(qk, ctx.rot)
-            q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+            if self.spec.rope and _cpu_kernel(qkv) and qkv.is_contiguous():  # q and k heads, in place
+                kernels.ops.rope_(qkv, ctx.rot_pairs, self.n_heads + self.n_kv_heads)
+                q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+            else:
+                qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
+                if self.spec.rope:  # q and k heads rotate in one go
+                    qk = apply_rope(qk, ctx.rot)
+                q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         else:
             q = self.wq(x).to(x.dtype).view(batch, steps, self.n_heads, self.head_dim)
             k = self.wk(x).to(x.dtype).view(batch, steps, self.n_kv_heads, self.head_dim)
@@ -79,9 +104,7 @@ class Attention(nn.Module):
             k, v = ctx.cache.update(layer_id, k, v, ctx.positions, ctx.slot_ids, ctx.start)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache was allocated in another dtype
         mask = ctx.mask(self.spec.chunk_size, k.shape[2])
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and steps > 1, enable_gqa=self.n_heads != self.n_kv_heads
-        )
+        out = attend(q, k, v, mask, causal=mask is None and steps > 1, gqa=self.n_heads != self.n_kv_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, steps, -1))
 
 
@@ -97,7 +120,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)
+            gate_up = self.w13(x)
+            if _cpu_kernel(gate_up):
+                return self.w2(kernels.ops.silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
@@ -149,8 +175,31 @@ class TransformerBlock(nn.Module):
         self.feed_forward = MoE(args) if spec.moe else FeedForward(args.dim, args.hidden_dim)
 
     def forward(self, x, ctx: "ForwardContext", layer_id: int):
+        if ctx.one_op_decode and self.kernel_weights():
+            return self.decode_in_one_op(x, ctx, layer_id)
         h = x + self.attention(self.attention_norm(x), ctx, layer_id)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def kernel_weights(self) -> list:
+        """The (qs, d, m) of wqkv, wo, w13 and w2 when herd::decode_block can run this block (projections in
+        herd's quantized layouts, a plain Llama block: no MoE, QK norm, temperature tuning or chunking);
+        else []. Looked up once: the modules are fixed after loading."""
+        if not hasattr(self, "_kernel_weights"):
+            spec, ffn = self.attention.spec, self.feed_forward
+            plain = not (spec.moe or spec.qk_norm or spec.temperature_tuning or spec.chunk_size)
+            projections = [self.attention.wqkv, self.attention.wo, getattr(ffn, "w13", None), getattr(ffn, "w2", None)]
+            usable = plain and all(hasattr(p, "kernel_weights") for p in projections)
+            self._kernel_weights = [t for p in projections for t in p.kernel_weights()] if usable else []
+        return self._kernel_weights
+
+    def decode_in_one_op(self, x, ctx: "ForwardContext", layer_id: int):
+        """forward() for one token per row in one C++ call: the same steps (herd/kernels/cpu.cpp,
+        decode_block), without ~40 PyTorch ops' dispatch per layer."""
+        attn = self.attention
+        return kernels.ops.decode_block(
+            x, self.attention_norm.weight, self.ffn_norm.weight, self.kernel_weights(), ctx.cache.k[layer_id],
+            ctx.cache.v[layer_id], ctx.rot_pairs, ctx.start, attn.n_heads, attn.n_kv_heads, attn.norm_eps,
+            attn.spec.rope)
 
 
 class ForwardContext:
@@ -158,6 +207,11 @@ class ForwardContext:
 
     def __init__(self, positions, rot, cache, slot_ids, start):
         self.positions, self.rot = positions, rot
+        self.rot_pairs = torch.view_as_real(rot)  # (cos, sin) pairs, what herd's RoPE kernel reads
+        # One token per row, appended to cache rows 0..B-1 at one position: blocks may run as one C++ op.
+        self.one_op_decode = (ONE_OP_DECODE and kernels.ops is not None and positions.shape[1] == 1
+                              and cache is not None and start is not None and slot_ids is None
+                              and positions.device.type == "cpu" and cache.k[0].dtype == torch.float32)
         self.cache, self.slot_ids, self.start = cache, slot_ids, start
         self._masks: dict = {}
 
@@ -220,6 +274,7 @@ class Transformer(nn.Module):
             positions = torch.arange(start_pos, start_pos + steps, device=tokens.device).expand(batch, steps)
         ctx = ForwardContext(positions, rope_angles(self.inv_freq, positions), cache, slot_ids, start)
         h = self.tok_embeddings(tokens)
+        ctx.one_op_decode = ctx.one_op_decode and _cpu_kernel(h)
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, ctx, layer_id)
         if last_only:

@@ -64,6 +64,56 @@ class Int4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int4 group {self.group_size}{planes}"
 
 
+class Q4Linear(nn.Module):
+    """y = x W^T with W in herd's q4 block layout (herd/kernels/cpu.cpp): w = d*q + m, q in 0..15, one d and
+    one m per 32 inputs. Every 4-bit GGML type with a scale and offset per 32 (Q4_0, Q4_1, Q4_K) and herd's
+    own int4 are this exactly. Few tokens: integer dot products against int8-quantized activations, as
+    llama.cpp computes; a long prompt: the weight dequantized to fp32 for a float GEMM (the int8 rounding of
+    activations is then gone, and the GEMM is faster per token)."""
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = qs.shape[0], qs.shape[1] * 2
+        self.register_buffer("qs", qs)  # uint8 [N, K/2]
+        self.register_buffer("d", d.float().contiguous())  # [N, K/32]
+        self.register_buffer("m", m.float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fp32 [..., N]; the op picks dot products or GEMM
+        return torch.ops.herd.q4_linear(x, self.qs, self.d, self.m)
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.ops.herd.q4_dequantize(self.qs, self.d, self.m)
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # what herd::decode_block takes
+        return self.qs, self.d, self.m
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, q4 blocks of 32 (herd kernels)"
+
+
+class Q8Linear(nn.Module):
+    """y = x W^T with W int8 and one scale per 32 inputs (GGML Q8_0 exactly; herd int8 per channel with the
+    channel's scale repeated). Computed like Q4Linear."""
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = qs.shape
+        self.register_buffer("qs", qs)  # int8 [N, K]
+        self.register_buffer("d", d.float().contiguous())  # [N, K/32]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.herd.q8_linear(x, self.qs, self.d)
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.ops.herd.q8_dequantize(self.qs, self.d)
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # no offsets: empty m
+        return self.qs, self.d, self.d.new_empty(0)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, q8 blocks of 32 (herd kernels)"
+
+
 class Int8Linear(nn.Module):
     """y = x W^T with W int8 per output channel: w = q * scale."""
 
@@ -183,24 +233,34 @@ def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
     return b[:, at : at + 2].contiguous().view(torch.float16).float()
 
 
+def ggml_q4(t: GGMLTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q uint8 [N, K] in 0..15, d fp32 [N, K/32], m fp32 [N, K/32]) with w = d*q + m exactly, for the 4-bit
+    GGML types whose blocks of 32 have one scale and one offset: Q4_0, Q4_1 and Q4_K (sub-blocks)."""
+    type_ = GGMLType(t.ggml_type)
+    n, k = t.shape
+    b = _blocks(t)
+    if type_ == GGMLType.Q4_0:  # w = d*(q - 8)
+        d = _f16(b, 0)
+        return _nibbles(b[:, 2:]).reshape(n, k), d.view(n, -1), (-8 * d).view(n, -1)
+    if type_ == GGMLType.Q4_1:
+        return _nibbles(b[:, 4:]).reshape(n, k), _f16(b, 0).view(n, -1), _f16(b, 2).view(n, -1)
+    if type_ == GGMLType.Q4_K:  # 8 sub-blocks of 32: w = d*sc*q - dmin*m
+        sc, mn = _k_scales(b[:, 4:16])  # [nb, 8, 1]
+        scale = _f16(b, 0).unsqueeze(-1) * sc
+        return _k_low4(b[:, 16:144]).reshape(n, k), scale.view(n, -1), (-(_f16(b, 2).unsqueeze(-1) * mn)).view(n, -1)
+    raise ValueError(f"{t.name}: {type_.name} is not a 4-bit type with one scale and offset per 32")
+
+
 def ggml_int4_planes(t: GGMLTensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """[(q uint8 [N, K], scale fp32 [N, K/32], zero fp32 [N, K/32])] such that the sum over planes of
     (q - 8) * scale + zero, group by group, is exactly the GGML dequantization (before bf16 rounding)."""
     type_ = GGMLType(t.ggml_type)
     n, k = t.shape
-    b = _blocks(t)
-    if type_ == GGMLType.Q4_0:
-        d = _f16(b, 0)
-        return [(_nibbles(b[:, 2:]).reshape(n, k), d.view(n, -1), torch.zeros_like(d).view(n, -1))]
-    if type_ == GGMLType.Q4_1:
-        d, m = _f16(b, 0), _f16(b, 2)
-        return [(_nibbles(b[:, 4:]).reshape(n, k), d.view(n, -1), (m + 8 * d).view(n, -1))]
-    if type_ == GGMLType.Q4_K:  # 8 sub-blocks of 32: w = d*sc*q - dmin*m
-        sc, mn = _k_scales(b[:, 4:16])  # [nb, 8, 1]
-        scale = _f16(b, 0).unsqueeze(-1) * sc
-        zero = 8 * scale - _f16(b, 2).unsqueeze(-1) * mn
-        return [(_k_low4(b[:, 16:144]).reshape(n, k), scale.view(n, -1), zero.view(n, -1))]
+    if type_ in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K):
+        q, d, m = ggml_q4(t)
+        return [(q, d, m + 8 * d)]
     if type_ == GGMLType.Q8_0:  # q + 128 = 16*hi + lo: w = d*q = (hi - 8) * 16d + (lo - 8) * d + 8d
+        b = _blocks(t)
         d = _f16(b, 0)
         u = (b[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
         hi, lo = (u >> 4).reshape(n, k), (u & 0x0F).reshape(n, k)
@@ -270,6 +330,63 @@ def int4_from_ggml(tensors: list[GGMLTensor]) -> Int4Linear:
     return _pack_rows(int(starts[-1]), k, split, 32, rows)
 
 
+# ---- GGML blocks and herd weights -> herd's q4 / q8 block layouts ----------------------------------------
+
+Q4_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K})  # exact in Q4Linear
+Q8_TYPES = frozenset({GGMLType.Q8_0})  # exact in Q8Linear
+
+
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] values 0..15 -> the q4 layout [N, K/2]: blocks of 32 in pairs, byte j of a pair holding
+    element j of the first block (low nibble) and of the second (high); an odd last block holds its
+    elements j and j+16 in byte j."""
+    n, k = q.shape
+    pairs = k // 64
+    main = q[:, : pairs * 64].reshape(n, pairs, 2, 32)
+    parts = [(main[:, :, 0] | (main[:, :, 1] << 4)).reshape(n, pairs * 32)]
+    if k % 64:
+        tail = q[:, pairs * 64 :]
+        parts.append(tail[:, :16] | (tail[:, 16:] << 4))
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def q4_from_ggml(tensors: list[GGMLTensor]) -> Q4Linear:
+    """One Q4Linear for GGML weights of one Q4 type stacked along the output dim (fused q/k/v, gate/up)."""
+    qs, d, m = [], [], []
+    for t in tensors:
+        for a in range(0, t.shape[0], _PACK_ROWS):
+            q, scale, offset = ggml_q4(_ggml_rows(t, a, min(t.shape[0], a + _PACK_ROWS)))
+            qs.append(pack_q4(q))
+            d.append(scale)
+            m.append(offset)
+    return Q4Linear(torch.cat(qs), torch.cat(d), torch.cat(m))
+
+
+def q8_from_ggml(tensors: list[GGMLTensor]) -> Q8Linear:
+    """One Q8Linear for Q8_0 weights stacked along the output dim."""
+    qs, d = [], []
+    for t in tensors:
+        b = _blocks(t)
+        qs.append(b[:, 2:].contiguous().view(torch.int8).reshape(t.shape))
+        d.append(_f16(b, 0).view(t.shape[0], -1))
+    return Q8Linear(torch.cat(qs), torch.cat(d))
+
+
+def q4_from_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> Q4Linear:
+    """herd int4 (q uint8 [N, K] in 0..15, w = (q - 8)*scale + zero per group) as a Q4Linear: d = scale,
+    m = zero - 8*scale, repeated over the group's blocks of 32."""
+    if group_size % 32:
+        raise ValueError(f"group size {group_size} is not a multiple of 32")
+    scale = scales.float().repeat_interleave(group_size // 32, dim=1)
+    zero = zeros.float().repeat_interleave(group_size // 32, dim=1)
+    return Q4Linear(pack_q4(q), scale, zero - 8 * scale)
+
+
+def q8_from_int8(q: torch.Tensor, scales: torch.Tensor) -> Q8Linear:
+    """herd int8 per channel as a Q8Linear: the channel's scale for each of its blocks."""
+    return Q8Linear(q.contiguous(), scales.float()[:, None].expand(-1, q.shape[1] // 32).contiguous())
+
+
 # ---- float weights -> int4 / int8 (herd quantize) -------------------------------------------------------
 
 
@@ -302,6 +419,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "COMPUTE_DTYPE", "INT4_TYPES", "Int4Linear", "Int8Linear", "BF16Linear", "QuantEmbedding", "RefinedLogits", "ggml_int4_planes", "pack_int4", "dequantize_bf16",
+    "Q4Linear", "Q8Linear", "Q4_TYPES", "Q8_TYPES", "pack_q4", "q4_from_ggml", "q8_from_ggml", "q4_from_int4",
+    "q8_from_int8", "ggml_q4", "COMPUTE_DTYPE", "INT4_TYPES", "Int4Linear", "Int8Linear", "BF16Linear", "QuantEmbedding", "RefinedLogits", "ggml_int4_planes", "pack_int4", "dequantize_bf16",
     "int4_from_ggml", "quantize_int4", "quantize_int8", "pack_nibbles", "unpack_nibbles", "QK_K",
 ]

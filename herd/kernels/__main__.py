@@ -1,0 +1,3 @@
+from herd.kernels import main
+
+main()

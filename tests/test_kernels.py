@@ -1,0 +1,122 @@
+"""herd's CPU kernels (herd/kernels/cpu.cpp) against PyTorch's own ops and gguf-py's dequantization.
+
+The quantized matmuls quantize activations per block of 32 (two int8 planes, ~15 bits), so they are
+compared with x @ W^T at the tolerance that their rounding allows; everything else must match PyTorch to fp32
+rounding."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+from herd import kernels
+from herd.quant import GGMLTensor
+from herd.quant.linear import Q4Linear, Q8Linear, pack_q4, q4_from_ggml, q4_from_int4, q8_from_ggml, quantize_int4
+
+pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"herd kernels unavailable: {kernels.why_not()}")
+
+
+def rel_err(got, want) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def gguf_tensor(qtype: Q, w: np.ndarray) -> tuple[GGMLTensor, torch.Tensor]:
+    """w quantized by gguf-py, and gguf-py's own dequantization of it: the reference weights."""
+    blocks = quants.quantize(w.astype(np.float32), qtype)
+    ref = torch.from_numpy(quants.dequantize(blocks, qtype).reshape(w.shape).astype(np.float32))
+    return GGMLTensor(int(qtype), w.shape, blocks.reshape(-1).view(np.uint8), qtype.name), ref
+
+
+# K = 96 has an odd number of blocks of 32 (the q4 layout's unpaired last block); 576 is SmolLM2's width.
+@pytest.mark.parametrize("k", [96, 576])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("tokens", [1, 2, 7, 40])  # 1: the decode loop, 2/7: tiles of 4 and a rest, 40: GEMM
+def test_quantized_linear_is_the_ggml_matmul(qtype, k, tokens):
+    rng = np.random.default_rng(k + tokens)
+    gguf_w, ref_w = gguf_tensor(qtype, rng.standard_normal((70, k)) * 0.05)
+    layer = q8_from_ggml([gguf_w]) if qtype == Q.Q8_0 else q4_from_ggml([gguf_w])
+    assert isinstance(layer, Q8Linear if qtype == Q.Q8_0 else Q4Linear)
+    assert torch.equal(layer.dequantize(), ref_w)  # the repacking loses nothing
+    x = torch.randn(1, tokens, k)
+    want = x @ ref_w.T
+    got = layer(x)
+    assert got.shape == (1, tokens, 70) and got.dtype == torch.float32
+    if tokens >= 16:  # many tokens: a float GEMM of the exact dequantized weight
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:  # activations as two int8 planes per block of 32: ~15 bits, 1/(127*254*2) of the block's largest
+        assert rel_err(got, want) < 1e-4
+
+
+def test_bf16_inputs_and_shapes():
+    gguf_w, ref_w = gguf_tensor(Q.Q4_1, np.random.default_rng(0).standard_normal((33, 64)) * 0.1)
+    layer = q4_from_ggml([gguf_w])
+    x = torch.randn(64)
+    assert layer(x).shape == (33,)
+    assert rel_err(layer(x.bfloat16()), x.bfloat16().float() @ ref_w.T) < 1e-2
+    with pytest.raises(RuntimeError, match="features"):
+        layer(torch.randn(1, 32))
+
+
+def test_fused_weights_stack_outputs():
+    rng = np.random.default_rng(1)
+    (a, ra), (b, rb) = gguf_tensor(Q.Q4_0, rng.standard_normal((40, 128))), gguf_tensor(Q.Q4_0, rng.standard_normal((24, 128)))
+    fused = q4_from_ggml([a, b])
+    assert torch.equal(fused.dequantize(), torch.cat([ra, rb]))
+    x = torch.randn(1, 128)
+    assert torch.allclose(fused(x), torch.cat([q4_from_ggml([a])(x), q4_from_ggml([b])(x)], -1))
+
+
+def test_herd_int4_groups_as_q4():
+    w = torch.randn(48, 256)
+    q, scales, zeros = quantize_int4(w, 128)
+    deq = ((q.float() - 8) * scales.repeat_interleave(128, 1) + zeros.repeat_interleave(128, 1))
+    torch.testing.assert_close(q4_from_int4(q, scales, zeros, 128).dequantize(), deq)
+
+
+def test_pack_q4_layout():
+    """Blocks in pairs, element j of each in byte j (low, high nibble); an odd last block GGML-style."""
+    q = torch.randint(0, 16, (3, 96), dtype=torch.uint8)
+    packed = pack_q4(q)
+    assert packed.shape == (3, 48)
+    assert torch.equal(packed[:, :32] & 15, q[:, :32]) and torch.equal(packed[:, :32] >> 4, q[:, 32:64])
+    assert torch.equal(packed[:, 32:] & 15, q[:, 64:80]) and torch.equal(packed[:, 32:] >> 4, q[:, 80:96])
+
+
+def test_rms_norm():
+    x, w = torch.randn(3, 5, 576) * 3, torch.randn(576)
+    torch.testing.assert_close(kernels.ops.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5))
+
+
+@pytest.mark.parametrize("heads,kv_heads,length", [(9, 3, 1), (9, 3, 77), (4, 4, 300)])
+def test_decode_attention(heads, kv_heads, length):
+    cache_k, cache_v = torch.randn(2, kv_heads, 512, 64), torch.randn(2, kv_heads, 512, 64)
+    k, v = cache_k[:, :, :length], cache_v[:, :, :length]  # strided views, as the cache hands them out
+    q = torch.randn(2, heads, 1, 64)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(kernels.ops.decode_attention(q, k, v, 64**-0.5), want, rtol=1e-5, atol=1e-5)
+
+
+def test_silu_mul():
+    x = torch.randn(2, 3, 2 * 1536) * 4
+    gate, up = x.chunk(2, -1)
+    torch.testing.assert_close(kernels.ops.silu_mul(x), F.silu(gate) * up)
+
+
+def test_rope_matches_the_complex_rotation():
+    from herd.model.rope import apply_rope
+
+    x = torch.randn(2, 7, 12, 64)
+    angles = torch.rand(2, 7, 32) * 6
+    rot = torch.polar(torch.ones_like(angles), angles).unsqueeze(2)
+    want = x.clone()
+    want[:, :, :9] = apply_rope(x[:, :, :9], rot)  # q and k heads rotate, v heads do not
+    got = x.clone()
+    kernels.ops.rope_(got, torch.view_as_real(rot), 9)
+    torch.testing.assert_close(got, want)
