@@ -128,7 +128,7 @@ _FUSED = {"attention": ("wqkv", ("wq", "wk", "wv")), "feed_forward": ("w13", ("w
 
 def _linear(sources: list) -> nn.Module:
     """One module computing the given weights stacked along the output dim, kept quantized where a kernel
-    takes them exactly: herd's own kernels when they are built (herd.quant.native), else PyTorch's int4 and
+    takes them exactly: herd's own kernels when they are built (herd.kernels), else PyTorch's int4 and
     int8 weight-only ops; otherwise a bf16 Linear of the dequantized weights."""
     from herd import kernels
     from herd.quant.linear import (COMPUTE_DTYPE, INT4_TYPES, Q4_TYPES, Q8_TYPES, BF16Linear, Int8Linear,

@@ -1,7 +1,9 @@
-// herd's CPU matmul kernels for weights that stay quantized: the activations are quantized to int8 per
-// block of 32 (as llama.cpp does) and each block's dot product is an integer dot product (AVX2
-// vpmaddubsw/vpmaddwd), scaled once per block. Built by herd/kernels/__init__.py with the local compiler and
-// loaded as torch ops (torch.ops.herd.*); without a compiler herd uses PyTorch's own kernels instead.
+// herd's CPU kernels. The matmuls keep weights in GGML-style blocks of 32 and quantize the activations to
+// int16 per block, so each block's dot product is an integer one (AVX2 vpmaddwd), scaled once per block; a
+// prompt of many tokens instead multiplies by the dequantized weight with a float GEMM. The small ops of a
+// decode step (RMSNorm, RoPE, one-token attention, SwiGLU) and decode_block, a whole decoder block for one
+// token in one call, remove PyTorch's per-op dispatch from the decode loop. Built by herd/kernels/__init__.py
+// with the local compiler and loaded as torch ops (torch.ops.herd.*); without a compiler herd uses PyTorch's.
 //
 // Weight layouts (one row per output feature, blocks of 32 along the input dim):
 //   q4: qs uint8 [N, K/2], blocks in pairs: bytes 16b..16b+31 hold blocks b, b+1 (b even), byte j element j
@@ -10,7 +12,6 @@
 //       order). d, m fp32 [N, K/32]; w = d*q + m, q in 0..15.
 //   q8: qs int8 [N, K]; d fp32 [N, K/32]; w = d*q.
 // Built with -fopenmp: at::parallel_for is header code and runs serially without it.
-// Activations: x fp32 [M, K] -> xq int8 [M, K], xd fp32 [M, K/32] (x ≈ xd*xq), xs = xd*sum(xq) per block.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -33,92 +34,49 @@ namespace {
 
 constexpr int64_t QK = 32;  // elements per block
 
-// Activations x ≈ d * (254*q1 + q2) per block of 32: q1 the int8 rounding of x (scale amax/127), q2 the int8
-// rounding of what q1 leaves (|r| <= half a step, so 254 steps of it fit in int8). About 15 bits per value:
-// int8 alone (llama.cpp's Q8 activations) measured 96.7% greedy agreement with the fp32 path over 512
-// tokens of SmolLM2; two planes make the rounding ~250x smaller for about a quarter more work per block.
+// Activations: x ≈ d * a per block of 32, a int16 (scale amax/32767), stored per block as its 16 even-indexed
+// elements then its 16 odd ones: the order in which 16-bit lanes of the packed weights unpack (below), so no
+// shuffles are needed. int8 activations (llama.cpp's Q8 for these types) measured 96.7% greedy agreement with
+// the fp32 path over 512 tokens of SmolLM2; 16 bits make the rounding negligible, and on AVX2 cost the same
+// number of multiplies per block (two vpmaddwd instead of vpmaddubsw + vpmaddwd).
 struct QuantizedActivations {
-  at::Tensor q, d, s;  // int8 [M, K/32, 2, 32] (q1 then q2 per block), fp32 [M, K/32] (d), [M, K/32] (sum of x̂)
-  const int8_t* qp;  // their data, fetched once (data_ptr<T>() checks cost more than a row's work)
+  at::Tensor q, d, s;  // int16 [M, K], fp32 [M, K/32] (d), fp32 [M, K/32] (d * sum of a: the offset term)
+  const int16_t* qp;  // their data, fetched once (data_ptr<T>() checks cost more than a row's work)
   const float *dp, *sp;
 };
 
-void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s) {
+inline int64_t act_index(int64_t j) { return (j % 2) * 16 + j / 2; }  // element j of a block -> its slot
+
+void quantize_row(const float* x, int64_t k, int16_t* q, float* d, float* s) {
   for (int64_t b = 0; b < k / QK; ++b) {
     const float* xb = x + b * QK;
-    int8_t* qb = q + b * 2 * QK;
     float amax = 0.f;
     for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float step = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
     int sum = 0;
     for (int j = 0; j < QK; ++j) {
-      const float v1 = std::nearbyint(xb[j] * inv);
-      const float v2 = std::clamp(std::nearbyint((xb[j] * inv - v1) * 254.f), -127.f, 127.f);
-      qb[j] = static_cast<int8_t>(v1);
-      qb[QK + j] = static_cast<int8_t>(v2);
-      sum += 254 * static_cast<int>(v1) + static_cast<int>(v2);
+      const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
+      q[b * QK + act_index(j)] = static_cast<int16_t>(v);
+      sum += v;
     }
-    d[b] = step / 254.f;
+    d[b] = amax / 32767.f;
     s[b] = d[b] * static_cast<float>(sum);
   }
 }
 
 QuantizedActivations quantize_activations(const at::Tensor& x) {
   const int64_t m = x.size(0), k = x.size(1);
-  QuantizedActivations a{at::empty({m, 2 * k}, x.options().dtype(at::kChar)), at::empty({m, k / QK}, x.options()),
+  QuantizedActivations a{at::empty({m, k}, x.options().dtype(at::kShort)), at::empty({m, k / QK}, x.options()),
                          at::empty({m, k / QK}, x.options()), nullptr, nullptr, nullptr};
   const float* xp = x.data_ptr<float>();
-  int8_t* qp = a.q.data_ptr<int8_t>();
+  int16_t* qp = a.q.data_ptr<int16_t>();
   float *dp = a.d.data_ptr<float>(), *sp = a.s.data_ptr<float>();
   a.qp = qp, a.dp = dp, a.sp = sp;
   at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) quantize_row(xp + i * k, k, qp + i * 2 * k, dp + i * (k / QK), sp + i * (k / QK));
+    for (int64_t i = lo; i < hi; ++i) quantize_row(xp + i * k, k, qp + i * k, dp + i * (k / QK), sp + i * (k / QK));
   });
   return a;
 }
-
-#ifdef HERD_AVX2
-inline float hsum(__m256 v) {
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r);
-}
-
-inline __m256i unpack_nibbles(const uint8_t* p) {  // 16 bytes -> 32 values 0..15 (low nibbles first)
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
-}
-
-// sum_j w_j * (254*q1_j + q2_j) over one block, as 8 int32 partial sums; a points at the block's q1 (32 bytes)
-// then q2 (32 bytes). |sum| <= 32 * 128 * 127 * 255: no overflow.
-inline __m256i block_isum_u8(__m256i w, const int8_t* a) {  // w unsigned (q4: 0..15)
-  const __m256i p1 = _mm256_maddubs_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
-  const __m256i p2 = _mm256_maddubs_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + QK)));
-  return _mm256_add_epi32(_mm256_madd_epi16(p1, _mm256_set1_epi16(254)), _mm256_madd_epi16(p2, _mm256_set1_epi16(1)));
-}
-
-inline __m256i block_isum_i8(__m256i w, const int8_t* a) {  // w signed: |w| times a with w's sign
-  const __m256i aw = _mm256_sign_epi8(w, w);
-  const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-  const __m256i a2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + QK));
-  const __m256i p1 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(a1, w));
-  const __m256i p2 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(a2, w));
-  return _mm256_add_epi32(_mm256_madd_epi16(p1, _mm256_set1_epi16(254)), _mm256_madd_epi16(p2, _mm256_set1_epi16(1)));
-}
-
-inline __m256 block_dot_u8(__m256i w, const int8_t* a) { return _mm256_cvtepi32_ps(block_isum_u8(w, a)); }
-inline __m256 block_dot_i8(__m256i w, const int8_t* a) { return _mm256_cvtepi32_ps(block_isum_i8(w, a)); }
-
-// Eight blocks' partial sums -> one vector, lane j the total of s[j]: converting and scaling once per eight
-// blocks instead of once per block (the scalar scale product and broadcast cost as much as the dot product).
-inline __m256i reduce8(const __m256i* s) {
-  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
-#endif
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
@@ -140,114 +98,168 @@ inline int q4_value(const uint8_t* qs, int64_t nb, int64_t e) {
   return j < 16 ? byte & 0x0F : byte >> 4;
 }
 
-// y[i, n] for tokens i0..i0+t-1 (t <= TILE) and one weight row.
-void q4_row(const uint8_t* qs, const float* d, const float* m, const QuantizedActivations& a, int64_t i0, int64_t t,
-            int64_t k, float* y, int64_t ldy) {
-  const int64_t nb = k / QK;
-  const int8_t* aq = a.qp + i0 * 2 * k;
-  const float* ad = a.dp + i0 * nb;
-  const float* as = a.sp + i0 * nb;
-  float out[TILE];
-#ifdef HERD_AVX2
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  if (t == 1) {  // decode: one token, eight blocks at a time
-    __m256 acc = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-      __m256i sums[8];
-      for (int j = 0; j < 8; j += 2) {  // 32 bytes hold two blocks: one load, two masks
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + (b + j) * 16));
-        sums[j] = block_isum_u8(_mm256_and_si256(v, mask), aq + (b + j) * 2 * QK);
-        sums[j + 1] = block_isum_u8(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), aq + (b + j + 1) * 2 * QK);
-      }
-      const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(d + b), _mm256_loadu_ps(ad + b));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(sums)), scale, acc);
-    }
-    for (; b + 1 < nb; b += 2) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * 16));
-      acc = _mm256_fmadd_ps(block_dot_u8(_mm256_and_si256(v, mask), aq + b * 2 * QK), _mm256_set1_ps(d[b] * ad[b]), acc);
-      acc = _mm256_fmadd_ps(block_dot_u8(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), aq + (b + 1) * 2 * QK),
-                            _mm256_set1_ps(d[b + 1] * ad[b + 1]), acc);
-    }
-    if (b < nb)
-      acc = _mm256_fmadd_ps(block_dot_u8(unpack_nibbles(qs + b * 16), aq + b * 2 * QK), _mm256_set1_ps(d[b] * ad[b]), acc);
-    out[0] = hsum(acc);
-  } else {  // a few tokens: each unpacked weight block serves all of them
-    __m256 acc[TILE];
-    for (int64_t i = 0; i < t; ++i) acc[i] = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * 16));
-      const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-      for (int64_t i = 0; i < t; ++i) {
-        acc[i] = _mm256_fmadd_ps(block_dot_u8(lo, aq + i * 2 * k + b * 2 * QK), _mm256_set1_ps(d[b] * ad[i * nb + b]), acc[i]);
-        acc[i] = _mm256_fmadd_ps(block_dot_u8(hi, aq + i * 2 * k + (b + 1) * 2 * QK),
-                                 _mm256_set1_ps(d[b + 1] * ad[i * nb + b + 1]), acc[i]);
-      }
-    }
-    if (b < nb) {
-      const __m256i w = unpack_nibbles(qs + b * 16);
-      for (int64_t i = 0; i < t; ++i)
-        acc[i] = _mm256_fmadd_ps(block_dot_u8(w, aq + i * 2 * k + b * 2 * QK), _mm256_set1_ps(d[b] * ad[i * nb + b]), acc[i]);
-    }
-    for (int64_t i = 0; i < t; ++i) out[i] = hsum(acc[i]);
-  }
-#else
+// Without AVX2: the same sums one element at a time; weight(e) is element e of the row.
+template <typename Weight>
+inline void scalar_dot(Weight weight, const float* d, const int16_t* aq, const float* ad, int64_t nb, int64_t k,
+                       int64_t t, float* out) {
   for (int64_t i = 0; i < t; ++i) {
     float sum = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       int dot = 0;
-      for (int64_t j = 0; j < QK; ++j) dot += q4_value(qs, nb, b * QK + j) * (254 * aq[i * 2 * k + b * 2 * QK + j] + aq[i * 2 * k + b * 2 * QK + QK + j]);
+      for (int64_t j = 0; j < QK; ++j) dot += weight(b * QK + j) * aq[i * k + b * QK + act_index(j)];
       sum += d[b] * ad[i * nb + b] * static_cast<float>(dot);
     }
     out[i] = sum;
   }
+}
+
+#ifdef HERD_AVX2
+inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+// A block's weights as two int16 vectors, its even-indexed and its odd-indexed elements (16 each).
+struct Block16 {
+  __m256i even, odd;
+};
+
+// Two q4 blocks from one 32-byte load. 16-bit lane i holds bytes 2i and 2i+1: bits 0-3 element 2i of the
+// first block, 4-7 element 2i of the second, 8-11 element 2i+1 of the first, 12-15 element 2i+1 of the second.
+inline void q4_pair(const uint8_t* p, Block16& first, Block16& second) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i low4 = _mm256_set1_epi16(0x000F);
+  first = {_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 8), low4)};
+  second = {_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), _mm256_srli_epi16(v, 12)};
+}
+
+// An unpaired last q4 block: 16 bytes, byte j holds elements j (bits 0-3) and j+16 (bits 4-7).
+inline Block16 q4_single(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low4 = _mm_set1_epi16(0x000F);
+  return {_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4)),
+          _mm256_set_m128i(_mm_srli_epi16(v, 12), _mm_and_si128(_mm_srli_epi16(v, 8), low4))};
+}
+
+// A q8 block: 32 signed bytes, lane i holds elements 2i (low byte) and 2i+1 (high byte); sign-extended.
+inline Block16 q8_block(const int8_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), _mm256_srai_epi16(v, 8)};
+}
+
+// sum_j w_j * a_j over one block as 8 int32 partial sums (|w| <= 128, |a| <= 32767: no overflow).
+inline __m256i block_isum(const Block16& w, const int16_t* a) {
+  return _mm256_add_epi32(_mm256_madd_epi16(w.even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                          _mm256_madd_epi16(w.odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16))));
+}
+
+// Eight blocks' partial sums -> one vector, lane j the total of s[j]: converting and scaling once per eight
+// blocks instead of once per block (a scalar scale product and broadcast per block cost as much as its dot).
+inline __m256i reduce8(const __m256i* s) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// y = sum over blocks of d_b * ad_b * (w_b . a_b) for one row and one token. unpack8(b, sums) gives the
+// integer sums of blocks b..b+7 (b a multiple of 8); unpack(b, w) unpacks block b (and b+1 when b is even
+// and b+1 < nb: q4 pairs) and returns how many it unpacked.
+template <typename Unpack8, typename Unpack>
+inline float row_dot(Unpack8 unpack8, Unpack unpack, const float* d, const int16_t* aq, const float* ad, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    __m256i sums[8];
+    unpack8(b, sums);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(sums)), _mm256_mul_ps(_mm256_loadu_ps(d + b), _mm256_loadu_ps(ad + b)),
+                          acc);
+  }
+  while (b < nb) {
+    Block16 w[2];
+    const int got = unpack(b, w);
+    for (int u = 0; u < got; ++u, ++b)
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_isum(w[u], aq + b * QK)), _mm256_set1_ps(d[b] * ad[b]), acc);
+  }
+  return hsum(acc);
+}
+
+// The same for t <= TILE tokens, each unpacked block serving all of them.
+template <typename Unpack>
+inline void tile_dot(Unpack unpack, const float* d, const int16_t* aq, const float* ad, int64_t nb, int64_t k,
+                     int64_t t, float* out) {
+  __m256 acc[TILE];
+  for (int64_t i = 0; i < t; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb;) {
+    Block16 w[2];
+    const int got = unpack(b, w);
+    for (int u = 0; u < got; ++u, ++b)
+      for (int64_t i = 0; i < t; ++i)
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_isum(w[u], aq + i * k + b * QK)),
+                                 _mm256_set1_ps(d[b] * ad[i * nb + b]), acc[i]);
+  }
+  for (int64_t i = 0; i < t; ++i) out[i] = hsum(acc[i]);
+}
 #endif
-  for (int64_t i = 0; i < t; ++i) y[i * ldy] = out[i] + dot(m, as + i * nb, nb);  // + sum_b m_b * xd_b * sum(xq_b)
+
+// y[i, n] for tokens i0..i0+t-1 (t <= TILE) and one weight row.
+void q4_row(const uint8_t* qs, const float* d, const float* m, const QuantizedActivations& a, int64_t i0, int64_t t,
+            int64_t k, float* y, int64_t ldy) {
+  const int64_t nb = k / QK;
+  const int16_t* aq = a.qp + i0 * k;
+  const float* ad = a.dp + i0 * nb;
+  const float* as = a.sp + i0 * nb;
+  float out[TILE];
+#ifdef HERD_AVX2
+  auto unpack = [&](int64_t b, Block16* w) -> int {
+    if (b + 1 < nb) {
+      q4_pair(qs + b * 16, w[0], w[1]);
+      return 2;
+    }
+    w[0] = q4_single(qs + b * 16);
+    return 1;
+  };
+  auto unpack8 = [&](int64_t b, __m256i* sums) {
+    for (int j = 0; j < 8; j += 2) {
+      Block16 w0, w1;
+      q4_pair(qs + (b + j) * 16, w0, w1);
+      sums[j] = block_isum(w0, aq + (b + j) * QK);
+      sums[j + 1] = block_isum(w1, aq + (b + j + 1) * QK);
+    }
+  };
+  if (t == 1)
+    out[0] = row_dot(unpack8, unpack, d, aq, ad, nb);
+  else
+    tile_dot(unpack, d, aq, ad, nb, k, t, out);
+#else
+  scalar_dot([&](int64_t e) { return q4_value(qs, nb, e); }, d, aq, ad, nb, k, t, out);
+#endif
+  for (int64_t i = 0; i < t; ++i) y[i * ldy] = out[i] + dot(m, as + i * nb, nb);  // + sum_b m_b * d_b * sum(a_b)
 }
 
 void q8_row(const int8_t* qs, const float* d, const QuantizedActivations& a, int64_t i0, int64_t t, int64_t k,
             float* y, int64_t ldy) {
   const int64_t nb = k / QK;
-  const int8_t* aq = a.qp + i0 * 2 * k;
+  const int16_t* aq = a.qp + i0 * k;
   const float* ad = a.dp + i0 * nb;
+  float out[TILE];
 #ifdef HERD_AVX2
-  if (t == 1) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-      __m256i sums[8];
-      for (int j = 0; j < 8; ++j)
-        sums[j] = block_isum_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + (b + j) * QK)),
-                                aq + (b + j) * 2 * QK);
-      const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(d + b), _mm256_loadu_ps(ad + b));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(sums)), scale, acc);
-    }
-    for (; b < nb; ++b)
-      acc = _mm256_fmadd_ps(block_dot_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * QK)), aq + b * 2 * QK),
-                            _mm256_set1_ps(d[b] * ad[b]), acc);
-    y[0] = hsum(acc);
-    return;
-  }
-  __m256 acc[TILE];
-  for (int64_t i = 0; i < t; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * QK));
-    for (int64_t i = 0; i < t; ++i)
-      acc[i] = _mm256_fmadd_ps(block_dot_i8(w, aq + i * 2 * k + b * 2 * QK), _mm256_set1_ps(d[b] * ad[i * nb + b]), acc[i]);
-  }
-  for (int64_t i = 0; i < t; ++i) y[i * ldy] = hsum(acc[i]);
+  auto unpack = [&](int64_t b, Block16* w) -> int {
+    w[0] = q8_block(qs + b * QK);
+    return 1;
+  };
+  auto unpack8 = [&](int64_t b, __m256i* sums) {
+    for (int j = 0; j < 8; ++j) sums[j] = block_isum(q8_block(qs + (b + j) * QK), aq + (b + j) * QK);
+  };
+  if (t == 1)
+    out[0] = row_dot(unpack8, unpack, d, aq, ad, nb);
+  else
+    tile_dot(unpack, d, aq, ad, nb, k, t, out);
 #else
-  for (int64_t i = 0; i < t; ++i) {
-    float sum = 0.f;
-    for (int64_t b = 0; b < nb; ++b) {
-      int dot = 0;
-      for (int j = 0; j < QK; ++j) dot += qs[b * QK + j] * (254 * aq[i * 2 * k + b * 2 * QK + j] + aq[i * 2 * k + b * 2 * QK + QK + j]);
-      sum += d[b] * ad[i * nb + b] * static_cast<float>(dot);
-    }
-    y[i * ldy] = sum;
-  }
+  scalar_dot([&](int64_t e) { return static_cast<int>(qs[e]); }, d, aq, ad, nb, k, t, out);
 #endif
+  for (int64_t i = 0; i < t; ++i) y[i * ldy] = out[i];
 }
 
 void check(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t k, at::ScalarType qtype) {

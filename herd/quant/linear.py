@@ -1,6 +1,13 @@
 """Linear and embedding modules whose weights stay quantized, and the repacking that feeds them.
 
-The kernels are PyTorch's own CPU weight-only ops, vectorised (AVX2/AVX-512/NEON) for bf16 activations:
+With herd's own kernels built (herd.kernels; ./setup.sh builds them):
+
+- `Q4Linear`: blocks of 32 with w = d*q + m, q in 0..15, d and m fp32: GGML Q4_0, Q4_1 and Q4_K exactly,
+  and herd's own int4. Integer dot products against int16 activations for a few tokens; a float GEMM of
+  the dequantized weight for a prompt.
+- `Q8Linear`: int8 blocks of 32 with one scale each: GGML Q8_0 exactly, and herd's own int8 per channel.
+
+Otherwise PyTorch's own CPU weight-only ops, vectorised (AVX2/AVX-512/NEON) for bf16 activations:
 
 - `Int4Linear`: `aten._weight_int4pack_mm_for_cpu`. Group-wise int4 along the input dim (group 32..256),
   w = (q - 8) * scale + zero with q in 0..15 and scale/zero in bf16 — the gpt-fast convention. GGML Q4_0,
@@ -8,7 +15,11 @@ The kernels are PyTorch's own CPU weight-only ops, vectorised (AVX2/AVX-512/NEON
   them side by side along the input dim (high and low nibble of q + 128), also exact, but measured slower
   than bf16 (see INT4_TYPES).
 - `Int8Linear`: `aten._weight_int8pack_mm`, int8 per output channel, w = q * scale.
-- `BF16Linear`: Q8_0 (faster so) and types with no exact int4 form (Q5_K, Q6_K, F16): dequantized to bf16.
+
+Either way:
+
+- `BF16Linear`: types with no exact form above (Q5_K, Q6_K, F16; Q8_0 without herd's kernels):
+  dequantized to bf16.
 - `QuantEmbedding`: an embedding table kept as stored GGML blocks; only looked-up rows are dequantized.
 
 Packed int4 weights depend on the CPU's vector width (PyTorch packs differently for AVX-512 and AVX2), so
