@@ -509,6 +509,9 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const
                   batch <= k_cache.size(0) && 0 <= pos && pos < capacity,
               "decode_block: the caches must be contiguous fp32 [slots >= B, Hkv, capacity > pos, hd]");
   TORCH_CHECK(!rope || rot.numel() == batch * hd, "decode_block: rot must be [B, 1, hd/2, 2]");
+  for (const at::Tensor* norm : {&attn_norm, &ffn_norm})
+    TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->is_contiguous() && norm->numel() == dim,
+                "decode_block: norm weights must be contiguous fp32 [D]");
   const float eps_f = static_cast<float>(eps);
 
   at::Tensor h = at::empty_like(x);

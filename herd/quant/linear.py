@@ -78,9 +78,9 @@ class Int4Linear(nn.Module):
 class Q4Linear(nn.Module):
     """y = x W^T with W in herd's q4 block layout (herd/kernels/cpu.cpp): w = d*q + m, q in 0..15, one d and
     one m per 32 inputs. Every 4-bit GGML type with a scale and offset per 32 (Q4_0, Q4_1, Q4_K) and herd's
-    own int4 are this exactly. Few tokens: integer dot products against int8-quantized activations, as
-    llama.cpp computes; a long prompt: the weight dequantized to fp32 for a float GEMM (the int8 rounding of
-    activations is then gone, and the GEMM is faster per token)."""
+    own int4 are this exactly. Few tokens: integer dot products against activations quantized to int16 per
+    block (llama.cpp uses int8, which measured 96.7% greedy agreement with the fp32 path on SmolLM2; int16
+    100%); a long prompt: the weight dequantized to fp32 for a float GEMM (faster per token)."""
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
         super().__init__()
