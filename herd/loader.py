@@ -131,7 +131,7 @@ def _linear(sources: list) -> nn.Module:
     takes them exactly: herd's own kernels when they are built (herd.kernels), else PyTorch's int4 and
     int8 weight-only ops; otherwise a bf16 Linear of the dequantized weights."""
     from herd import kernels
-    from herd.quant.linear import (COMPUTE_DTYPE, INT4_TYPES, Q4_TYPES, Q8_TYPES, BF16Linear, Int8Linear,
+    from herd.quant.linear import (COMPUTE_DTYPE, INT4_TYPES, Q8_TYPES, BF16Linear, Int8Linear,
                                    dequantize_bf16, int4_from_ggml, pack_int4, q4_from_ggml, q4_from_int4,
                                    q8_from_ggml, q8_from_int8)
 
@@ -139,7 +139,7 @@ def _linear(sources: list) -> nn.Module:
     fast = kernels.load() and first.shape[-1] % 32 == 0
     if all(isinstance(s, GGMLTensor) and s.ggml_type == first.ggml_type for s in sources):
         module = None
-        if fast and first.ggml_type in Q4_TYPES:
+        if fast and first.ggml_type in INT4_TYPES:
             module = q4_from_ggml(sources)
         elif fast and first.ggml_type in Q8_TYPES:
             module = q8_from_ggml(sources)

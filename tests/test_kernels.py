@@ -18,6 +18,7 @@ from gguf import quants
 
 from herd import kernels
 from herd.quant import GGMLTensor
+from herd.quant.ggml import GGMLType
 from herd.quant.linear import Q4Linear, Q8Linear, pack_q4, q4_from_ggml, q4_from_int4, q8_from_ggml, quantize_int4
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"herd kernels unavailable: {kernels.why_not()}")
@@ -52,6 +53,18 @@ def test_quantized_linear_is_the_ggml_matmul(qtype, k, tokens):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     else:  # activations as two int8 planes per block of 32: ~15 bits, 1/(127*254*2) of the block's largest
         assert rel_err(got, want) < 1e-4
+
+
+def test_q4_k_is_the_ggml_matmul():
+    """Q4_K (gguf-py cannot quantize it): random blocks, as a file holds them, against gguf-py's dequantization."""
+    from tests.test_quant import random_ggml
+
+    t = random_ggml(GGMLType.Q4_K, 40, 512, 7)
+    ref_w = torch.from_numpy(quants.dequantize(t.data, Q.Q4_K).reshape(40, 512).astype(np.float32))
+    layer = q4_from_ggml([t])
+    torch.testing.assert_close(layer.dequantize(), ref_w, rtol=1e-6, atol=1e-6)
+    x = torch.randn(1, 512)
+    assert rel_err(layer(x), x @ ref_w.T) < 1e-4
 
 
 def test_bf16_inputs_and_shapes():

@@ -208,10 +208,7 @@ class ForwardContext:
     def __init__(self, positions, rot, cache, slot_ids, start):
         self.positions, self.rot = positions, rot
         self.rot_pairs = torch.view_as_real(rot)  # (cos, sin) pairs, what herd's RoPE kernel reads
-        # One token per row, appended to cache rows 0..B-1 at one position: blocks may run as one C++ op.
-        self.one_op_decode = (ONE_OP_DECODE and kernels.ops is not None and positions.shape[1] == 1
-                              and cache is not None and start is not None and slot_ids is None
-                              and positions.device.type == "cpu" and cache.k[0].dtype == torch.float32)
+        self.one_op_decode = False  # set by Transformer.forward once the hidden state's dtype is known
         self.cache, self.slot_ids, self.start = cache, slot_ids, start
         self._masks: dict = {}
 
@@ -274,7 +271,9 @@ class Transformer(nn.Module):
             positions = torch.arange(start_pos, start_pos + steps, device=tokens.device).expand(batch, steps)
         ctx = ForwardContext(positions, rope_angles(self.inv_freq, positions), cache, slot_ids, start)
         h = self.tok_embeddings(tokens)
-        ctx.one_op_decode = ctx.one_op_decode and _cpu_kernel(h)
+        # One fp32 CPU token per row, appended to cache rows 0..B-1 at one position: blocks may run as one op.
+        ctx.one_op_decode = (ONE_OP_DECODE and steps == 1 and cache is not None and start is not None
+                             and slot_ids is None and cache.k[0].dtype == torch.float32 and _cpu_kernel(h))
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, ctx, layer_id)
         if last_only:

@@ -41,8 +41,8 @@ from herd.quant.ggml import BLOCK_SIZES, QK_K, GGMLType, _k_low4, _k_scales, _ni
 COMPUTE_DTYPE = torch.bfloat16  # the only activation dtype the CPU weight-only kernels vectorise everywhere
 _PACK_ROWS = 1024  # rows packed per call: bounds the int32 temporary the packing op wants (a multiple of 64)
 
-# GGML types a quantized Linear keeps quantized (everything else is dequantized to bf16 at load).
-# Q8_0 also has an exact int4 form (two nibble planes, see ggml_int4_planes), but on a 2-core AVX2 EPYC it
+# The 4-bit GGML types with one scale and offset per 32: exact in Q4Linear (herd's kernels) and Int4Linear
+# (PyTorch's). Without herd's kernels everything else is dequantized to bf16 at load: Q8_0 also has an exact int4 form (two nibble planes, see ggml_int4_planes), but on a 2-core AVX2 EPYC it
 # measured 1.3-1.6x slower than a bf16 matmul of the dequantized weight at every shape tried (576x3072 to
 # 2048x8192, and the 49152x576 output), so Q8_0 takes the bf16 path.
 INT4_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K})
@@ -343,7 +343,6 @@ def int4_from_ggml(tensors: list[GGMLTensor]) -> Int4Linear:
 
 # ---- GGML blocks and herd weights -> herd's q4 / q8 block layouts ----------------------------------------
 
-Q4_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K})  # exact in Q4Linear
 Q8_TYPES = frozenset({GGMLType.Q8_0})  # exact in Q8Linear
 
 
@@ -430,7 +429,8 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "Q4Linear", "Q8Linear", "Q4_TYPES", "Q8_TYPES", "pack_q4", "q4_from_ggml", "q8_from_ggml", "q4_from_int4",
-    "q8_from_int8", "ggml_q4", "COMPUTE_DTYPE", "INT4_TYPES", "Int4Linear", "Int8Linear", "BF16Linear", "QuantEmbedding", "RefinedLogits", "ggml_int4_planes", "pack_int4", "dequantize_bf16",
+    "COMPUTE_DTYPE", "INT4_TYPES", "Q8_TYPES", "Q4Linear", "Q8Linear", "Int4Linear", "Int8Linear", "BF16Linear",
+    "QuantEmbedding", "RefinedLogits", "ggml_q4", "pack_q4", "q4_from_ggml", "q8_from_ggml", "q4_from_int4",
+    "q8_from_int8", "ggml_int4_planes", "pack_int4", "dequantize_bf16",
     "int4_from_ggml", "quantize_int4", "quantize_int8", "pack_nibbles", "unpack_nibbles", "QK_K",
 ]
