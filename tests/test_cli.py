@@ -96,7 +96,7 @@ def test_info_memory(smollm2_path):
     assert result.returncode == 0, result.stderr
     from herd import kernels
 
-    quantized = "Q4Linear.qs" if kernels.load() else "Int4Linear.weight"  # herd's kernels, else PyTorch's int4
+    quantized = "Q4Linear.packed" if kernels.load() else "Int4Linear.weight"  # herd's kernels, else PyTorch's int4
     for expected in (quantized, "KV cache", "peak RSS", "MiB"):
         assert expected in result.stdout
 

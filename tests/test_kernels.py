@@ -1,6 +1,6 @@
 """herd's CPU kernels (herd/kernels/cpu.cpp) against PyTorch's own ops and gguf-py's dequantization.
 
-The quantized matmuls quantize activations per block of 32 (two int8 planes, ~15 bits), so they are
+The quantized matmuls quantize activations to int16 per block of 32, so they are
 compared with x @ W^T at the tolerance that their rounding allows; everything else must match PyTorch to fp32
 rounding."""
 
@@ -19,7 +19,7 @@ from gguf import quants
 from herd import kernels
 from herd.quant import GGMLTensor
 from herd.quant.ggml import GGMLType
-from herd.quant.linear import Q4Linear, Q8Linear, pack_q4, q4_from_ggml, q4_from_int4, q8_from_ggml, quantize_int4
+from herd.quant.linear import Q4Linear, Q8Linear, q4_from_ggml, q4_from_int4, q8_from_ggml, quantize_int4
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"herd kernels unavailable: {kernels.why_not()}")
 
@@ -35,7 +35,7 @@ def gguf_tensor(qtype: Q, w: np.ndarray) -> tuple[GGMLTensor, torch.Tensor]:
     return GGMLTensor(int(qtype), w.shape, blocks.reshape(-1).view(np.uint8), qtype.name), ref
 
 
-# K = 96 has an odd number of blocks of 32 (the q4 layout's unpaired last block); 576 is SmolLM2's width.
+# 70 rows: eight full groups of 8 and a padded one; K = 96 an odd number of blocks; 576 is SmolLM2's width.
 @pytest.mark.parametrize("k", [96, 576])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
 @pytest.mark.parametrize("tokens", [1, 2, 7, 40])  # 1: the decode loop, 2/7: tiles of 4 and a rest, 40: GEMM
@@ -51,7 +51,7 @@ def test_quantized_linear_is_the_ggml_matmul(qtype, k, tokens):
     assert got.shape == (1, tokens, 70) and got.dtype == torch.float32
     if tokens >= 16:  # many tokens: a float GEMM of the exact dequantized weight
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    else:  # activations as two int8 planes per block of 32: ~15 bits, 1/(127*254*2) of the block's largest
+    else:  # activations as int16 per block of 32: 1/(2*32767) of the block's largest
         assert rel_err(got, want) < 1e-4
 
 
@@ -93,13 +93,32 @@ def test_herd_int4_groups_as_q4():
     torch.testing.assert_close(q4_from_int4(q, scales, zeros, 128).dequantize(), deq)
 
 
-def test_pack_q4_layout():
-    """Blocks in pairs, element j of each in byte j (low, high nibble); an odd last block GGML-style."""
-    q = torch.randint(0, 16, (3, 96), dtype=torch.uint8)
-    packed = pack_q4(q)
-    assert packed.shape == (3, 48)
-    assert torch.equal(packed[:, :32] & 15, q[:, :32]) and torch.equal(packed[:, :32] >> 4, q[:, 32:64])
-    assert torch.equal(packed[:, 32:] & 15, q[:, 64:80]) and torch.equal(packed[:, 32:] >> 4, q[:, 80:96])
+@pytest.mark.parametrize("q4", [True, False])
+def test_packed_layout(q4):
+    """The documented layout (cpu.cpp's header): records of d[8], m[8] (q4) and the values of 8 rows."""
+    n, k = 11, 64
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8) if q4 else torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    d, m = torch.rand(n, k // 32), torch.rand(n, k // 32)
+    packed = kernels.ops.pack(q, d, m) if q4 else kernels.ops.pack(q, d)
+    record = 192 if q4 else 288
+    assert packed.shape == (2, 2 * record) and packed.dtype == q.dtype
+    rec = packed.view(torch.uint8).reshape(2, 2, record)  # [group, block, record]
+    for row, block, j in [(0, 0, 0), (3, 1, 5), (10, 1, 31), (7, 0, 18)]:
+        g, r = divmod(row, 8)
+        floats = rec[g, block, :64].contiguous().view(torch.float32)
+        assert floats[r] == d[row, block]
+        if q4:
+            assert floats[8 + r] == m[row, block]
+            v, s, h = j // 8, (j % 8) // 2, j % 2
+            lane = rec[g, block, 64 + 32 * v + 2 * (2 * r + h):][:2]
+            assert (int(lane[0]) | int(lane[1]) << 8) >> (4 * s) & 15 == q[row, 32 * block + j]
+        else:
+            v, hi, h = j // 4, (j % 4) // 2, j % 2
+            assert rec[g, block, 32 + 32 * v + 2 * (2 * r + h) + hi].view(torch.int8) == q[row, 32 * block + j]
+    assert rec[1, :, 64 if q4 else 32:].reshape(2, 4 if q4 else 8, 16, 2)[:, :, 6:].count_nonzero() == 0  # rows 11-15: padding
+    if q4:
+        with pytest.raises(RuntimeError, match="0..15"):
+            kernels.ops.pack(q | 16, d, m)
 
 
 def test_rms_norm():

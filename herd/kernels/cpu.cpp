@@ -5,12 +5,16 @@
 // token in one call, remove PyTorch's per-op dispatch from the decode loop. Built by herd/kernels/__init__.py
 // with the local compiler and loaded as torch ops (torch.ops.herd.*); without a compiler herd uses PyTorch's.
 //
-// Weight layouts (one row per output feature, blocks of 32 along the input dim):
-//   q4: qs uint8 [N, K/2], blocks in pairs: bytes 16b..16b+31 hold blocks b, b+1 (b even), byte j element j
-//       of block b in its low nibble and element j of block b+1 in its high nibble, so one 32-byte load
-//       and two masks give both. An odd last block takes 16 bytes, elements j and j+16 in byte j (GGML's
-//       order). d, m fp32 [N, K/32]; w = d*q + m, q in 0..15.
-//   q8: qs int8 [N, K]; d fp32 [N, K/32]; w = d*q.
+// Weight layout: rows in groups of 8 (the last one padded with zero rows), each group's blocks of 32 inputs
+// in order, one record per (group, block) holding the 8 rows' scales, offsets and values:
+//   q4 (uint8 tensor [G, nb * 192]): d[8] fp32, m[8] fp32, then four 32-byte vectors of 4-bit values: in
+//       vector v, 16-bit lane 2r+h holds in bits 4s..4s+3 element 8v + 2s + h of row r. w = d*q + m, q 0..15.
+//   q8 (int8 tensor [G, nb * 288]): d[8] fp32, then eight 32-byte vectors: in vector v, 16-bit lane 2r+h
+//       holds element 4v + h of row r in its low byte and element 4v + 2 + h in its high byte. w = d*q.
+// After one shift and mask (q4) or sign extension (q8), 32-bit lane r of a vector holds row r's elements
+// (2j, 2j+1) as int16, so one vpmaddwd against the broadcast activation pair (a[2j], a[2j+1]) adds to all
+// 8 rows' sums: 8 outputs per vector, no horizontal reduction, one scale multiply per block for 8 rows
+// (llama.cpp's AVX2 gemv on its 8-row repacked Q4_0 works the same way).
 // Built with -fopenmp: at::parallel_for is header code and runs serially without it.
 
 #include <ATen/Parallel.h>
@@ -18,12 +22,16 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -32,31 +40,38 @@
 
 namespace {
 
-constexpr int64_t QK = 32;  // elements per block
+constexpr int64_t QK = 32;    // elements per block
+constexpr int64_t ROWS = 8;   // rows per group: one 8-lane vector of outputs
+constexpr int64_t TILE = 4;   // tokens sharing one unpacked weight vector
+constexpr int64_t Q4_RECORD = 2 * ROWS * 4 + ROWS * QK / 2;  // 192 bytes: d[8], m[8], 128 bytes of nibbles
+constexpr int64_t Q8_RECORD = ROWS * 4 + ROWS * QK;          // 288 bytes: d[8], 256 values
 
-// Activations: x ≈ d * a per block of 32, a int16 (scale amax/32767), stored per block as its 16 even-indexed
-// elements then its 16 odd ones: the order in which 16-bit lanes of the packed weights unpack (below), so no
-// shuffles are needed. int8 activations (llama.cpp's Q8 for these types) measured 96.7% greedy agreement with
-// the fp32 path over 512 tokens of SmolLM2; 16 bits make the rounding negligible, and on AVX2 cost the same
-// number of multiplies per block (two vpmaddwd instead of vpmaddubsw + vpmaddwd).
+// Where element j (0..31) of row r (0..7) lives in a record's values: byte offset and, for q4, bit shift.
+inline int64_t q4_byte(int64_t r, int64_t j) { return (j / 8) * 32 + 2 * (2 * r + j % 2) + (j % 8) / 4; }
+inline int q4_shift(int64_t j) { return 4 * ((j % 8) / 2 % 2); }
+inline int64_t q8_byte(int64_t r, int64_t j) { return (j / 4) * 32 + 2 * (2 * r + j % 2) + (j % 4) / 2; }
+
+// Activations: x ≈ d * a per block of 32, a int16 (scale amax/32767). int8 activations (llama.cpp's Q8 for
+// these types) measured 96.7% greedy agreement with the fp32 path over 512 tokens of SmolLM2; 16 bits make
+// the rounding negligible and cost the same multiplies on AVX2 (vpmaddwd either way).
 struct QuantizedActivations {
   at::Tensor q, d, s;  // int16 [M, K], fp32 [M, K/32] (d), fp32 [M, K/32] (d * sum of a: the offset term)
-  const int16_t* qp;  // their data, fetched once (data_ptr<T>() checks cost more than a row's work)
+  const int16_t* qp;  // their data, fetched once (data_ptr<T>() checks cost more than a group's work)
   const float *dp, *sp;
 };
-
-inline int64_t act_index(int64_t j) { return (j % 2) * 16 + j / 2; }  // element j of a block -> its slot
 
 void quantize_row(const float* x, int64_t k, int16_t* q, float* d, float* s) {
   for (int64_t b = 0; b < k / QK; ++b) {
     const float* xb = x + b * QK;
     float amax = 0.f;
+#pragma omp simd reduction(max : amax)
     for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
     const float inv = amax > 0.f ? 32767.f / amax : 0.f;
     int sum = 0;
+#pragma omp simd reduction(+ : sum)
     for (int j = 0; j < QK; ++j) {
       const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
-      q[b * QK + act_index(j)] = static_cast<int16_t>(v);
+      q[b * QK + j] = static_cast<int16_t>(v);
       sum += v;
     }
     d[b] = amax / 32767.f;
@@ -85,354 +100,326 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-constexpr int64_t TILE = 4;  // tokens sharing one unpacked weight block
-
-// Scalar value of element e of a q4 row (the layout in the header comment).
-inline int q4_value(const uint8_t* qs, int64_t nb, int64_t e) {
-  const int64_t b = e / QK, j = e % QK;
-  if ((b | 1) < nb) {  // one of a pair of blocks: the even block in low nibbles, the odd one in high
-    const uint8_t byte = qs[(b / 2) * 2 * 16 + j];
-    return b % 2 == 0 ? byte & 0x0F : byte >> 4;
-  }
-  const uint8_t byte = qs[b * 16 + j % 16];  // a last, unpaired block: elements j and j+16 share a byte
-  return j < 16 ? byte & 0x0F : byte >> 4;
-}
-
-// Without AVX2: the same sums one element at a time; weight(e) is element e of the row.
-template <typename Weight>
-inline void scalar_dot(Weight weight, const float* d, const int16_t* aq, const float* ad, int64_t nb, int64_t k,
-                       int64_t t, float* out) {
-  for (int64_t i = 0; i < t; ++i) {
-    float sum = 0.f;
-    for (int64_t b = 0; b < nb; ++b) {
-      int dot = 0;
-      for (int64_t j = 0; j < QK; ++j) dot += weight(b * QK + j) * aq[i * k + b * QK + act_index(j)];
-      sum += d[b] * ad[i * nb + b] * static_cast<float>(dot);
-    }
-    out[i] = sum;
-  }
-}
+// One group of 8 rows times t <= TILE tokens: out[i][r] for token i (its activations at aq + i*k, ad and as
+// + i*nb) and row r; `records` are the group's nb records.
+using GroupKernel = void (*)(const uint8_t* records, const int16_t* aq, const float* ad, const float* as, int64_t nb,
+                             float (*out)[ROWS]);
 
 #ifdef HERD_AVX2
-inline float hsum(__m256 v) {
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r);
+inline __m256i pair(const int16_t* a) {  // (a[0], a[1]) in every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, a, 4);
+  return _mm256_set1_epi32(v);
 }
 
-// A block's weights as two int16 vectors, its even-indexed and its odd-indexed elements (16 each).
-struct Block16 {
-  __m256i even, odd;
+template <int T>
+void q4_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
+  const int64_t k = nb * QK;
+  const __m256i low4 = _mm256_set1_epi16(0x000F);
+  __m256 acc[T], offset[T];
+  for (int i = 0; i < T; ++i) acc[i] = offset[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, rec += Q4_RECORD) {
+    __m256i isum[T];
+    for (int v = 0; v < 4; ++v) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 64 + 32 * v));
+      const __m256i w0 = _mm256_and_si256(x, low4), w1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4),
+                    w2 = _mm256_and_si256(_mm256_srli_epi16(x, 8), low4), w3 = _mm256_srli_epi16(x, 12);
+      for (int i = 0; i < T; ++i) {
+        const int16_t* a = aq + i * k + b * QK + 8 * v;
+        const __m256i s = _mm256_add_epi32(
+            _mm256_add_epi32(_mm256_madd_epi16(w0, pair(a)), _mm256_madd_epi16(w1, pair(a + 2))),
+            _mm256_add_epi32(_mm256_madd_epi16(w2, pair(a + 4)), _mm256_madd_epi16(w3, pair(a + 6))));
+        isum[i] = v ? _mm256_add_epi32(isum[i], s) : s;
+      }
+    }
+    const float* dm = reinterpret_cast<const float*>(rec);
+    const __m256 d = _mm256_loadu_ps(dm), m = _mm256_loadu_ps(dm + ROWS);
+    for (int i = 0; i < T; ++i) {
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, _mm256_set1_ps(ad[i * nb + b])), acc[i]);
+      offset[i] = _mm256_fmadd_ps(m, _mm256_set1_ps(as[i * nb + b]), offset[i]);
+    }
+  }
+  for (int i = 0; i < T; ++i) _mm256_storeu_ps(out[i], _mm256_add_ps(acc[i], offset[i]));
+}
+
+template <int T>
+void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
+  const int64_t k = nb * QK;
+  __m256 acc[T];
+  for (int i = 0; i < T; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, rec += Q8_RECORD) {
+    __m256i isum[T];
+    for (int v = 0; v < 8; v += 2) {  // two vectors per step: elements 4v..4v+7
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 32 + 32 * v));
+      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 64 + 32 * v));
+      const __m256i x0 = _mm256_srai_epi16(_mm256_slli_epi16(x, 8), 8), x1 = _mm256_srai_epi16(x, 8);
+      const __m256i y0 = _mm256_srai_epi16(_mm256_slli_epi16(y, 8), 8), y1 = _mm256_srai_epi16(y, 8);
+      for (int i = 0; i < T; ++i) {
+        const int16_t* a = aq + i * k + b * QK + 4 * v;
+        const __m256i s = _mm256_add_epi32(
+            _mm256_add_epi32(_mm256_madd_epi16(x0, pair(a)), _mm256_madd_epi16(x1, pair(a + 2))),
+            _mm256_add_epi32(_mm256_madd_epi16(y0, pair(a + 4)), _mm256_madd_epi16(y1, pair(a + 6))));
+        isum[i] = v ? _mm256_add_epi32(isum[i], s) : s;
+      }
+    }
+    const __m256 d = _mm256_loadu_ps(reinterpret_cast<const float*>(rec));
+    for (int i = 0; i < T; ++i)
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, _mm256_set1_ps(ad[i * nb + b])), acc[i]);
+  }
+  for (int i = 0; i < T; ++i) _mm256_storeu_ps(out[i], acc[i]);
+}
+#else
+// Without AVX2: the same sums one element at a time.
+template <int T>
+void q4_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
+  const int64_t k = nb * QK;
+  for (int i = 0; i < T; ++i) std::fill(out[i], out[i] + ROWS, 0.f);
+  for (int64_t b = 0; b < nb; ++b, rec += Q4_RECORD) {
+    const float* dm = reinterpret_cast<const float*>(rec);
+    for (int64_t r = 0; r < ROWS; ++r)
+      for (int i = 0; i < T; ++i) {
+        int sum = 0;
+        for (int64_t j = 0; j < QK; ++j)
+          sum += ((rec[64 + q4_byte(r, j)] >> q4_shift(j)) & 0x0F) * aq[i * k + b * QK + j];
+        out[i][r] += dm[r] * ad[i * nb + b] * static_cast<float>(sum) + dm[ROWS + r] * as[i * nb + b];
+      }
+  }
+}
+
+template <int T>
+void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
+  const int64_t k = nb * QK;
+  for (int i = 0; i < T; ++i) std::fill(out[i], out[i] + ROWS, 0.f);
+  for (int64_t b = 0; b < nb; ++b, rec += Q8_RECORD) {
+    const float* d = reinterpret_cast<const float*>(rec);
+    for (int64_t r = 0; r < ROWS; ++r)
+      for (int i = 0; i < T; ++i) {
+        int sum = 0;
+        for (int64_t j = 0; j < QK; ++j) sum += static_cast<int8_t>(rec[32 + q8_byte(r, j)]) * aq[i * k + b * QK + j];
+        out[i][r] += d[r] * ad[i * nb + b] * static_cast<float>(sum);
+      }
+  }
+}
+#endif
+
+constexpr GroupKernel q4_kernels[TILE + 1] = {nullptr, q4_group<1>, q4_group<2>, q4_group<3>, q4_group<4>};
+constexpr GroupKernel q8_kernels[TILE + 1] = {nullptr, q8_group<1>, q8_group<2>, q8_group<3>, q8_group<4>};
+
+// A packed weight: its records and shape. n: the real rows (the last group may be padded).
+struct Packed {
+  const uint8_t* p;
+  int64_t groups, nb, n;
+  bool q4;
+  int64_t record() const { return q4 ? Q4_RECORD : Q8_RECORD; }
 };
 
-// Two q4 blocks from one 32-byte load. 16-bit lane i holds bytes 2i and 2i+1: bits 0-3 element 2i of the
-// first block, 4-7 element 2i of the second, 8-11 element 2i+1 of the first, 12-15 element 2i+1 of the second.
-inline void q4_pair(const uint8_t* p, Block16& first, Block16& second) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i low4 = _mm256_set1_epi16(0x000F);
-  first = {_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 8), low4)};
-  second = {_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), _mm256_srli_epi16(v, 12)};
+Packed packed(const at::Tensor& w, int64_t n) {
+  const bool q4 = w.scalar_type() == at::kByte;
+  TORCH_CHECK((q4 || w.scalar_type() == at::kChar) && w.dim() == 2 && w.is_contiguous(),
+              "a packed weight is a contiguous uint8 (q4) or int8 (q8) [groups, blocks * record] tensor");
+  const int64_t record = q4 ? Q4_RECORD : Q8_RECORD;
+  TORCH_CHECK(w.size(1) % record == 0, "packed weight rows of ", w.size(1), " bytes are not whole records");
+  const int64_t groups = w.size(0);
+  if (n < 0) n = groups * ROWS;
+  TORCH_CHECK(n > (groups - 1) * ROWS && n <= groups * ROWS, n, " rows do not fill ", groups, " groups of 8");
+  return {static_cast<const uint8_t*>(w.data_ptr()), groups, w.size(1) / record, n, q4};
 }
 
-// An unpaired last q4 block: 16 bytes, byte j holds elements j (bits 0-3) and j+16 (bits 4-7).
-inline Block16 q4_single(const uint8_t* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i low4 = _mm_set1_epi16(0x000F);
-  return {_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4)),
-          _mm256_set_m128i(_mm_srli_epi16(v, 12), _mm_and_si128(_mm_srli_epi16(v, 8), low4))};
+// y [M, n] = x [M, K] W^T for M < GEMM_TOKENS, groups of rows split across threads.
+void matmul(const QuantizedActivations& a, int64_t m, const Packed& w, float* y) {
+  const GroupKernel* kernels = w.q4 ? q4_kernels : q8_kernels;
+  const int64_t k = w.nb * QK, stride = w.nb * w.record();
+  at::parallel_for(0, w.groups, 4, [&](int64_t lo, int64_t hi) {
+    float out[TILE][ROWS];
+    for (int64_t g = lo; g < hi; ++g)
+      for (int64_t i0 = 0; i0 < m; i0 += TILE) {
+        const int64_t t = std::min(TILE, m - i0);
+        kernels[t](w.p + g * stride, a.qp + i0 * k, a.dp + i0 * w.nb, a.sp + i0 * w.nb, w.nb, out);
+        const int64_t rows = std::min(ROWS, w.n - g * ROWS);
+        for (int64_t i = 0; i < t; ++i) std::copy_n(out[i], rows, y + (i0 + i) * w.n + g * ROWS);
+      }
+  });
 }
 
-// A q8 block: 32 signed bytes, lane i holds elements 2i (low byte) and 2i+1 (high byte); sign-extended.
-inline Block16 q8_block(const int8_t* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return {_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), _mm256_srai_epi16(v, 8)};
-}
-
-// sum_j w_j * a_j over one block as 8 int32 partial sums (|w| <= 128, |a| <= 32767: no overflow).
-inline __m256i block_isum(const Block16& w, const int16_t* a) {
-  return _mm256_add_epi32(_mm256_madd_epi16(w.even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
-                          _mm256_madd_epi16(w.odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16))));
-}
-
-// Eight blocks' partial sums -> one vector, lane j the total of s[j]: converting and scaling once per eight
-// blocks instead of once per block (a scalar scale product and broadcast per block cost as much as its dot).
-inline __m256i reduce8(const __m256i* s) {
-  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
-
-// y = sum over blocks of d_b * ad_b * (w_b . a_b) for one row and one token. unpack8(b, sums) gives the
-// integer sums of blocks b..b+7 (b a multiple of 8); unpack(b, w) unpacks block b (and b+1 when b is even
-// and b+1 < nb: q4 pairs) and returns how many it unpacked.
-template <typename Unpack8, typename Unpack>
-inline float row_dot(Unpack8 unpack8, Unpack unpack, const float* d, const int16_t* aq, const float* ad, int64_t nb) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 8 <= nb; b += 8) {
-    __m256i sums[8];
-    unpack8(b, sums);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(sums)), _mm256_mul_ps(_mm256_loadu_ps(d + b), _mm256_loadu_ps(ad + b)),
-                          acc);
-  }
-  while (b < nb) {
-    Block16 w[2];
-    const int got = unpack(b, w);
-    for (int u = 0; u < got; ++u, ++b)
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_isum(w[u], aq + b * QK)), _mm256_set1_ps(d[b] * ad[b]), acc);
-  }
-  return hsum(acc);
-}
-
-// The same for t <= TILE tokens, each unpacked block serving all of them.
-template <typename Unpack>
-inline void tile_dot(Unpack unpack, const float* d, const int16_t* aq, const float* ad, int64_t nb, int64_t k,
-                     int64_t t, float* out) {
-  __m256 acc[TILE];
-  for (int64_t i = 0; i < t; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb;) {
-    Block16 w[2];
-    const int got = unpack(b, w);
-    for (int u = 0; u < got; ++u, ++b)
-      for (int64_t i = 0; i < t; ++i)
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_isum(w[u], aq + i * k + b * QK)),
-                                 _mm256_set1_ps(d[b] * ad[i * nb + b]), acc[i]);
-  }
-  for (int64_t i = 0; i < t; ++i) out[i] = hsum(acc[i]);
-}
-#endif
-
-// y[i, n] for tokens i0..i0+t-1 (t <= TILE) and one weight row.
-void q4_row(const uint8_t* qs, const float* d, const float* m, const QuantizedActivations& a, int64_t i0, int64_t t,
-            int64_t k, float* y, int64_t ldy) {
-  const int64_t nb = k / QK;
-  const int16_t* aq = a.qp + i0 * k;
-  const float* ad = a.dp + i0 * nb;
-  const float* as = a.sp + i0 * nb;
-  float out[TILE];
-#ifdef HERD_AVX2
-  auto unpack = [&](int64_t b, Block16* w) -> int {
-    if (b + 1 < nb) {
-      q4_pair(qs + b * 16, w[0], w[1]);
-      return 2;
-    }
-    w[0] = q4_single(qs + b * 16);
-    return 1;
-  };
-  auto unpack8 = [&](int64_t b, __m256i* sums) {
-    for (int j = 0; j < 8; j += 2) {
-      Block16 w0, w1;
-      q4_pair(qs + (b + j) * 16, w0, w1);
-      sums[j] = block_isum(w0, aq + (b + j) * QK);
-      sums[j + 1] = block_isum(w1, aq + (b + j + 1) * QK);
-    }
-  };
-  if (t == 1)
-    out[0] = row_dot(unpack8, unpack, d, aq, ad, nb);
-  else
-    tile_dot(unpack, d, aq, ad, nb, k, t, out);
-#else
-  scalar_dot([&](int64_t e) { return q4_value(qs, nb, e); }, d, aq, ad, nb, k, t, out);
-#endif
-  for (int64_t i = 0; i < t; ++i) y[i * ldy] = out[i] + dot(m, as + i * nb, nb);  // + sum_b m_b * d_b * sum(a_b)
-}
-
-void q8_row(const int8_t* qs, const float* d, const QuantizedActivations& a, int64_t i0, int64_t t, int64_t k,
-            float* y, int64_t ldy) {
-  const int64_t nb = k / QK;
-  const int16_t* aq = a.qp + i0 * k;
-  const float* ad = a.dp + i0 * nb;
-  float out[TILE];
-#ifdef HERD_AVX2
-  auto unpack = [&](int64_t b, Block16* w) -> int {
-    w[0] = q8_block(qs + b * QK);
-    return 1;
-  };
-  auto unpack8 = [&](int64_t b, __m256i* sums) {
-    for (int j = 0; j < 8; ++j) sums[j] = block_isum(q8_block(qs + (b + j) * QK), aq + (b + j) * QK);
-  };
-  if (t == 1)
-    out[0] = row_dot(unpack8, unpack, d, aq, ad, nb);
-  else
-    tile_dot(unpack, d, aq, ad, nb, k, t, out);
-#else
-  scalar_dot([&](int64_t e) { return static_cast<int>(qs[e]); }, d, aq, ad, nb, k, t, out);
-#endif
-  for (int64_t i = 0; i < t; ++i) y[i * ldy] = out[i];
-}
-
-void check(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t k, at::ScalarType qtype) {
-  TORCH_CHECK(x.size(-1) == k && k % QK == 0, "x has ", x.size(-1), " features, the weight ", k);
-  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == qtype && qs.is_contiguous() && d.is_contiguous(),
-              "weight blocks in the wrong layout");
-  TORCH_CHECK(d.scalar_type() == at::kFloat && d.dim() == 2 && d.size(0) == qs.size(0) && d.size(1) == k / QK,
-              "scales must be fp32 [N, K/32]");
-}
+at::Tensor dequantize(const at::Tensor& w_, int64_t n);
 
 constexpr int64_t GEMM_TOKENS = 16;  // from this many tokens on, dequantize and use a float GEMM (faster per token)
 
-// y [..., N] for x [..., K]: few tokens through `row` (integer dot products), many through `dense` (the
-// dequantized weight, [N, K]) and a float GEMM.
-template <typename Row, typename Dense>
-at::Tensor linear(const at::Tensor& x_, int64_t n, Row row, Dense dense) {
+// y [..., n] for x [..., K]: few tokens by integer dot products, many by a float GEMM of the dequantized weight.
+at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, int64_t n_) {
+  const Packed w = packed(w_, n_);
+  const int64_t k = w.nb * QK;
+  TORCH_CHECK(x_.size(-1) == k, "x has ", x_.size(-1), " features, the weight ", k);
   std::vector<int64_t> shape(x_.sizes().begin(), x_.sizes().end());
-  shape.back() = n;
-  const at::Tensor x = x_.reshape({-1, x_.size(-1)}).to(at::kFloat).contiguous();
+  shape.back() = w.n;
+  const at::Tensor x = x_.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t m = x.size(0);
-  if (m >= GEMM_TOKENS) return at::mm(x, dense().t()).view(shape);
+  if (m >= GEMM_TOKENS) return at::mm(x, dequantize(w_, w.n).t()).view(shape);
   const QuantizedActivations a = quantize_activations(x);
-  at::Tensor y = at::empty({m, n}, x.options());
-  float* yp = y.data_ptr<float>();
-  // Rows split across threads; a chunk of at least 32 rows keeps the fork/join cost small.
-  at::parallel_for(0, n, 32, [&](int64_t lo, int64_t hi) {
-    for (int64_t i0 = 0; i0 < m; i0 += TILE)
-      for (int64_t r = lo; r < hi; ++r) row(a, r, i0, std::min(TILE, m - i0), yp + i0 * n + r, n);
-  });
+  at::Tensor y = at::empty({m, w.n}, x.options());
+  matmul(a, m, w, y.data_ptr<float>());
   return y.view(shape);
 }
 
-at::Tensor q4_dequantize(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m);
-at::Tensor q8_dequantize(const at::Tensor& qs, const at::Tensor& d);
-
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
-  const int64_t k = qs.size(1) * 2;
-  check(x, qs, d, k, at::kByte);
-  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kFloat && m.is_contiguous(), "offsets must match scales");
-  const uint8_t* qp = qs.data_ptr<uint8_t>();
-  const float *dp = d.data_ptr<float>(), *mp = m.data_ptr<float>();
-  const int64_t nb = k / QK;
-  return linear(
-      x, qs.size(0),
-      [&](const QuantizedActivations& a, int64_t r, int64_t i0, int64_t t, float* y, int64_t ldy) {
-        q4_row(qp + r * (k / 2), dp + r * nb, mp + r * nb, a, i0, t, k, y, ldy);
-      },
-      [&] { return q4_dequantize(qs, d, m); });
-}
-
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
-  const int64_t k = qs.size(1);
-  check(x, qs, d, k, at::kChar);
-  const int8_t* qp = qs.data_ptr<int8_t>();
-  const float* dp = d.data_ptr<float>();
-  const int64_t nb = k / QK;
-  return linear(
-      x, qs.size(0),
-      [&](const QuantizedActivations& a, int64_t r, int64_t i0, int64_t t, float* y, int64_t ldy) {
-        q8_row(qp + r * k, dp + r * nb, a, i0, t, k, y, ldy);
-      },
-      [&] { return q8_dequantize(qs, d); });
-}
-
-// Dequantized rows (fp32 [N, K]): prompts of many tokens multiply by these with a float GEMM instead.
-at::Tensor q4_dequantize(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
-  const int64_t n = qs.size(0), k = qs.size(1) * 2, nb = k / QK;
-  at::Tensor w = at::empty({n, k}, d.options());
-  const uint8_t* qp = qs.data_ptr<uint8_t>();
-  const float *dp = d.data_ptr<float>(), *mp = m.data_ptr<float>();
-  float* wp = w.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r)
-      for (int64_t e = 0; e < k; ++e)
-        wp[r * k + e] = dp[r * nb + e / QK] * static_cast<float>(q4_value(qp + r * (k / 2), nb, e)) + mp[r * nb + e / QK];
+// The dequantized rows, fp32 [n, K]: prompts of many tokens multiply by these with a float GEMM.
+at::Tensor dequantize(const at::Tensor& w_, int64_t n) {
+  const Packed w = packed(w_, n);
+  const int64_t k = w.nb * QK, stride = w.nb * w.record();
+  at::Tensor out = at::empty({w.n, k}, at::kFloat);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, w.groups, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g)
+      for (int64_t r = 0; r < std::min(ROWS, w.n - g * ROWS); ++r)
+        for (int64_t b = 0; b < w.nb; ++b) {
+          const uint8_t* rec = w.p + g * stride + b * w.record();
+          const float* dm = reinterpret_cast<const float*>(rec);
+          float* o = op + (g * ROWS + r) * k + b * QK;
+          for (int64_t j = 0; j < QK; ++j)
+            o[j] = w.q4 ? dm[r] * static_cast<float>((rec[64 + q4_byte(r, j)] >> q4_shift(j)) & 0x0F) + dm[ROWS + r]
+                        : dm[r] * static_cast<float>(static_cast<int8_t>(rec[32 + q8_byte(r, j)]));
+        }
   });
-  return w;
+  return out;
 }
 
-at::Tensor q8_dequantize(const at::Tensor& qs, const at::Tensor& d) {
-  const int64_t n = qs.size(0), k = qs.size(1), nb = k / QK;
-  at::Tensor w = at::empty({n, k}, d.options());
-  const int8_t* qp = qs.data_ptr<int8_t>();
-  const float* dp = d.data_ptr<float>();
-  float* wp = w.data_ptr<float>();
-  at::parallel_for(0, n * nb, 256, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i)
-      for (int j = 0; j < QK; ++j) wp[i * QK + j] = dp[i] * static_cast<float>(qp[i * QK + j]);
+// Pack values q [N, K] (uint8 0..15 with offsets m: q4; int8 without: q8) and scales d [N, K/32] into records.
+at::Tensor pack(const at::Tensor& q_, const at::Tensor& d_, const c10::optional<at::Tensor>& m_) {
+  const bool q4 = m_.has_value();
+  const at::Tensor q = q_.contiguous(), d = d_.to(at::kFloat).contiguous();
+  const at::Tensor m = q4 ? m_->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t n = q.size(0), k = q.size(1), nb = k / QK, groups = (n + ROWS - 1) / ROWS;
+  TORCH_CHECK(q.dim() == 2 && k % QK == 0 && q.scalar_type() == (q4 ? at::kByte : at::kChar),
+              "pack wants values [N, K] (K a multiple of 32): uint8 for q4, int8 for q8");
+  TORCH_CHECK(d.dim() == 2 && d.size(0) == n && d.size(1) == nb && (!q4 || m.sizes() == d.sizes()),
+              "scales (and offsets) must be [N, K/32]");
+  if (q4) TORCH_CHECK(q.max().item<uint8_t>() < 16, "q4 values must be 0..15");
+  const int64_t record = q4 ? Q4_RECORD : Q8_RECORD;
+  at::Tensor out = at::zeros({groups, nb * record}, q.options());  // padding rows: zero values, scales, offsets
+  uint8_t* op = static_cast<uint8_t*>(out.data_ptr());
+  const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
+  const float *dp = d.data_ptr<float>(), *mp = q4 ? m.data_ptr<float>() : nullptr;
+  at::parallel_for(0, groups, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g)
+      for (int64_t r = 0; r < std::min(ROWS, n - g * ROWS); ++r) {
+        const int64_t row = g * ROWS + r;
+        for (int64_t b = 0; b < nb; ++b) {
+          uint8_t* rec = op + (g * nb + b) * record;
+          float* dm = reinterpret_cast<float*>(rec);
+          dm[r] = dp[row * nb + b];
+          if (q4) dm[ROWS + r] = mp[row * nb + b];
+          const uint8_t* src = qp + row * k + b * QK;
+          for (int64_t j = 0; j < QK; ++j) {
+            if (q4)
+              rec[64 + q4_byte(r, j)] |= static_cast<uint8_t>(src[j] << q4_shift(j));
+            else
+              rec[32 + q8_byte(r, j)] = src[j];
+          }
+        }
+      }
   });
-  return w;
+  return out;
 }
 
 // ---- the small ops of a decode step, each one pass over a few KB (PyTorch's take 25-35 us each) ----------
 
+// e^x for 8 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by Cephes' degree-6 polynomial (about 1 ulp), times 2^n.
+#ifdef HERD_AVX2
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: r exact to fp32
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
 
-// Row kernels on raw fp32 pointers: the ops below and decode_block share them.
-
-// y = x / sqrt(mean(x^2) + eps) * w, row by row.
-void rms_norm_rows(const float* xp, const float* wp, int64_t rows, int64_t dim, float eps, float* yp) {
-  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const float* xr = xp + r * dim;
-      const float inv = 1.f / std::sqrt(dot(xr, xr, dim) / static_cast<float>(dim) + eps);
-      float* yr = yp + r * dim;
+// y = x / sqrt(mean(x^2) + eps) * w for one row.
+inline void rms_norm_row(const float* x, const float* w, int64_t dim, float eps, float* y) {
+  const float inv = 1.f / std::sqrt(dot(x, x, dim) / static_cast<float>(dim) + eps);
 #pragma omp simd
-      for (int64_t i = 0; i < dim; ++i) yr[i] = xr[i] * inv * wp[i];
-    }
-  });
+  for (int64_t i = 0; i < dim; ++i) y[i] = x[i] * inv * w[i];
+}
+
+// y[i] = silu(gate[i]) * up[i] for n values.
+inline void silu_mul_row(const float* gate, const float* up, int64_t n, float* y) {
+  int64_t i = 0;
+#ifdef HERD_AVX2
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+// p[l] = exp(p[l] - top) for l < n; returns their sum.
+inline float exp_shifted(float* p, int64_t n, float top) {
+  int64_t l = 0;
+  float total = 0.f;
+#ifdef HERD_AVX2
+  __m256 sum = _mm256_setzero_ps();
+  for (; l + 8 <= n; l += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + l), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(p + l, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, sum);
+  for (const float v : lanes) total += v;
+#endif
+  for (; l < n; ++l) total += (p[l] = std::exp(p[l] - top));
+  return total;
 }
 
 // Attention of one query per (row b, head h) at q + b*q_stride + h*dim over `len` cached keys and values
 // (row b, kv head h / (heads / kv_heads), position l at base + b*s0 + kvh*s1 + l*s2), every key visible.
-// fp32 softmax, max-subtracted; out [B, heads, dim] contiguous.
+// fp32 softmax, max-subtracted; out [B, heads, dim] contiguous. Pairs bh = b*heads + h in [lo, hi); p: len floats.
 struct Cached {
   const float* p;
   int64_t s0, s1, s2;
 };
 
-void attend_rows(const float* q, int64_t q_stride, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim,
-                 Cached k, Cached v, int64_t len, float scale, float* out) {
+void attend(const float* q, int64_t q_stride, int64_t heads, int64_t kv_heads, int64_t dim, Cached k, Cached v,
+            int64_t len, float scale, float* out, int64_t lo, int64_t hi, float* p) {
   const int64_t group = heads / kv_heads;
-  at::parallel_for(0, batch * heads, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> p(len);
-    for (int64_t bh = lo; bh < hi; ++bh) {
-      const int64_t b = bh / heads, h = bh % heads, kvh = h / group;
-      const float* qr = q + b * q_stride + h * dim;
-      const float* kb = k.p + b * k.s0 + kvh * k.s1;
-      const float* vb = v.p + b * v.s0 + kvh * v.s1;
-      float top = -INFINITY;
-      for (int64_t l = 0; l < len; ++l) {
-        p[l] = dot(qr, kb + l * k.s2, dim) * scale;
-        top = std::max(top, p[l]);
-      }
-      float total = 0.f;
-      for (int64_t l = 0; l < len; ++l) total += (p[l] = std::exp(p[l] - top));
-      float* o = out + bh * dim;
-      std::fill(o, o + dim, 0.f);
-      for (int64_t l = 0; l < len; ++l) {
-        const float* vr = vb + l * v.s2;
-        const float pl = p[l] / total;
-#pragma omp simd
-        for (int64_t i = 0; i < dim; ++i) o[i] += pl * vr[i];
-      }
+  for (int64_t bh = lo; bh < hi; ++bh) {
+    const int64_t b = bh / heads, h = bh % heads, kvh = h / group;
+    const float* qr = q + b * q_stride + h * dim;
+    const float* kb = k.p + b * k.s0 + kvh * k.s1;
+    const float* vb = v.p + b * v.s0 + kvh * v.s1;
+    float top = -INFINITY;
+    for (int64_t l = 0; l < len; ++l) {
+      p[l] = dot(qr, kb + l * k.s2, dim) * scale;
+      top = std::max(top, p[l]);
     }
-  });
+    const float inv_total = 1.f / exp_shifted(p, len, top);
+    float* o = out + bh * dim;
+    std::fill(o, o + dim, 0.f);
+    for (int64_t l = 0; l < len; ++l) {
+      const float* vr = vb + l * v.s2;
+      const float pl = p[l] * inv_total;
+#pragma omp simd
+      for (int64_t i = 0; i < dim; ++i) o[i] += pl * vr[i];
+    }
+  }
 }
 
-// Rotate heads [0, heads) of `rows` rows of nh heads of hd values, row r by rot + r*hd = (cos, sin) pairs:
-// Meta's interleaved layout, dims (2i, 2i+1) rotate together.
-void rope_rows(float* x, const float* rot, int64_t rows, int64_t nh, int64_t heads, int64_t hd) {
-  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p)
-      for (int64_t h = 0; h < heads; ++h) {
-        float* v = x + (p * nh + h) * hd;
-        const float* r = rot + p * hd;
-        for (int64_t i = 0; i < hd / 2; ++i) {
-          const float a = v[2 * i], b = v[2 * i + 1], c = r[2 * i], s = r[2 * i + 1];
-          v[2 * i] = a * c - b * s;
-          v[2 * i + 1] = a * s + b * c;
-        }
-      }
-  });
-}
-
-// y = silu(gate) * up per row of [gate | up] (2f values) -> f values.
-void silu_mul_rows(const float* xp, int64_t rows, int64_t f, float* yp) {
-  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r)
-      for (int64_t i = 0; i < f; ++i) {
-        const float g = xp[r * 2 * f + i];
-        yp[r * f + i] = g / (1.f + std::exp(-g)) * xp[r * 2 * f + f + i];
-      }
-  });
+// Rotate values [lo, hi) of one row of heads of hd values (Meta's interleaved layout: dims (2i, 2i+1) rotate
+// together; lo even) by rot = (cos, sin) pairs for the row's position, hd/2 of them.
+inline void rope_span(float* x, const float* rot, int64_t hd, int64_t lo, int64_t hi) {
+  for (int64_t e = lo; e < hi; e += 2) {
+    const int64_t i = (e % hd) / 2;
+    const float a = x[e], b = x[e + 1], c = rot[2 * i], s = rot[2 * i + 1];
+    x[e] = a * c - b * s;
+    x[e + 1] = a * s + b * c;
+  }
 }
 
 at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
@@ -440,8 +427,12 @@ at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && w.dim() == 1 && x.size(-1) == w.size(0),
               "rms_norm wants fp32 x [..., D] and weight [D]");
   at::Tensor y = at::empty_like(x);
-  rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), x.numel() / w.size(0), w.size(0), static_cast<float>(eps),
-                y.data_ptr<float>());
+  const int64_t dim = w.size(0);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x.numel() / dim, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) rms_norm_row(xp + r * dim, wp, dim, static_cast<float>(eps), yp + r * dim);
+  });
   return y;
 }
 
@@ -454,11 +445,14 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k, const at:
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
                   k.stride(3) == 1 && v.stride(3) == 1, "decode_attention wants fp32, D contiguous");
   at::Tensor out = at::empty_like(q);
-  const int64_t heads = q.size(1), dim = q.size(3);
-  attend_rows(q.data_ptr<float>(), heads * dim, q.size(0), heads, k.size(1), dim,
-              {k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2)},
-              {v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2)}, k.size(2), static_cast<float>(scale),
-              out.data_ptr<float>());
+  const int64_t heads = q.size(1), dim = q.size(3), len = k.size(2);
+  const Cached keys{k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2)};
+  const Cached values{v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2)};
+  at::parallel_for(0, q.size(0) * heads, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> p(len);
+    attend(q.data_ptr<float>(), heads * dim, heads, k.size(1), dim, keys, values, len, static_cast<float>(scale),
+           out.data_ptr<float>(), lo, hi, p.data());
+  });
   return out;
 }
 
@@ -469,7 +463,11 @@ at::Tensor silu_mul(const at::Tensor& x_) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = f;
   at::Tensor y = at::empty(shape, x.options());
-  silu_mul_rows(x.data_ptr<float>(), x.numel() / (2 * f), f, y.data_ptr<float>());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x.numel() / (2 * f), 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) silu_mul_row(xp + r * 2 * f, xp + r * 2 * f + f, f, yp + r * f);
+  });
   return y;
 }
 
@@ -477,25 +475,46 @@ at::Tensor silu_mul(const at::Tensor& x_) {
 void rope_(const at::Tensor& x, const at::Tensor& rot_, int64_t heads) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kFloat, "rope_ wants contiguous fp32 [B, T, NH, hd]");
   const at::Tensor rot = rot_.contiguous();
-  const int64_t bt = x.size(0) * x.size(1), hd = x.size(3);
-  TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.numel() == bt * hd && heads <= x.size(2), "rope_: rot must be [B, T, hd/2, 2]");
-  rope_rows(x.data_ptr<float>(), rot.data_ptr<float>(), bt, x.size(2), heads, hd);
+  const int64_t bt = x.size(0) * x.size(1), nh = x.size(2), hd = x.size(3);
+  TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.numel() == bt * hd && heads <= nh && hd % 2 == 0,
+              "rope_: rot must be [B, T, hd/2, 2]");
+  float* xp = x.data_ptr<float>();
+  const float* rp = rot.data_ptr<float>();
+  at::parallel_for(0, bt, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) rope_span(xp + p * nh * hd, rp + p * hd, hd, 0, heads * hd);
+  });
 }
 
 // ---- a whole decoder block for one new token per sequence -------------------------------------------------
 
-// w holds (qs, d, m) for each projection; an empty m means q8 blocks.
-at::Tensor project(const at::Tensor& x, at::TensorList w, int64_t i) {
-  const at::Tensor &qs = w[3 * i], &d = w[3 * i + 1], &m = w[3 * i + 2];
-  return m.numel() ? q4_linear(x, qs, d, m) : q8_linear(x, qs, d);
+// One thread's share of a matmul: groups [lo, hi) of y [m, n] = x W^T, x already quantized.
+void matmul_groups(const QuantizedActivations& a, int64_t m, const Packed& w, float* y, int64_t lo, int64_t hi) {
+  const GroupKernel* kernels = w.q4 ? q4_kernels : q8_kernels;
+  const int64_t k = w.nb * QK, stride = w.nb * w.record();
+  float out[TILE][ROWS];
+  for (int64_t g = lo; g < hi; ++g)
+    for (int64_t i0 = 0; i0 < m; i0 += TILE) {
+      const int64_t t = std::min(TILE, m - i0);
+      kernels[t](w.p + g * stride, a.qp + i0 * k, a.dp + i0 * w.nb, a.sp + i0 * w.nb, w.nb, out);
+      for (int64_t i = 0; i < t; ++i) std::copy_n(out[i], ROWS, y + (i0 + i) * w.n + g * ROWS);
+    }
 }
+
+// Buffers of one decode_block call, kept between calls (per calling thread): a step allocates nothing.
+struct Scratch {
+  std::vector<float> qkv, att, hidden, gate_up, floats;  // floats: each thread's normed input, act, d, s, scores
+  std::vector<int16_t> ints;                            // each thread's quantized activations
+};
 
 // TransformerBlock.forward for x [B, 1, D] (one token per row, every row at position `pos`, cache rows
 // 0..B-1), the same steps in one call so that a decode step costs one op per layer instead of ~40:
 //   h = x + wo(attention(rope(wqkv(rms_norm(x)))))   (k and v written to the cache at pos first)
 //   out = h + w2(silu_mul(w13(rms_norm(h))))
-// Projections in w: (qs, d, m) for wqkv, wo, w13, w2. rot: (cos, sin) pairs [B, 1, hd/2, 2]; rope=false for
-// NoPE layers. Caches: fp32 [slots, Hkv, capacity, hd], contiguous.
+// One parallel region: each thread computes its own groups of rows of every projection; the small steps
+// between them (norm, quantizing the activations, SwiGLU) are repeated by every thread on its own copy
+// instead of being shared behind another barrier, so a block costs four barriers.
+// Projections in w: the packed wqkv, wo, w13, w2 (q4 or q8, whole groups of 8 rows). rot: (cos, sin) pairs
+// [B, 1, hd/2, 2]; rope=false for NoPE layers. Caches: fp32 [slots, Hkv, capacity, hd], contiguous.
 at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const at::Tensor& ffn_norm, at::TensorList w,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rot_, int64_t pos,
                         int64_t heads, int64_t kv_heads, double eps, bool rope) {
@@ -503,7 +522,12 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const
   const int64_t batch = x.size(0), dim = x.size(-1), hd = k_cache.size(3), capacity = k_cache.size(2);
   const int64_t nh = heads + 2 * kv_heads;
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == at::kFloat, "decode_block wants fp32 x [B, 1, D]");
-  TORCH_CHECK(w.size() == 12, "decode_block wants (qs, d, m) for wqkv, wo, w13 and w2");
+  TORCH_CHECK(w.size() == 4, "decode_block wants the packed wqkv, wo, w13 and w2");
+  const Packed wqkv = packed(w[0], -1), wo = packed(w[1], -1), w13 = packed(w[2], -1), w2 = packed(w[3], -1);
+  const int64_t f = w13.n / 2;
+  TORCH_CHECK(wqkv.nb * QK == dim && wqkv.n == nh * hd && wo.nb * QK == heads * hd && wo.n == dim &&
+                  w13.nb * QK == dim && w13.n % 2 == 0 && w2.nb * QK == f && w2.n == dim,
+              "decode_block: the projections' shapes do not fit dim ", dim, ", ", heads, "+2x", kv_heads, " heads of ", hd);
   TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous() && k_cache.size(1) == kv_heads &&
                   batch <= k_cache.size(0) && 0 <= pos && pos < capacity,
@@ -512,38 +536,83 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const
   for (const at::Tensor* norm : {&attn_norm, &ffn_norm})
     TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->is_contiguous() && norm->numel() == dim,
                 "decode_block: norm weights must be contiguous fp32 [D]");
-  const float eps_f = static_cast<float>(eps);
+  const float eps_f = static_cast<float>(eps), scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const int64_t widest = std::max({dim, heads * hd, f}), len = pos + 1;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), wqkv.groups)));
 
-  at::Tensor h = at::empty_like(x);
-  rms_norm_rows(x.data_ptr<float>(), attn_norm.data_ptr<float>(), batch, dim, eps_f, h.data_ptr<float>());
-  at::Tensor qkv = project(h, w, 0);  // [B, 1, (H + 2 Hkv) hd]: q heads, k heads, v heads
-  TORCH_CHECK(qkv.size(-1) == nh * hd, "decode_block: wqkv has ", qkv.size(-1), " outputs, want ", nh * hd);
-  float* qkvp = qkv.data_ptr<float>();
-  if (rope) rope_rows(qkvp, rot.data_ptr<float>(), batch, nh, heads + kv_heads, hd);
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      const int64_t at_ = ((b * kv_heads + g) * capacity + pos) * hd;
-      std::copy_n(qkvp + (b * nh + heads + g) * hd, hd, kc + at_);
-      std::copy_n(qkvp + (b * nh + heads + kv_heads + g) * hd, hd, vc + at_);
-    }
-  at::Tensor att = at::empty({batch, 1, heads * hd}, x.options());
+  thread_local Scratch s;  // the calling thread's: the region below reads it through these pointers only
+  s.qkv.resize(batch * nh * hd), s.att.resize(batch * heads * hd), s.hidden.resize(batch * dim);
+  s.gate_up.resize(batch * 2 * f);
+  const int64_t floats = batch * widest + 2 * batch * (widest / QK) + len;  // per thread: input, d, s, scores
+  s.floats.resize(threads * floats), s.ints.resize(threads * batch * widest);
+  at::Tensor out = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *rp = rope ? rot.data_ptr<float>() : nullptr;
+  const float *norm1 = attn_norm.data_ptr<float>(), *norm2 = ffn_norm.data_ptr<float>();
+  float *qkv = s.qkv.data(), *att = s.att.data(), *hidden = s.hidden.data(), *gate_up = s.gate_up.data();
+  float *op = out.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  float* thread_floats = s.floats.data();
+  int16_t* thread_ints = s.ints.data();
   const Cached keys{kc, kv_heads * capacity * hd, capacity * hd, hd}, values{vc, kv_heads * capacity * hd, capacity * hd, hd};
-  attend_rows(qkvp, nh * hd, batch, heads, kv_heads, hd, keys, values, pos + 1, 1.f / std::sqrt(static_cast<float>(hd)),
-              att.data_ptr<float>());
-  at::Tensor hidden = project(att, w, 1);
-  float* hp = hidden.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < batch * dim; ++i) hp[i] += xp[i];
 
-  rms_norm_rows(hp, ffn_norm.data_ptr<float>(), batch, dim, eps_f, h.data_ptr<float>());
-  at::Tensor gate_up = project(h, w, 2);
-  const int64_t f = gate_up.size(-1) / 2;
-  at::Tensor act = at::empty({batch, 1, f}, x.options());
-  silu_mul_rows(gate_up.data_ptr<float>(), batch, f, act.data_ptr<float>());
-  at::Tensor out = project(act, w, 3);
-  float* op = out.data_ptr<float>();
-  for (int64_t i = 0; i < batch * dim; ++i) op[i] += hp[i];
+#pragma omp parallel num_threads(threads)
+  {
+    const int id = omp_get_thread_num(), nt = omp_get_num_threads();
+    float* input = thread_floats + id * floats;  // this thread's copy of the current matmul input
+    QuantizedActivations a;
+    a.qp = thread_ints + id * batch * widest;
+    a.dp = input + batch * widest;
+    a.sp = a.dp + batch * (widest / QK);
+    float* scores = const_cast<float*>(a.sp) + batch * (widest / QK);
+    auto quantize = [&](int64_t k) {  // input [batch, k] -> a
+      for (int64_t b = 0; b < batch; ++b)
+        quantize_row(input + b * k, k, const_cast<int16_t*>(a.qp) + b * k, const_cast<float*>(a.dp) + b * (k / QK),
+                     const_cast<float*>(a.sp) + b * (k / QK));
+    };
+    auto share = [&](const Packed& p, int64_t& lo, int64_t& hi) {  // this thread's groups of p
+      lo = p.groups * id / nt, hi = p.groups * (id + 1) / nt;
+    };
+    int64_t lo, hi;
+
+    // attention: q, k, v of this thread's rows, rotated, k and v into the cache
+    for (int64_t b = 0; b < batch; ++b) rms_norm_row(xp + b * dim, norm1, dim, eps_f, input + b * dim);
+    quantize(dim);
+    share(wqkv, lo, hi);
+    matmul_groups(a, batch, wqkv, qkv, lo, hi);
+    const int64_t first = lo * ROWS, last = std::min(hi * ROWS, wqkv.n), rotated = (heads + kv_heads) * hd;
+    for (int64_t b = 0; b < batch; ++b) {
+      float* row = qkv + b * nh * hd;
+      if (rope && first < rotated) rope_span(row, rp + b * hd, hd, first, std::min(last, rotated));
+      for (int64_t e = std::max(first, heads * hd); e < last; ++e) {  // k and v values of this thread's rows
+        const bool is_k = e < rotated;
+        const int64_t g = (e - (is_k ? heads * hd : rotated)) / hd, i = e % hd;
+        (is_k ? kc : vc)[((b * kv_heads + g) * capacity + pos) * hd + i] = row[e];
+      }
+    }
+#pragma omp barrier
+    attend(qkv, nh * hd, heads, kv_heads, hd, keys, values, len, scale, att, batch * heads * id / nt,
+           batch * heads * (id + 1) / nt, scores);
+#pragma omp barrier
+    // h = x + wo(att)
+    std::copy_n(att, batch * heads * hd, input);
+    quantize(heads * hd);
+    share(wo, lo, hi);
+    matmul_groups(a, batch, wo, hidden, lo, hi);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t e = lo * ROWS; e < hi * ROWS; ++e) hidden[b * dim + e] += xp[b * dim + e];
+#pragma omp barrier
+    // out = h + w2(silu(gate) * up)
+    for (int64_t b = 0; b < batch; ++b) rms_norm_row(hidden + b * dim, norm2, dim, eps_f, input + b * dim);
+    quantize(dim);
+    share(w13, lo, hi);
+    matmul_groups(a, batch, w13, gate_up, lo, hi);
+#pragma omp barrier
+    for (int64_t b = 0; b < batch; ++b) silu_mul_row(gate_up + b * 2 * f, gate_up + b * 2 * f + f, f, input + b * f);
+    quantize(f);
+    share(w2, lo, hi);
+    matmul_groups(a, batch, w2, op, lo, hi);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t e = lo * ROWS; e < hi * ROWS; ++e) op[b * dim + e] += hidden[b * dim + e];
+  }
   return out;
 }
 
@@ -558,10 +627,9 @@ bool has_avx2() {
 }  // namespace
 
 TORCH_LIBRARY(herd, lib) {
-  lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor", &q4_linear);
-  lib.def("q8_linear(Tensor x, Tensor qs, Tensor d) -> Tensor", &q8_linear);
-  lib.def("q4_dequantize(Tensor qs, Tensor d, Tensor m) -> Tensor", &q4_dequantize);
-  lib.def("q8_dequantize(Tensor qs, Tensor d) -> Tensor", &q8_dequantize);
+  lib.def("pack(Tensor q, Tensor d, Tensor? m=None) -> Tensor", &pack);
+  lib.def("linear(Tensor x, Tensor w, int n=-1) -> Tensor", &linear);
+  lib.def("dequantize(Tensor w, int n=-1) -> Tensor", &dequantize);
   lib.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", &decode_attention);
   lib.def("silu_mul(Tensor x) -> Tensor", &silu_mul);

@@ -181,15 +181,15 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def kernel_weights(self) -> list:
-        """The (qs, d, m) of wqkv, wo, w13 and w2 when herd::decode_block can run this block (projections in
-        herd's quantized layouts, a plain Llama block: no MoE, QK norm, temperature tuning or chunking);
-        else []. Looked up once: the modules are fixed after loading."""
+        """The packed wqkv, wo, w13 and w2 when herd::decode_block can run this block (projections in herd's
+        quantized layouts, a plain Llama block: no MoE, QK norm, temperature tuning or chunking); else [].
+        Looked up once: the modules are fixed after loading."""
         if not hasattr(self, "_kernel_weights"):
             spec, ffn = self.attention.spec, self.feed_forward
             plain = not (spec.moe or spec.qk_norm or spec.temperature_tuning or spec.chunk_size)
             projections = [self.attention.wqkv, self.attention.wo, getattr(ffn, "w13", None), getattr(ffn, "w2", None)]
-            usable = plain and all(hasattr(p, "kernel_weights") for p in projections)
-            self._kernel_weights = [t for p in projections for t in p.kernel_weights()] if usable else []
+            packed = [p.kernel_weights() if plain and hasattr(p, "kernel_weights") else None for p in projections]
+            self._kernel_weights = packed if all(w is not None for w in packed) else []
         return self._kernel_weights
 
     def decode_in_one_op(self, x, ctx: "ForwardContext", layer_id: int):

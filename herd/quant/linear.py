@@ -76,50 +76,40 @@ class Int4Linear(nn.Module):
 
 
 class Q4Linear(nn.Module):
-    """y = x W^T with W in herd's q4 block layout (herd/kernels/cpu.cpp): w = d*q + m, q in 0..15, one d and
-    one m per 32 inputs. Every 4-bit GGML type with a scale and offset per 32 (Q4_0, Q4_1, Q4_K) and herd's
-    own int4 are this exactly. Few tokens: integer dot products against activations quantized to int16 per
-    block (llama.cpp uses int8, which measured 96.7% greedy agreement with the fp32 path on SmolLM2; int16
-    100%); a long prompt: the weight dequantized to fp32 for a float GEMM (faster per token)."""
+    """y = x W^T with W = d*q + m, q in 0..15, one d and one m per 32 inputs: every 4-bit GGML type with a
+    scale and offset per 32 (Q4_0, Q4_1, Q4_K) and herd's own int4, exactly. Kept in herd's packed layout
+    (herd/kernels/cpu.cpp: groups of 8 rows, 24 bytes per 32 weights). Few tokens: integer dot products
+    against activations quantized to int16 per block (llama.cpp uses int8, which measured 96.7% greedy
+    agreement with the fp32 path on SmolLM2; int16 100%); a long prompt: the weight dequantized to fp32 for
+    a float GEMM (faster per token)."""
 
-    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
         super().__init__()
-        self.out_features, self.in_features = qs.shape[0], qs.shape[1] * 2
-        self.register_buffer("qs", qs)  # uint8 [N, K/2]
-        self.register_buffer("d", d.float().contiguous())  # [N, K/32]
-        self.register_buffer("m", m.float().contiguous())
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("packed", torch.ops.herd.pack(q, d, m))  # uint8 [ceil(N/8), K/32 * 192]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # fp32 [..., N]; the op picks dot products or GEMM
-        return torch.ops.herd.q4_linear(x, self.qs, self.d, self.m)
+        return torch.ops.herd.linear(x, self.packed, self.out_features)
 
     def dequantize(self) -> torch.Tensor:
-        return torch.ops.herd.q4_dequantize(self.qs, self.d, self.m)
+        return torch.ops.herd.dequantize(self.packed, self.out_features)
 
-    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # what herd::decode_block takes
-        return self.qs, self.d, self.m
+    def kernel_weights(self) -> torch.Tensor | None:
+        """What herd::decode_block takes (whole groups of 8 rows only)."""
+        return self.packed if self.out_features % 8 == 0 else None
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, q4 blocks of 32 (herd kernels)"
 
 
-class Q8Linear(nn.Module):
+class Q8Linear(Q4Linear):
     """y = x W^T with W int8 and one scale per 32 inputs (GGML Q8_0 exactly; herd int8 per channel with the
-    channel's scale repeated). Computed like Q4Linear."""
+    channel's scale repeated), packed like Q4Linear (36 bytes per 32 weights) and computed the same way."""
 
-    def __init__(self, qs: torch.Tensor, d: torch.Tensor):
-        super().__init__()
-        self.out_features, self.in_features = qs.shape
-        self.register_buffer("qs", qs)  # int8 [N, K]
-        self.register_buffer("d", d.float().contiguous())  # [N, K/32]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.herd.q8_linear(x, self.qs, self.d)
-
-    def dequantize(self) -> torch.Tensor:
-        return torch.ops.herd.q8_dequantize(self.qs, self.d)
-
-    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # no offsets: empty m
-        return self.qs, self.d, self.d.new_empty(0)
+    def __init__(self, q: torch.Tensor, d: torch.Tensor):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("packed", torch.ops.herd.pack(q, d))  # int8 [ceil(N/8), K/32 * 288]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, q8 blocks of 32 (herd kernels)"
@@ -346,30 +336,11 @@ def int4_from_ggml(tensors: list[GGMLTensor]) -> Int4Linear:
 Q8_TYPES = frozenset({GGMLType.Q8_0})  # exact in Q8Linear
 
 
-def pack_q4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] values 0..15 -> the q4 layout [N, K/2]: blocks of 32 in pairs, byte j of a pair holding
-    element j of the first block (low nibble) and of the second (high); an odd last block holds its
-    elements j and j+16 in byte j."""
-    n, k = q.shape
-    pairs = k // 64
-    main = q[:, : pairs * 64].reshape(n, pairs, 2, 32)
-    parts = [(main[:, :, 0] | (main[:, :, 1] << 4)).reshape(n, pairs * 32)]
-    if k % 64:
-        tail = q[:, pairs * 64 :]
-        parts.append(tail[:, :16] | (tail[:, 16:] << 4))
-    return torch.cat(parts, dim=1).contiguous()
-
-
 def q4_from_ggml(tensors: list[GGMLTensor]) -> Q4Linear:
     """One Q4Linear for GGML weights of one Q4 type stacked along the output dim (fused q/k/v, gate/up)."""
-    qs, d, m = [], [], []
-    for t in tensors:
-        for a in range(0, t.shape[0], _PACK_ROWS):
-            q, scale, offset = ggml_q4(_ggml_rows(t, a, min(t.shape[0], a + _PACK_ROWS)))
-            qs.append(pack_q4(q))
-            d.append(scale)
-            m.append(offset)
-    return Q4Linear(torch.cat(qs), torch.cat(d), torch.cat(m))
+    parts = [ggml_q4(_ggml_rows(t, a, min(t.shape[0], a + _PACK_ROWS)))
+             for t in tensors for a in range(0, t.shape[0], _PACK_ROWS)]
+    return Q4Linear(*(torch.cat([p[i] for p in parts]) for i in range(3)))
 
 
 def q8_from_ggml(tensors: list[GGMLTensor]) -> Q8Linear:
@@ -389,7 +360,7 @@ def q4_from_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, gro
         raise ValueError(f"group size {group_size} is not a multiple of 32")
     scale = scales.float().repeat_interleave(group_size // 32, dim=1)
     zero = zeros.float().repeat_interleave(group_size // 32, dim=1)
-    return Q4Linear(pack_q4(q), scale, zero - 8 * scale)
+    return Q4Linear(q, scale, zero - 8 * scale)
 
 
 def q8_from_int8(q: torch.Tensor, scales: torch.Tensor) -> Q8Linear:
@@ -430,7 +401,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "COMPUTE_DTYPE", "INT4_TYPES", "Q8_TYPES", "Q4Linear", "Q8Linear", "Int4Linear", "Int8Linear", "BF16Linear",
-    "QuantEmbedding", "RefinedLogits", "ggml_q4", "pack_q4", "q4_from_ggml", "q8_from_ggml", "q4_from_int4",
+    "QuantEmbedding", "RefinedLogits", "ggml_q4", "q4_from_ggml", "q8_from_ggml", "q4_from_int4",
     "q8_from_int8", "ggml_int4_planes", "pack_int4", "dequantize_bf16",
     "int4_from_ggml", "quantize_int4", "quantize_int8", "pack_nibbles", "unpack_nibbles", "QK_K",
 ]
