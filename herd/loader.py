@@ -202,7 +202,9 @@ def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
                 continue
         key = "tok_embeddings.weight" if name == "output" and checkpoint.args.tie_embeddings else f"{name}.weight"
         setattr(parent, attr, _linear([tensors[key]]))
-    model.tok_embeddings = QuantEmbedding(tensors["tok_embeddings.weight"], torch.float32)
+    # Tied to an output in herd's packed layout: look rows up there (the file's map can then go).
+    tied_packed = checkpoint.args.tie_embeddings and hasattr(model.output, "packed")
+    model.tok_embeddings = QuantEmbedding(model.output if tied_packed else tensors["tok_embeddings.weight"], torch.float32)
     out_source = tensors["tok_embeddings.weight" if checkpoint.args.tie_embeddings else "output.weight"]
     # A bf16 or int4pack output rounds logits ~0.1 apart: near-ties of the top ones are decided in fp32 from
     # the stored rows. herd's kernels (fp32 out, ~15-bit activations) need no such help.

@@ -19,7 +19,7 @@ from gguf import quants
 from herd import kernels
 from herd.quant import GGMLTensor
 from herd.quant.ggml import GGMLType
-from herd.quant.linear import Q4Linear, Q8Linear, q4_from_ggml, q4_from_int4, q8_from_ggml, quantize_int4
+from herd.quant.linear import Q4Linear, Q8Linear, QuantEmbedding, q4_from_ggml, q4_from_int4, q8_from_ggml, quantize_int4
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"herd kernels unavailable: {kernels.why_not()}")
 
@@ -53,6 +53,18 @@ def test_quantized_linear_is_the_ggml_matmul(qtype, k, tokens):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     else:  # activations as int16 per block of 32: 1/(2*32767) of the block's largest
         assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
+def test_tied_embedding_rows_come_from_the_packed_output(qtype):
+    gguf_w, ref_w = gguf_tensor(qtype, np.random.default_rng(3).standard_normal((70, 96)))
+    output = q8_from_ggml([gguf_w]) if qtype == Q.Q8_0 else q4_from_ggml([gguf_w])
+    embedding = QuantEmbedding(output)
+    assert embedding.packed is output.packed  # one copy
+    tokens = torch.tensor([[0, 69, 8], [3, 3, 64]])
+    assert torch.equal(embedding(tokens), ref_w[tokens])
+    with pytest.raises(RuntimeError, match="out of range"):
+        embedding(torch.tensor([70]))
 
 
 def test_q4_k_is_the_ggml_matmul():

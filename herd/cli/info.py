@@ -31,6 +31,8 @@ def show_memory(source, dtype=None):
     sizes: dict[str, int] = {}
     for module in llm.model.modules():
         for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if type(module).__name__ == "QuantEmbedding" and name == "packed":
+                continue  # a tied embedding looks rows up in the output's weight, counted there
             n = t.numel() * t.element_size()
             if type(module).__name__ == "QuantEmbedding" and name == "q" and getattr(module, "ggml_type", None):
                 mapped += n  # rows of the memory-mapped file: resident only where looked up

@@ -106,6 +106,11 @@ using GroupKernel = void (*)(const uint8_t* records, const int16_t* aq, const fl
                              float (*out)[ROWS]);
 
 #ifdef HERD_AVX2
+// Records are read in order, a whole model's worth per token (far more than L3): asking for the one 3 KB
+// ahead measured 20-30% faster decode steps than leaving it to the hardware prefetcher (2-core EPYC; 1-8 KB
+// ahead all within noise of each other).
+constexpr int64_t PREFETCH = 3072;
+
 inline __m256i pair(const int16_t* a) {  // (a[0], a[1]) in every 32-bit lane
   int32_t v;
   std::memcpy(&v, a, 4);
@@ -119,6 +124,7 @@ void q4_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
   __m256 acc[T], offset[T];
   for (int i = 0; i < T; ++i) acc[i] = offset[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b, rec += Q4_RECORD) {
+    for (int l = 0; l < Q4_RECORD; l += 64) _mm_prefetch(reinterpret_cast<const char*>(rec + PREFETCH + l), _MM_HINT_T0);
     __m256i isum[T];
     for (int v = 0; v < 4; ++v) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 64 + 32 * v));
@@ -148,6 +154,7 @@ void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
   __m256 acc[T];
   for (int i = 0; i < T; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b, rec += Q8_RECORD) {
+    for (int l = 0; l < Q8_RECORD; l += 64) _mm_prefetch(reinterpret_cast<const char*>(rec + PREFETCH + l), _MM_HINT_T0);
     __m256i isum[T];
     for (int v = 0; v < 8; v += 2) {  // two vectors per step: elements 4v..4v+7
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 32 + 32 * v));
@@ -261,24 +268,43 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, int64_t n_) {
   return y.view(shape);
 }
 
-// The dequantized rows, fp32 [n, K]: prompts of many tokens multiply by these with a float GEMM.
+// Row `row` of a packed weight, dequantized into out[K].
+void dequantize_row(const Packed& w, int64_t row, float* out) {
+  const int64_t g = row / ROWS, r = row % ROWS;
+  const uint8_t* rec = w.p + g * w.nb * w.record();
+  for (int64_t b = 0; b < w.nb; ++b, rec += w.record(), out += QK) {
+    const float* dm = reinterpret_cast<const float*>(rec);
+    for (int64_t j = 0; j < QK; ++j)
+      out[j] = w.q4 ? dm[r] * static_cast<float>((rec[64 + q4_byte(r, j)] >> q4_shift(j)) & 0x0F) + dm[ROWS + r]
+                    : dm[r] * static_cast<float>(static_cast<int8_t>(rec[32 + q8_byte(r, j)]));
+  }
+}
+
+// The dequantized weight, fp32 [n, K]: prompts of many tokens multiply by it with a float GEMM.
 at::Tensor dequantize(const at::Tensor& w_, int64_t n) {
   const Packed w = packed(w_, n);
-  const int64_t k = w.nb * QK, stride = w.nb * w.record();
+  const int64_t k = w.nb * QK;
   at::Tensor out = at::empty({w.n, k}, at::kFloat);
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, w.groups, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t g = lo; g < hi; ++g)
-      for (int64_t r = 0; r < std::min(ROWS, w.n - g * ROWS); ++r)
-        for (int64_t b = 0; b < w.nb; ++b) {
-          const uint8_t* rec = w.p + g * stride + b * w.record();
-          const float* dm = reinterpret_cast<const float*>(rec);
-          float* o = op + (g * ROWS + r) * k + b * QK;
-          for (int64_t j = 0; j < QK; ++j)
-            o[j] = w.q4 ? dm[r] * static_cast<float>((rec[64 + q4_byte(r, j)] >> q4_shift(j)) & 0x0F) + dm[ROWS + r]
-                        : dm[r] * static_cast<float>(static_cast<int8_t>(rec[32 + q8_byte(r, j)]));
-        }
+  at::parallel_for(0, w.n, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) dequantize_row(w, r, op + r * k);
   });
+  return out;
+}
+
+// Rows `rows` (int64, any shape) of a packed weight of n rows, dequantized: fp32 [*rows.shape, K]. An
+// embedding table tied to the output projection is looked up here, from the output's packed weight.
+at::Tensor dequantize_rows(const at::Tensor& w_, const at::Tensor& rows_, int64_t n) {
+  const Packed w = packed(w_, n);
+  const at::Tensor rows = rows_.to(at::kLong).contiguous();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i)
+    TORCH_CHECK(0 <= rp[i] && rp[i] < w.n, "row ", rp[i], " is out of range for ", w.n, " rows");
+  std::vector<int64_t> shape(rows.sizes().begin(), rows.sizes().end());
+  shape.push_back(w.nb * QK);
+  at::Tensor out = at::empty(shape, at::kFloat);
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < rows.numel(); ++i) dequantize_row(w, rp[i], op + i * w.nb * QK);
   return out;
 }
 
@@ -630,6 +656,7 @@ TORCH_LIBRARY(herd, lib) {
   lib.def("pack(Tensor q, Tensor d, Tensor? m=None) -> Tensor", &pack);
   lib.def("linear(Tensor x, Tensor w, int n=-1) -> Tensor", &linear);
   lib.def("dequantize(Tensor w, int n=-1) -> Tensor", &dequantize);
+  lib.def("dequantize_rows(Tensor w, Tensor rows, int n=-1) -> Tensor", &dequantize_rows);
   lib.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", &decode_attention);
   lib.def("silu_mul(Tensor x) -> Tensor", &silu_mul);

@@ -149,16 +149,22 @@ class BF16Linear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """Embedding rows kept quantized (GGML blocks, usually a slice of the file's memory map, or a herd
-    int4/int8 weight); a lookup dequantizes only the rows it needs. `weight` is an empty tensor that carries
-    the activation dtype and device, for code that asks the embedding which KV cache to allocate."""
+    """Embedding rows kept quantized (GGML blocks, usually a slice of the file's memory map, a herd
+    int4/int8 weight, or the packed weight of the output projection it is tied to); a lookup dequantizes
+    only the rows it needs. `weight` is an empty tensor that carries the activation dtype and device, for
+    code that asks the embedding which KV cache to allocate."""
 
-    def __init__(self, source: GGMLTensor | Int4Weight | Int8Weight | torch.Tensor, dtype: torch.dtype = torch.float32):
+    def __init__(self, source: GGMLTensor | Int4Weight | Int8Weight | Q4Linear | torch.Tensor,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = source.shape
         self.ggml_type = self.group_size = None
         self.dense = isinstance(source, torch.Tensor)
-        if self.dense:  # a float table in a quantized file: kept in bf16, looked up in `dtype`
+        self.packed_rows = isinstance(source, Q4Linear)  # (or Q8Linear) an output projection it is tied to
+        shape = (source.out_features, source.in_features) if self.packed_rows else source.shape
+        self.num_embeddings, self.embedding_dim = shape
+        if self.packed_rows:  # the same buffer: a lookup dequantizes its rows in C++, no second copy
+            parts = {"packed": source.packed}
+        elif self.dense:  # a float table in a quantized file: kept in bf16, looked up in `dtype`
             parts = {"q": source.to(COMPUTE_DTYPE)}
         elif isinstance(source, GGMLTensor):
             self.ggml_type = GGMLType(source.ggml_type)
@@ -179,7 +185,9 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         idx = tokens.reshape(-1)
-        if self.dense:
+        if self.packed_rows:
+            out = torch.ops.herd.dequantize_rows(self.packed, idx, self.num_embeddings)
+        elif self.dense:
             out = self.q[idx]
         elif self.ggml_type is not None:
             picked = self.q[idx]
@@ -191,7 +199,8 @@ class QuantEmbedding(nn.Module):
         return out.to(self.weight.dtype).view(*tokens.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        kind = self.ggml_type.name if self.ggml_type is not None else f"int4 g{self.group_size}" if self.group_size else "int8"
+        kind = ("packed q4/q8 (the output's)" if self.packed_rows else self.ggml_type.name if self.ggml_type is not None
+                else f"int4 g{self.group_size}" if self.group_size else "int8")
         return f"{self.num_embeddings}, {self.embedding_dim}, {kind} rows"
 
 
