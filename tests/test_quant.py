@@ -236,14 +236,18 @@ def test_quantized_decode_equals_full_forward(smollm2_q):
     assert rel_err(torch.log_softmax(step[0, -1], -1), full[1]) < 0.02
 
 
-def _decode_logits(llm, ids):
+def _decode_logits(llm, ids, *more):
     """Logits for ids fed one token per forward through the KV cache: the decode path generation runs (with
-    herd's kernels: quantized activations, one C++ op per block), not the prompt's float GEMMs."""
+    herd's kernels: quantized activations, one C++ op per block), not the prompt's float GEMMs. With
+    `more` sequences of the same length, all rows step together (a batch): [rows, T, vocab]."""
     from herd.model import KVCache
 
-    cache = KVCache.for_model(llm.config, len(ids))
+    rows = [ids, *more]
+    cache = KVCache.for_model(llm.config, len(ids), slots=len(rows))
     with torch.inference_mode():
-        return torch.cat([llm.model(torch.tensor([[t]]), start_pos=i, cache=cache)[0] for i, t in enumerate(ids)])
+        steps = [llm.model(torch.tensor([[r[i]] for r in rows]), start_pos=i, cache=cache)[:, 0]
+                 for i in range(len(ids))]
+    return torch.stack(steps, 1) if more else torch.stack(steps, 1)[0]
 
 
 def test_quantized_decode_path_agreement_and_perplexity(smollm2, smollm2_q, shakespeare_ids):
@@ -266,6 +270,8 @@ def test_one_op_decode_block_is_the_block(smollm2_q, shakespeare_ids, monkeypatc
     if not kernels.load():
         pytest.skip(f"herd kernels unavailable: {kernels.why_not()}")
     ids = shakespeare_ids[:48]
-    fused = _decode_logits(smollm2_q, ids)
+    fused, fused_batch = _decode_logits(smollm2_q, ids), _decode_logits(smollm2_q, ids[:24], ids[24:])
     monkeypatch.setattr(model_module, "ONE_OP_DECODE", False)
     torch.testing.assert_close(fused, _decode_logits(smollm2_q, ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused_batch, _decode_logits(smollm2_q, ids[:24], ids[24:]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused_batch[0], fused[:24], rtol=1e-4, atol=1e-4)  # rows do not mix
