@@ -137,13 +137,13 @@ def _linear(sources: list) -> nn.Module:
 
     first = sources[0]
     fast = kernels.load() and first.shape[-1] % 32 == 0
-    if all(isinstance(s, GGMLTensor) and s.ggml_type == first.ggml_type for s in sources):
-        module = None
-        if fast and first.ggml_type in INT4_TYPES:
+    if all(isinstance(s, GGMLTensor) for s in sources):
+        types, module = {s.ggml_type for s in sources}, None
+        if fast and types <= INT4_TYPES and len(types) == 1:
             module = q4_from_ggml(sources)
-        elif fast and first.ggml_type in Q8_TYPES:
+        elif fast and types <= INT4_TYPES | Q8_TYPES:  # Q8_0, Q5_K, Q6_K, or a mix of types
             module = q8_from_ggml(sources)
-        elif first.ggml_type in INT4_TYPES:
+        elif types <= INT4_TYPES and len(types) == 1:
             module = int4_from_ggml(sources)
         if module is not None:
             for s in sources:  # repacked: the file's pages need not stay resident
@@ -168,9 +168,16 @@ def _linear(sources: list) -> nn.Module:
 
 
 def _fusable(sources: list) -> bool:
-    """Fuse only what stays in one kernel: the same GGML type, or all herd int4 / int8 / float."""
+    """Fuse only what stays in one kernel: the same GGML type, or all herd int4 / int8 / float; with herd's
+    kernels also GGML types that differ (a Q4_K_M file's Q4_K q, k and Q6_K v) but share an exact form."""
+    from herd import kernels
+    from herd.quant.linear import INT4_TYPES, Q8_TYPES
+
     kinds = {(type(s), getattr(s, "ggml_type", None), getattr(s, "group_size", None)) for s in sources}
-    return len(kinds) == 1
+    if len(kinds) == 1:
+        return True
+    return (kernels.load() and all(isinstance(s, GGMLTensor) for s in sources)
+            and {s.ggml_type for s in sources} <= INT4_TYPES | Q8_TYPES and sources[0].shape[-1] % 32 == 0)
 
 
 def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:

@@ -79,6 +79,39 @@ def test_q4_k_is_the_ggml_matmul():
     assert rel_err(layer(x), x @ ref_w.T) < 1e-4
 
 
+@pytest.mark.parametrize("qtype", [Q.Q5_K, Q.Q6_K])
+@pytest.mark.parametrize("tokens", [1, 3, 20])
+def test_q5_k_and_q6_k_are_the_ggml_matmul(qtype, tokens):
+    """Q5_K and Q6_K (a scale per 16, offsets) as 8-bit blocks: random blocks, as a file holds them, against
+    gguf-py's dequantization; 44 rows leave a padded group of 8."""
+    from tests.test_quant import random_ggml
+
+    t = random_ggml(GGMLType(int(qtype)), 44, 512, 11)
+    ref_w = torch.from_numpy(quants.dequantize(t.data, qtype).reshape(44, 512).astype(np.float32))
+    layer = q8_from_ggml([t])
+    assert isinstance(layer, Q8Linear) and layer.packed.shape == (6, 16, 352)
+    torch.testing.assert_close(layer.dequantize(), ref_w, rtol=1e-6, atol=1e-6)
+    x = torch.randn(tokens, 512)
+    assert rel_err(layer(x), x @ ref_w.T) < 1e-4
+
+
+def test_weights_of_mixed_types_fuse_exactly():
+    """A Q4_K_M file stores q and k as Q4_K and v as Q6_K: fused into one 8-bit module with offsets and a
+    scale per 16, which holds each type exactly (so the block still runs as one op)."""
+    from herd.loader import _fusable, _linear
+    from tests.test_quant import random_ggml
+
+    parts = [random_ggml(GGMLType.Q4_K, 40, 512, 1), random_ggml(GGMLType.Q6_K, 16, 512, 2),
+             random_ggml(GGMLType.Q8_0, 8, 512, 3), random_ggml(GGMLType.Q4_1, 8, 512, 4)]
+    assert _fusable(parts)
+    layer = _linear(parts)
+    assert isinstance(layer, Q8Linear) and layer.packed.shape[-1] == 352 and layer.kernel_weights() is not None
+    want = torch.cat([p.dequantize() for p in parts])
+    torch.testing.assert_close(layer.dequantize(), want, rtol=1e-6, atol=1e-6)
+    x = torch.randn(2, 512)
+    assert rel_err(layer(x), x @ want.T) < 1e-4
+
+
 def test_bf16_inputs_and_shapes():
     gguf_w, ref_w = gguf_tensor(Q.Q4_1, np.random.default_rng(0).standard_normal((33, 64)) * 0.1)
     layer = q4_from_ggml([gguf_w])
@@ -113,8 +146,8 @@ def test_packed_layout(q4):
     d, m = torch.rand(n, k // 32), torch.rand(n, k // 32)
     packed = kernels.ops.pack(q, d, m) if q4 else kernels.ops.pack(q, d)
     record = 192 if q4 else 288
-    assert packed.shape == (2, 2 * record) and packed.dtype == q.dtype
-    rec = packed.view(torch.uint8).reshape(2, 2, record)  # [group, block, record]
+    assert packed.shape == (2, 2, record) and packed.dtype == torch.uint8
+    rec = packed  # [group, block, record]
     for row, block, j in [(0, 0, 0), (3, 1, 5), (10, 1, 31), (7, 0, 18)]:
         g, r = divmod(row, 8)
         floats = rec[g, block, :64].contiguous().view(torch.float32)

@@ -6,11 +6,14 @@
 // with the local compiler and loaded as torch ops (torch.ops.herd.*); without a compiler herd uses PyTorch's.
 //
 // Weight layout: rows in groups of 8 (the last one padded with zero rows), each group's blocks of 32 inputs
-// in order, one record per (group, block) holding the 8 rows' scales, offsets and values:
-//   q4 (uint8 tensor [G, nb * 192]): d[8] fp32, m[8] fp32, then four 32-byte vectors of 4-bit values: in
-//       vector v, 16-bit lane 2r+h holds in bits 4s..4s+3 element 8v + 2s + h of row r. w = d*q + m, q 0..15.
-//   q8 (int8 tensor [G, nb * 288]): d[8] fp32, then eight 32-byte vectors: in vector v, 16-bit lane 2r+h
+// in order, one record per (group, block) holding the 8 rows' scales, offsets and values. A packed weight
+// is a uint8 tensor [G, nb, record]; the record's size says which kind it is:
+//   q4 (192 bytes): d[8] fp32, m[8] fp32, then four 32-byte vectors of 4-bit values: in vector v, 16-bit
+//       lane 2r+h holds in bits 4s..4s+3 element 8v + 2s + h of row r. w = d*q + m, q 0..15.
+//   q8 (288 bytes): d[8] fp32, then eight 32-byte vectors of int8 values: in vector v, 16-bit lane 2r+h
 //       holds element 4v + h of row r in its low byte and element 4v + 2 + h in its high byte. w = d*q.
+//   q8x (352 bytes): d[8] for elements 0-15, d[8] for 16-31, m[8], then the values as q8. w = d*q + m:
+//       GGML Q5_K (5-bit values, scale and min per 32) and Q6_K (6-bit, scale per 16) exactly.
 // After one shift and mask (q4) or sign extension (q8), 32-bit lane r of a vector holds row r's elements
 // (2j, 2j+1) as int16, so one vpmaddwd against the broadcast activation pair (a[2j], a[2j+1]) adds to all
 // 8 rows' sums: 8 outputs per vector, no horizontal reduction, one scale multiply per block for 8 rows
@@ -45,6 +48,7 @@ constexpr int64_t ROWS = 8;   // rows per group: one 8-lane vector of outputs
 constexpr int64_t TILE = 4;   // tokens sharing one unpacked weight vector
 constexpr int64_t Q4_RECORD = 2 * ROWS * 4 + ROWS * QK / 2;  // 192 bytes: d[8], m[8], 128 bytes of nibbles
 constexpr int64_t Q8_RECORD = ROWS * 4 + ROWS * QK;          // 288 bytes: d[8], 256 values
+constexpr int64_t Q8X_RECORD = 3 * ROWS * 4 + ROWS * QK;     // 352 bytes: d[8] twice, m[8], 256 values
 
 // Where element j (0..31) of row r (0..7) lives in a record's values: byte offset and, for q4, bit shift.
 inline int64_t q4_byte(int64_t r, int64_t j) { return (j / 8) * 32 + 2 * (2 * r + j % 2) + (j % 8) / 4; }
@@ -148,17 +152,19 @@ void q4_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
   for (int i = 0; i < T; ++i) _mm256_storeu_ps(out[i], _mm256_add_ps(acc[i], offset[i]));
 }
 
-template <int T>
+// X: q8x records (a scale per 16 and an offset per 32), else q8.
+template <int T, bool X>
 void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
+  constexpr int64_t record = X ? Q8X_RECORD : Q8_RECORD, values = X ? 96 : 32;
   const int64_t k = nb * QK;
-  __m256 acc[T];
-  for (int i = 0; i < T; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b, rec += Q8_RECORD) {
-    for (int l = 0; l < Q8_RECORD; l += 64) _mm_prefetch(reinterpret_cast<const char*>(rec + PREFETCH + l), _MM_HINT_T0);
-    __m256i isum[T];
+  __m256 acc[T], offset[T];
+  for (int i = 0; i < T; ++i) acc[i] = offset[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, rec += record) {
+    for (int l = 0; l < record; l += 64) _mm_prefetch(reinterpret_cast<const char*>(rec + PREFETCH + l), _MM_HINT_T0);
+    __m256i isum[2][T];  // elements 0-15 and 16-31
     for (int v = 0; v < 8; v += 2) {  // two vectors per step: elements 4v..4v+7
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 32 + 32 * v));
-      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 64 + 32 * v));
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + values + 32 * v));
+      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + values + 32 + 32 * v));
       const __m256i x0 = _mm256_srai_epi16(_mm256_slli_epi16(x, 8), 8), x1 = _mm256_srai_epi16(x, 8);
       const __m256i y0 = _mm256_srai_epi16(_mm256_slli_epi16(y, 8), 8), y1 = _mm256_srai_epi16(y, 8);
       for (int i = 0; i < T; ++i) {
@@ -166,14 +172,24 @@ void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
         const __m256i s = _mm256_add_epi32(
             _mm256_add_epi32(_mm256_madd_epi16(x0, pair(a)), _mm256_madd_epi16(x1, pair(a + 2))),
             _mm256_add_epi32(_mm256_madd_epi16(y0, pair(a + 4)), _mm256_madd_epi16(y1, pair(a + 6))));
-        isum[i] = v ? _mm256_add_epi32(isum[i], s) : s;
+        isum[v / 4][i] = v % 4 ? _mm256_add_epi32(isum[v / 4][i], s) : s;
       }
     }
-    const __m256 d = _mm256_loadu_ps(reinterpret_cast<const float*>(rec));
-    for (int i = 0; i < T; ++i)
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, _mm256_set1_ps(ad[i * nb + b])), acc[i]);
+    const float* f = reinterpret_cast<const float*>(rec);
+    const __m256 d = _mm256_loadu_ps(f);
+    for (int i = 0; i < T; ++i) {
+      const __m256 scale = _mm256_set1_ps(ad[i * nb + b]);
+      if constexpr (X) {
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[0][i]), _mm256_mul_ps(d, scale), acc[i]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[1][i]), _mm256_mul_ps(_mm256_loadu_ps(f + ROWS), scale), acc[i]);
+        offset[i] = _mm256_fmadd_ps(_mm256_loadu_ps(f + 2 * ROWS), _mm256_set1_ps(as[i * nb + b]), offset[i]);
+      } else {
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(isum[0][i], isum[1][i])), _mm256_mul_ps(d, scale),
+                                 acc[i]);
+      }
+    }
   }
-  for (int i = 0; i < T; ++i) _mm256_storeu_ps(out[i], acc[i]);
+  for (int i = 0; i < T; ++i) _mm256_storeu_ps(out[i], _mm256_add_ps(acc[i], offset[i]));
 }
 #else
 // Without AVX2: the same sums one element at a time.
@@ -193,49 +209,59 @@ void q4_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
   }
 }
 
-template <int T>
+template <int T, bool X>
 void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
+  constexpr int64_t record = X ? Q8X_RECORD : Q8_RECORD, values = X ? 96 : 32;
   const int64_t k = nb * QK;
   for (int i = 0; i < T; ++i) std::fill(out[i], out[i] + ROWS, 0.f);
-  for (int64_t b = 0; b < nb; ++b, rec += Q8_RECORD) {
-    const float* d = reinterpret_cast<const float*>(rec);
+  for (int64_t b = 0; b < nb; ++b, rec += record) {
+    const float* f = reinterpret_cast<const float*>(rec);
     for (int64_t r = 0; r < ROWS; ++r)
       for (int i = 0; i < T; ++i) {
-        int sum = 0;
-        for (int64_t j = 0; j < QK; ++j) sum += static_cast<int8_t>(rec[32 + q8_byte(r, j)]) * aq[i * k + b * QK + j];
-        out[i][r] += d[r] * ad[i * nb + b] * static_cast<float>(sum);
+        int sum[2] = {0, 0};
+        for (int64_t j = 0; j < QK; ++j)
+          sum[j / 16] += static_cast<int8_t>(rec[values + q8_byte(r, j)]) * aq[i * k + b * QK + j];
+        if (X)
+          out[i][r] += f[r] * ad[i * nb + b] * static_cast<float>(sum[0]) +
+                       f[ROWS + r] * ad[i * nb + b] * static_cast<float>(sum[1]) + f[2 * ROWS + r] * as[i * nb + b];
+        else
+          out[i][r] += f[r] * ad[i * nb + b] * static_cast<float>(sum[0] + sum[1]);
       }
   }
 }
 #endif
 
-constexpr GroupKernel q4_kernels[TILE + 1] = {nullptr, q4_group<1>, q4_group<2>, q4_group<3>, q4_group<4>};
-constexpr GroupKernel q8_kernels[TILE + 1] = {nullptr, q8_group<1>, q8_group<2>, q8_group<3>, q8_group<4>};
+enum class Kind { q4, q8, q8x };
+
+constexpr GroupKernel kernel_table[3][TILE + 1] = {
+    {nullptr, q4_group<1>, q4_group<2>, q4_group<3>, q4_group<4>},
+    {nullptr, q8_group<1, false>, q8_group<2, false>, q8_group<3, false>, q8_group<4, false>},
+    {nullptr, q8_group<1, true>, q8_group<2, true>, q8_group<3, true>, q8_group<4, true>}};
 
 // A packed weight: its records and shape. n: the real rows (the last group may be padded).
 struct Packed {
   const uint8_t* p;
-  int64_t groups, nb, n;
-  bool q4;
-  int64_t record() const { return q4 ? Q4_RECORD : Q8_RECORD; }
+  int64_t groups, nb, n, record;
+  Kind kind;
+  const GroupKernel* kernels() const { return kernel_table[static_cast<int>(kind)]; }
 };
 
 Packed packed(const at::Tensor& w, int64_t n) {
-  const bool q4 = w.scalar_type() == at::kByte;
-  TORCH_CHECK((q4 || w.scalar_type() == at::kChar) && w.dim() == 2 && w.is_contiguous(),
-              "a packed weight is a contiguous uint8 (q4) or int8 (q8) [groups, blocks * record] tensor");
-  const int64_t record = q4 ? Q4_RECORD : Q8_RECORD;
-  TORCH_CHECK(w.size(1) % record == 0, "packed weight rows of ", w.size(1), " bytes are not whole records");
-  const int64_t groups = w.size(0);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.is_contiguous(),
+              "a packed weight is a contiguous uint8 [groups, blocks, record] tensor");
+  const int64_t record = w.size(2), groups = w.size(0);
+  TORCH_CHECK(record == Q4_RECORD || record == Q8_RECORD || record == Q8X_RECORD, "records of ", record,
+              " bytes are none of herd's (q4 192, q8 288, q8x 352)");
   if (n < 0) n = groups * ROWS;
   TORCH_CHECK(n > (groups - 1) * ROWS && n <= groups * ROWS, n, " rows do not fill ", groups, " groups of 8");
-  return {static_cast<const uint8_t*>(w.data_ptr()), groups, w.size(1) / record, n, q4};
+  const Kind kind = record == Q4_RECORD ? Kind::q4 : record == Q8_RECORD ? Kind::q8 : Kind::q8x;
+  return {static_cast<const uint8_t*>(w.data_ptr()), groups, w.size(1), n, record, kind};
 }
 
 // y [M, n] = x [M, K] W^T for M < GEMM_TOKENS, groups of rows split across threads.
 void matmul(const QuantizedActivations& a, int64_t m, const Packed& w, float* y) {
-  const GroupKernel* kernels = w.q4 ? q4_kernels : q8_kernels;
-  const int64_t k = w.nb * QK, stride = w.nb * w.record();
+  const GroupKernel* kernels = w.kernels();
+  const int64_t k = w.nb * QK, stride = w.nb * w.record;
   at::parallel_for(0, w.groups, 4, [&](int64_t lo, int64_t hi) {
     float out[TILE][ROWS];
     for (int64_t g = lo; g < hi; ++g)
@@ -271,12 +297,22 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, int64_t n_) {
 // Row `row` of a packed weight, dequantized into out[K].
 void dequantize_row(const Packed& w, int64_t row, float* out) {
   const int64_t g = row / ROWS, r = row % ROWS;
-  const uint8_t* rec = w.p + g * w.nb * w.record();
-  for (int64_t b = 0; b < w.nb; ++b, rec += w.record(), out += QK) {
-    const float* dm = reinterpret_cast<const float*>(rec);
+  const uint8_t* rec = w.p + g * w.nb * w.record;
+  for (int64_t b = 0; b < w.nb; ++b, rec += w.record, out += QK) {
+    const float* f = reinterpret_cast<const float*>(rec);
     for (int64_t j = 0; j < QK; ++j)
-      out[j] = w.q4 ? dm[r] * static_cast<float>((rec[64 + q4_byte(r, j)] >> q4_shift(j)) & 0x0F) + dm[ROWS + r]
-                    : dm[r] * static_cast<float>(static_cast<int8_t>(rec[32 + q8_byte(r, j)]));
+      switch (w.kind) {
+        case Kind::q4:
+          out[j] = f[r] * static_cast<float>((rec[64 + q4_byte(r, j)] >> q4_shift(j)) & 0x0F) + f[ROWS + r];
+          break;
+        case Kind::q8:
+          out[j] = f[r] * static_cast<float>(static_cast<int8_t>(rec[32 + q8_byte(r, j)]));
+          break;
+        case Kind::q8x:
+          out[j] = f[(j / 16) * ROWS + r] * static_cast<float>(static_cast<int8_t>(rec[96 + q8_byte(r, j)])) +
+                   f[2 * ROWS + r];
+          break;
+      }
   }
 }
 
@@ -308,37 +344,46 @@ at::Tensor dequantize_rows(const at::Tensor& w_, const at::Tensor& rows_, int64_
   return out;
 }
 
-// Pack values q [N, K] (uint8 0..15 with offsets m: q4; int8 without: q8) and scales d [N, K/32] into records.
+// Pack values q [N, K] and scales into records: uint8 q (0..15), d [N, K/32] and offsets m -> q4; int8 q,
+// d [N, K/32], no m -> q8; int8 q, d [N, K/16] (one per 16) and m [N, K/32] -> q8x.
 at::Tensor pack(const at::Tensor& q_, const at::Tensor& d_, const c10::optional<at::Tensor>& m_) {
-  const bool q4 = m_.has_value();
   const at::Tensor q = q_.contiguous(), d = d_.to(at::kFloat).contiguous();
-  const at::Tensor m = q4 ? m_->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor m = m_.has_value() ? m_->to(at::kFloat).contiguous() : at::Tensor();
+  TORCH_CHECK(q.dim() == 2 && q.size(1) % QK == 0 && (q.scalar_type() == at::kByte || q.scalar_type() == at::kChar),
+              "pack wants values [N, K], K a multiple of 32: uint8 (q4) or int8 (q8)");
   const int64_t n = q.size(0), k = q.size(1), nb = k / QK, groups = (n + ROWS - 1) / ROWS;
-  TORCH_CHECK(q.dim() == 2 && k % QK == 0 && q.scalar_type() == (q4 ? at::kByte : at::kChar),
-              "pack wants values [N, K] (K a multiple of 32): uint8 for q4, int8 for q8");
-  TORCH_CHECK(d.dim() == 2 && d.size(0) == n && d.size(1) == nb && (!q4 || m.sizes() == d.sizes()),
-              "scales (and offsets) must be [N, K/32]");
-  if (q4) TORCH_CHECK(q.max().item<uint8_t>() < 16, "q4 values must be 0..15");
-  const int64_t record = q4 ? Q4_RECORD : Q8_RECORD;
-  at::Tensor out = at::zeros({groups, nb * record}, q.options());  // padding rows: zero values, scales, offsets
-  uint8_t* op = static_cast<uint8_t*>(out.data_ptr());
+  const Kind kind = q.scalar_type() == at::kByte ? Kind::q4 : m.defined() ? Kind::q8x : Kind::q8;
+  const int64_t scales = kind == Kind::q8x ? 2 * nb : nb;
+  TORCH_CHECK(kind != Kind::q4 || m.defined(), "q4 values need offsets m");
+  TORCH_CHECK(d.dim() == 2 && d.size(0) == n && d.size(1) == scales, "scales must be [N, ", scales, "], got ", d.sizes());
+  TORCH_CHECK(!m.defined() || (m.dim() == 2 && m.size(0) == n && m.size(1) == nb), "offsets must be [N, K/32]");
+  if (kind == Kind::q4) TORCH_CHECK(n == 0 || q.max().item<uint8_t>() < 16, "q4 values must be 0..15");
+  const int64_t record = kind == Kind::q4 ? Q4_RECORD : kind == Kind::q8 ? Q8_RECORD : Q8X_RECORD;
+  at::Tensor out = at::zeros({groups, nb, record}, q.options().dtype(at::kByte));  // padding rows: all zero
+  uint8_t* op = out.data_ptr<uint8_t>();
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
-  const float *dp = d.data_ptr<float>(), *mp = q4 ? m.data_ptr<float>() : nullptr;
+  const float *dp = d.data_ptr<float>(), *mp = m.defined() ? m.data_ptr<float>() : nullptr;
   at::parallel_for(0, groups, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t g = lo; g < hi; ++g)
       for (int64_t r = 0; r < std::min(ROWS, n - g * ROWS); ++r) {
         const int64_t row = g * ROWS + r;
         for (int64_t b = 0; b < nb; ++b) {
           uint8_t* rec = op + (g * nb + b) * record;
-          float* dm = reinterpret_cast<float*>(rec);
-          dm[r] = dp[row * nb + b];
-          if (q4) dm[ROWS + r] = mp[row * nb + b];
+          float* f = reinterpret_cast<float*>(rec);
           const uint8_t* src = qp + row * k + b * QK;
-          for (int64_t j = 0; j < QK; ++j) {
-            if (q4)
-              rec[64 + q4_byte(r, j)] |= static_cast<uint8_t>(src[j] << q4_shift(j));
-            else
-              rec[32 + q8_byte(r, j)] = src[j];
+          switch (kind) {
+            case Kind::q4:
+              f[r] = dp[row * nb + b], f[ROWS + r] = mp[row * nb + b];
+              for (int64_t j = 0; j < QK; ++j) rec[64 + q4_byte(r, j)] |= static_cast<uint8_t>(src[j] << q4_shift(j));
+              break;
+            case Kind::q8:
+              f[r] = dp[row * nb + b];
+              for (int64_t j = 0; j < QK; ++j) rec[32 + q8_byte(r, j)] = src[j];
+              break;
+            case Kind::q8x:
+              f[r] = dp[row * 2 * nb + 2 * b], f[ROWS + r] = dp[row * 2 * nb + 2 * b + 1], f[2 * ROWS + r] = mp[row * nb + b];
+              for (int64_t j = 0; j < QK; ++j) rec[96 + q8_byte(r, j)] = src[j];
+              break;
           }
         }
       }
@@ -515,8 +560,8 @@ void rope_(const at::Tensor& x, const at::Tensor& rot_, int64_t heads) {
 
 // One thread's share of a matmul: groups [lo, hi) of y [m, n] = x W^T, x already quantized.
 void matmul_groups(const QuantizedActivations& a, int64_t m, const Packed& w, float* y, int64_t lo, int64_t hi) {
-  const GroupKernel* kernels = w.q4 ? q4_kernels : q8_kernels;
-  const int64_t k = w.nb * QK, stride = w.nb * w.record();
+  const GroupKernel* kernels = w.kernels();
+  const int64_t k = w.nb * QK, stride = w.nb * w.record;
   float out[TILE][ROWS];
   for (int64_t g = lo; g < hi; ++g)
     for (int64_t i0 = 0; i0 < m; i0 += TILE) {

@@ -180,15 +180,20 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
 _Q6_SHIFT = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k_values(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K blocks -> (q int8 [nb, 256] in -32..31, scales int8 [nb, 16], one per 16 weights)."""
     # Each 128-weight half: y[l], y[l+32], y[l+64], y[l+96] take the low nibble of ql[l], of ql[l+32],
     # the high nibble of ql[l], of ql[l+32], and 2 bits of qh[l] at shifts 0, 2, 4, 6 respectively.
     ql = b[:, :128].reshape(-1, 2, 1, 64)
     low = torch.cat((ql & 0x0F, ql >> 4), dim=2).reshape(-1, 2, 4, 32)
     high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> _Q6_SHIFT) & 3
-    q = ((low | (high << 4)).view(torch.int8) - 32).float().reshape(-1, 16, 16)
-    scales = b[:, 192:208].view(torch.int8).float().unsqueeze(-1)  # one per 16 weights
-    return (_f16(b, 208).unsqueeze(-1) * scales * q).reshape(-1, QK_K)
+    q = ((low | (high << 4)).view(torch.int8) - 32).reshape(-1, QK_K)
+    return q, b[:, 192:208].view(torch.int8)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    q, scales = _q6_k_values(b)
+    return (_f16(b, 208).unsqueeze(-1) * scales.float().unsqueeze(-1) * q.float().reshape(-1, 16, 16)).reshape(-1, QK_K)
 
 
 _BLOCK_DEQUANT = {

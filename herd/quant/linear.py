@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.quant import GGMLTensor, Int4Weight, Int8Weight
-from herd.quant.ggml import BLOCK_SIZES, QK_K, GGMLType, _k_low4, _k_scales, _nibbles, dequantize
+from herd.quant.ggml import BLOCK_SIZES, QK_K, GGMLType, _BIT, _k_low4, _k_scales, _nibbles, _q6_k_values, dequantize
 
 COMPUTE_DTYPE = torch.bfloat16  # the only activation dtype the CPU weight-only kernels vectorise everywhere
 _PACK_ROWS = 1024  # rows packed per call: bounds the int32 temporary the packing op wants (a multiple of 64)
@@ -86,7 +86,7 @@ class Q4Linear(nn.Module):
     def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("packed", torch.ops.herd.pack(q, d, m))  # uint8 [ceil(N/8), K/32 * 192]
+        self.register_buffer("packed", torch.ops.herd.pack(q, d, m))  # uint8 [ceil(N/8), K/32, 192]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # fp32 [..., N]; the op picks dot products or GEMM
         return torch.ops.herd.linear(x, self.packed, self.out_features)
@@ -104,15 +104,18 @@ class Q4Linear(nn.Module):
 
 class Q8Linear(Q4Linear):
     """y = x W^T with W int8 and one scale per 32 inputs (GGML Q8_0 exactly; herd int8 per channel with the
-    channel's scale repeated), packed like Q4Linear (36 bytes per 32 weights) and computed the same way."""
+    channel's scale repeated), packed like Q4Linear (36 bytes per 32 weights) and computed the same way.
+    With offsets m [N, K/32] the scales are one per 16 inputs, d [N, K/16], and w = d*q + m (44 bytes per
+    32 weights): GGML Q5_K and Q6_K exactly."""
 
-    def __init__(self, q: torch.Tensor, d: torch.Tensor):
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None):
         nn.Module.__init__(self)
         self.out_features, self.in_features = q.shape
-        self.register_buffer("packed", torch.ops.herd.pack(q, d))  # int8 [ceil(N/8), K/32 * 288]
+        self.register_buffer("packed", torch.ops.herd.pack(q, d, m))  # uint8 [ceil(N/8), K/32, 288 or 352]
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, q8 blocks of 32 (herd kernels)"
+        kind = "q8 blocks of 32" if self.packed.shape[-1] == 288 else "q8 blocks of 32 with offsets, scales per 16"
+        return f"in={self.in_features}, out={self.out_features}, {kind} (herd kernels)"
 
 
 class Int8Linear(nn.Module):
@@ -342,7 +345,29 @@ def int4_from_ggml(tensors: list[GGMLTensor]) -> Int4Linear:
 
 # ---- GGML blocks and herd weights -> herd's q4 / q8 block layouts ----------------------------------------
 
-Q8_TYPES = frozenset({GGMLType.Q8_0})  # exact in Q8Linear
+Q8_TYPES = frozenset({GGMLType.Q8_0, GGMLType.Q5_K, GGMLType.Q6_K})  # exact in Q8Linear
+
+
+def ggml_q8(t: GGMLTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q int8 [N, K], d fp32, m fp32 [N, K/32] or None) with w = d*q (+ m) exactly: Q8_0 with d [N, K/32]
+    and no m; Q5_K (w = d*sc*q - dmin*min per 32, q 0..31) and Q6_K (w = d*sc*q per 16, q -32..31) with
+    d [N, K/16], one per 16 inputs."""
+    type_ = GGMLType(t.ggml_type)
+    n, k = t.shape
+    b = _blocks(t)
+    if type_ == GGMLType.Q8_0:
+        return b[:, 2:].contiguous().view(torch.int8).reshape(n, k), _f16(b, 0).view(n, -1), None
+    if type_ == GGMLType.Q5_K:  # 8 sub-blocks of 32 per block of 256
+        sc, mn = _k_scales(b[:, 4:16])  # [nb, 8, 1]
+        high = (b[:, 16:48].unsqueeze(1) >> _BIT) & 1  # sub-block j takes bit j of qh[l] as its 5th bit
+        q = (_k_low4(b[:, 48:176]) | (high << 4)).view(torch.int8).reshape(n, k)
+        d = (_f16(b, 0).unsqueeze(-1) * sc).repeat_interleave(2, dim=1)  # the same scale for both halves
+        return q, d.view(n, -1), (-(_f16(b, 2).unsqueeze(-1) * mn)).view(n, -1)
+    if type_ == GGMLType.Q6_K:  # 16 sub-blocks of 16, no offset
+        q, scales = _q6_k_values(b)
+        d = _f16(b, 208) * scales.float()  # [nb, 16]
+        return q.reshape(n, k), d.view(n, -1), torch.zeros(n, k // 32)
+    raise ValueError(f"{t.name}: {type_.name} has no exact 8-bit block form")
 
 
 def q4_from_ggml(tensors: list[GGMLTensor]) -> Q4Linear:
@@ -352,14 +377,26 @@ def q4_from_ggml(tensors: list[GGMLTensor]) -> Q4Linear:
     return Q4Linear(*(torch.cat([p[i] for p in parts]) for i in range(3)))
 
 
+def ggml_q8x(t: GGMLTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int8 [N, K], d [N, K/16], m [N, K/32]) with w = d*q + m exactly, for any type in INT4_TYPES or
+    Q8_TYPES: the one form that holds them all, so weights of different types can share one module."""
+    if GGMLType(t.ggml_type) in INT4_TYPES:
+        q, d, m = ggml_q4(t)
+        return q.view(torch.int8), d.repeat_interleave(2, dim=1), m
+    q, d, m = ggml_q8(t)
+    return (q, d, m) if m is not None else (q, d.repeat_interleave(2, dim=1), torch.zeros_like(d))
+
+
 def q8_from_ggml(tensors: list[GGMLTensor]) -> Q8Linear:
-    """One Q8Linear for Q8_0 weights stacked along the output dim."""
-    qs, d = [], []
-    for t in tensors:
-        b = _blocks(t)
-        qs.append(b[:, 2:].contiguous().view(torch.int8).reshape(t.shape))
-        d.append(_f16(b, 0).view(t.shape[0], -1))
-    return Q8Linear(torch.cat(qs), torch.cat(d))
+    """One Q8Linear for GGML weights stacked along the output dim: of one type in Q8_TYPES, or of a mix of
+    types in INT4_TYPES and Q8_TYPES (a Q4_K_M file's Q4_K q and k with its Q6_K v), then all in the form
+    with offsets and a scale per 16 (ggml_q8x)."""
+    mixed = len({t.ggml_type for t in tensors}) > 1 or tensors[0].ggml_type not in Q8_TYPES
+    convert = ggml_q8x if mixed else ggml_q8
+    parts = [convert(_ggml_rows(t, a, min(t.shape[0], a + _PACK_ROWS)))
+             for t in tensors for a in range(0, t.shape[0], _PACK_ROWS)]
+    m = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+    return Q8Linear(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), m)
 
 
 def q4_from_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> Q4Linear:
@@ -410,7 +447,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "COMPUTE_DTYPE", "INT4_TYPES", "Q8_TYPES", "Q4Linear", "Q8Linear", "Int4Linear", "Int8Linear", "BF16Linear",
-    "QuantEmbedding", "RefinedLogits", "ggml_q4", "q4_from_ggml", "q8_from_ggml", "q4_from_int4",
+    "QuantEmbedding", "RefinedLogits", "ggml_q4", "ggml_q8", "ggml_q8x", "q4_from_ggml", "q8_from_ggml", "q4_from_int4",
     "q8_from_int8", "ggml_int4_planes", "pack_int4", "dequantize_bf16",
     "int4_from_ggml", "quantize_int4", "quantize_int8", "pack_nibbles", "unpack_nibbles", "QK_K",
 ]
