@@ -35,10 +35,11 @@ def _torch(a: np.ndarray) -> torch.Tensor:
 # ---- (a) dequantizers ---------------------------------------------------------------------------
 
 # byte offsets of the fp16 scale fields in each block: random bytes there could be inf/nan
-_SCALE_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+_SCALE_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
+                 Q.Q6_K: (208,)}
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1])
 def test_dequantize_quantized_values(qtype):
     x = np.random.default_rng(1).standard_normal((6, 256)).astype(np.float32) * 3
     raw = np.ascontiguousarray(quants.quantize(x, qtype)).view(np.uint8)  # [rows, bytes per row]

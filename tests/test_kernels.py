@@ -37,13 +37,14 @@ def gguf_tensor(qtype: Q, w: np.ndarray) -> tuple[GGMLTensor, torch.Tensor]:
 
 # 70 rows: eight full groups of 8 and a padded one; K = 96 an odd number of blocks; 576 is SmolLM2's width.
 @pytest.mark.parametrize("k", [96, 576])
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0])
 @pytest.mark.parametrize("tokens", [1, 2, 7, 40])  # 1: the decode loop, 2/7: tiles of 4 and a rest, 40: GEMM
 def test_quantized_linear_is_the_ggml_matmul(qtype, k, tokens):
     rng = np.random.default_rng(k + tokens)
     gguf_w, ref_w = gguf_tensor(qtype, rng.standard_normal((70, k)) * 0.05)
-    layer = q8_from_ggml([gguf_w]) if qtype == Q.Q8_0 else q4_from_ggml([gguf_w])
-    assert isinstance(layer, Q8Linear if qtype == Q.Q8_0 else Q4Linear)
+    eight_bit = qtype in (Q.Q5_0, Q.Q5_1, Q.Q8_0)
+    layer = q8_from_ggml([gguf_w]) if eight_bit else q4_from_ggml([gguf_w])
+    assert isinstance(layer, Q8Linear if eight_bit else Q4Linear)
     assert torch.equal(layer.dequantize(), ref_w)  # the repacking loses nothing
     x = torch.randn(1, tokens, k)
     want = x @ ref_w.T

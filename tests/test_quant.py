@@ -23,7 +23,7 @@ from tests.fixtures import build as B
 
 # byte offsets of the fp16 scale fields in each block (random bytes there could be inf/nan)
 _SCALES = {GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q4_K: (0, 2), GGMLType.Q8_0: (0,),
-           GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,)}
+           GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,)}
 
 
 def random_ggml(type_: GGMLType, n: int, k: int, seed: int = 0) -> GGMLTensor:

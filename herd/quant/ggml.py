@@ -143,6 +143,24 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:
     return _f16(b, 0) * _nibbles(b[:, 4:]).float() + _f16(b, 2)
 
 
+_BIT32 = torch.arange(32, dtype=torch.int32)
+
+
+def _q5_values(b: torch.Tensor, at: int) -> torch.Tensor:
+    """Q5_0/Q5_1 blocks -> their 32 values (uint8 0..31): qh (a little-endian uint32 at `at`) holds bit 4 of
+    element j in bit j; the 16 bytes after it the low 4 bits, elements j and j+16 in byte j."""
+    qh = b[:, at : at + 4].contiguous().view(torch.int32)  # [nb, 1]
+    return _nibbles(b[:, at + 4 : at + 20]) | (((qh >> _BIT32) & 1).to(torch.uint8) << 4)
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * (_q5_values(b, 2).float() - 16)
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * _q5_values(b, 4).float() + _f16(b, 2)
+
+
 def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpack the 12-byte scales of Q4_K/Q5_K into 8 six-bit scales and 8 six-bit mins per block.
 
@@ -200,6 +218,8 @@ _BLOCK_DEQUANT = {
     GGMLType.Q8_0: _q8_0,
     GGMLType.Q4_0: _q4_0,
     GGMLType.Q4_1: _q4_1,
+    GGMLType.Q5_0: _q5_0,
+    GGMLType.Q5_1: _q5_1,
     GGMLType.Q4_K: _q4_k,
     GGMLType.Q5_K: _q5_k,
     GGMLType.Q6_K: _q6_k,

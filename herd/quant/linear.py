@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.quant import GGMLTensor, Int4Weight, Int8Weight
-from herd.quant.ggml import BLOCK_SIZES, QK_K, GGMLType, _BIT, _k_low4, _k_scales, _nibbles, _q6_k_values, dequantize
+from herd.quant.ggml import (BLOCK_SIZES, QK_K, GGMLType, _BIT, _k_low4, _k_scales, _nibbles, _q5_values, _q6_k_values,
+                             dequantize)
 
 COMPUTE_DTYPE = torch.bfloat16  # the only activation dtype the CPU weight-only kernels vectorise everywhere
 _PACK_ROWS = 1024  # rows packed per call: bounds the int32 temporary the packing op wants (a multiple of 64)
@@ -345,18 +346,24 @@ def int4_from_ggml(tensors: list[GGMLTensor]) -> Int4Linear:
 
 # ---- GGML blocks and herd weights -> herd's q4 / q8 block layouts ----------------------------------------
 
-Q8_TYPES = frozenset({GGMLType.Q8_0, GGMLType.Q5_K, GGMLType.Q6_K})  # exact in Q8Linear
+# Exact in Q8Linear: 8-bit, or 5/6-bit values held as int8 (with offsets and a scale per 16 where needed)
+Q8_TYPES = frozenset({GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q5_K, GGMLType.Q6_K})
 
 
 def ggml_q8(t: GGMLTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(q int8 [N, K], d fp32, m fp32 [N, K/32] or None) with w = d*q (+ m) exactly: Q8_0 with d [N, K/32]
-    and no m; Q5_K (w = d*sc*q - dmin*min per 32, q 0..31) and Q6_K (w = d*sc*q per 16, q -32..31) with
-    d [N, K/16], one per 16 inputs."""
+    """(q int8 [N, K], d fp32, m fp32 [N, K/32] or None) with w = d*q (+ m) exactly: Q8_0 and Q5_0 (q - 16)
+    with d [N, K/32] and no m; Q5_1 (w = d*q + m), Q5_K (w = d*sc*q - dmin*min per 32, q 0..31) and Q6_K
+    (w = d*sc*q per 16, q -32..31) with d [N, K/16], one per 16 inputs."""
     type_ = GGMLType(t.ggml_type)
     n, k = t.shape
     b = _blocks(t)
     if type_ == GGMLType.Q8_0:
         return b[:, 2:].contiguous().view(torch.int8).reshape(n, k), _f16(b, 0).view(n, -1), None
+    if type_ == GGMLType.Q5_0:  # w = d*(q - 16)
+        return (_q5_values(b, 2).view(torch.int8) - 16).reshape(n, k), _f16(b, 0).view(n, -1), None
+    if type_ == GGMLType.Q5_1:  # w = d*q + m
+        d = _f16(b, 0).repeat_interleave(2, dim=1)
+        return _q5_values(b, 4).view(torch.int8).reshape(n, k), d.view(n, -1), _f16(b, 2).view(n, -1)
     if type_ == GGMLType.Q5_K:  # 8 sub-blocks of 32 per block of 256
         sc, mn = _k_scales(b[:, 4:16])  # [nb, 8, 1]
         high = (b[:, 16:48].unsqueeze(1) >> _BIT) & 1  # sub-block j takes bit j of qh[l] as its 5th bit
