@@ -141,7 +141,7 @@ def _linear(sources: list) -> nn.Module:
         types, module = {s.ggml_type for s in sources}, None
         if fast and types <= INT4_TYPES and len(types) == 1:
             module = q4_from_ggml(sources)
-        elif fast and types <= INT4_TYPES | Q8_TYPES:  # Q8_0, Q5_K, Q6_K, or a mix of types
+        elif fast and types <= INT4_TYPES | Q8_TYPES:  # Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, or a mix of types
             module = q8_from_ggml(sources)
         elif types <= INT4_TYPES and len(types) == 1:
             module = int4_from_ggml(sources)

@@ -258,20 +258,18 @@ Packed packed(const at::Tensor& w, int64_t n) {
   return {static_cast<const uint8_t*>(w.data_ptr()), groups, w.size(1), n, record, kind};
 }
 
-// y [M, n] = x [M, K] W^T for M < GEMM_TOKENS, groups of rows split across threads.
-void matmul(const QuantizedActivations& a, int64_t m, const Packed& w, float* y) {
+// One thread's share of y [m, n] = x W^T, x already quantized: groups [lo, hi) (a padded last group's
+// extra rows are not written).
+void matmul_groups(const QuantizedActivations& a, int64_t m, const Packed& w, float* y, int64_t lo, int64_t hi) {
   const GroupKernel* kernels = w.kernels();
   const int64_t k = w.nb * QK, stride = w.nb * w.record;
-  at::parallel_for(0, w.groups, 4, [&](int64_t lo, int64_t hi) {
-    float out[TILE][ROWS];
-    for (int64_t g = lo; g < hi; ++g)
-      for (int64_t i0 = 0; i0 < m; i0 += TILE) {
-        const int64_t t = std::min(TILE, m - i0);
-        kernels[t](w.p + g * stride, a.qp + i0 * k, a.dp + i0 * w.nb, a.sp + i0 * w.nb, w.nb, out);
-        const int64_t rows = std::min(ROWS, w.n - g * ROWS);
-        for (int64_t i = 0; i < t; ++i) std::copy_n(out[i], rows, y + (i0 + i) * w.n + g * ROWS);
-      }
-  });
+  float out[TILE][ROWS];
+  for (int64_t g = lo; g < hi; ++g)
+    for (int64_t i0 = 0; i0 < m; i0 += TILE) {
+      const int64_t t = std::min(TILE, m - i0), rows = std::min(ROWS, w.n - g * ROWS);
+      kernels[t](w.p + g * stride, a.qp + i0 * k, a.dp + i0 * w.nb, a.sp + i0 * w.nb, w.nb, out);
+      for (int64_t i = 0; i < t; ++i) std::copy_n(out[i], rows, y + (i0 + i) * w.n + g * ROWS);
+    }
 }
 
 at::Tensor dequantize(const at::Tensor& w_, int64_t n);
@@ -290,7 +288,8 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, int64_t n_) {
   if (m >= GEMM_TOKENS) return at::mm(x, dequantize(w_, w.n).t()).view(shape);
   const QuantizedActivations a = quantize_activations(x);
   at::Tensor y = at::empty({m, w.n}, x.options());
-  matmul(a, m, w, y.data_ptr<float>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, w.groups, 4, [&](int64_t lo, int64_t hi) { matmul_groups(a, m, w, yp, lo, hi); });
   return y.view(shape);
 }
 
@@ -557,19 +556,6 @@ void rope_(const at::Tensor& x, const at::Tensor& rot_, int64_t heads) {
 }
 
 // ---- a whole decoder block for one new token per sequence -------------------------------------------------
-
-// One thread's share of a matmul: groups [lo, hi) of y [m, n] = x W^T, x already quantized.
-void matmul_groups(const QuantizedActivations& a, int64_t m, const Packed& w, float* y, int64_t lo, int64_t hi) {
-  const GroupKernel* kernels = w.kernels();
-  const int64_t k = w.nb * QK, stride = w.nb * w.record;
-  float out[TILE][ROWS];
-  for (int64_t g = lo; g < hi; ++g)
-    for (int64_t i0 = 0; i0 < m; i0 += TILE) {
-      const int64_t t = std::min(TILE, m - i0);
-      kernels[t](w.p + g * stride, a.qp + i0 * k, a.dp + i0 * w.nb, a.sp + i0 * w.nb, w.nb, out);
-      for (int64_t i = 0; i < t; ++i) std::copy_n(out[i], ROWS, y + (i0 + i) * w.n + g * ROWS);
-    }
-}
 
 // Buffers of one decode_block call, kept between calls (per calling thread): a step allocates nothing.
 struct Scratch {

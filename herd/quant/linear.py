@@ -5,7 +5,9 @@ With herd's own kernels built (herd.kernels; ./setup.sh builds them):
 - `Q4Linear`: blocks of 32 with w = d*q + m, q in 0..15, d and m fp32: GGML Q4_0, Q4_1 and Q4_K exactly,
   and herd's own int4. Integer dot products against int16 activations for a few tokens; a float GEMM of
   the dequantized weight for a prompt.
-- `Q8Linear`: int8 blocks of 32 with one scale each: GGML Q8_0 exactly, and herd's own int8 per channel.
+- `Q8Linear`: int8 blocks of 32 with one scale each: GGML Q8_0 and Q5_0 exactly, and herd's own int8 per
+  channel; with an offset per 32 and a scale per 16: GGML Q5_1, Q5_K and Q6_K exactly, and weights of
+  mixed 4/5/6/8-bit types fused into one module.
 
 Otherwise PyTorch's own CPU weight-only ops, vectorised (AVX2/AVX-512/NEON) for bf16 activations:
 
@@ -18,9 +20,10 @@ Otherwise PyTorch's own CPU weight-only ops, vectorised (AVX2/AVX-512/NEON) for 
 
 Either way:
 
-- `BF16Linear`: types with no exact form above (Q5_K, Q6_K, F16; Q8_0 without herd's kernels):
-  dequantized to bf16.
-- `QuantEmbedding`: an embedding table kept as stored GGML blocks; only looked-up rows are dequantized.
+- `BF16Linear`: types with no exact form above (F16, BF16; without herd's kernels also Q8_0, Q5_0, Q5_1,
+  Q5_K, Q6_K): dequantized to bf16.
+- `QuantEmbedding`: an embedding table kept as stored GGML blocks (or looked up in the output's packed
+  weight it is tied to); only looked-up rows are dequantized.
 
 Packed int4 weights depend on the CPU's vector width (PyTorch packs differently for AVX-512 and AVX2), so
 they are packed at load time, never stored. No model knowledge lives here: herd.loader decides what to swap.
@@ -107,7 +110,7 @@ class Q8Linear(Q4Linear):
     """y = x W^T with W int8 and one scale per 32 inputs (GGML Q8_0 exactly; herd int8 per channel with the
     channel's scale repeated), packed like Q4Linear (36 bytes per 32 weights) and computed the same way.
     With offsets m [N, K/32] the scales are one per 16 inputs, d [N, K/16], and w = d*q + m (44 bytes per
-    32 weights): GGML Q5_K and Q6_K exactly."""
+    32 weights): GGML Q5_1, Q5_K and Q6_K exactly."""
 
     def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None):
         nn.Module.__init__(self)
