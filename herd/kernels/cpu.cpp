@@ -55,6 +55,22 @@ inline int64_t q4_byte(int64_t r, int64_t j) { return (j / 8) * 32 + 2 * (2 * r 
 inline int q4_shift(int64_t j) { return 4 * ((j % 8) / 2 % 2); }
 inline int64_t q8_byte(int64_t r, int64_t j) { return (j / 4) * 32 + 2 * (2 * r + j % 2) + (j % 4) / 2; }
 
+enum class Kind { q4, q8, q8x };
+
+// Weight (row r, element j) of a record, dequantized: what the vector kernels compute with, one at a time.
+inline float weight_at(Kind kind, const uint8_t* rec, int64_t r, int64_t j) {
+  const float* f = reinterpret_cast<const float*>(rec);
+  switch (kind) {
+    case Kind::q4:
+      return f[r] * static_cast<float>((rec[64 + q4_byte(r, j)] >> q4_shift(j)) & 0x0F) + f[ROWS + r];
+    case Kind::q8:
+      return f[r] * static_cast<float>(static_cast<int8_t>(rec[32 + q8_byte(r, j)]));
+    case Kind::q8x:
+      return f[(j / 16) * ROWS + r] * static_cast<float>(static_cast<int8_t>(rec[96 + q8_byte(r, j)])) + f[2 * ROWS + r];
+  }
+  return 0.f;
+}
+
 // Activations: x ≈ d * a per block of 32, a int16 (scale amax/32767). int8 activations (llama.cpp's Q8 for
 // these types) measured 96.7% greedy agreement with the fp32 path over 512 tokens of SmolLM2; 16 bits make
 // the rounding negligible and cost the same multiplies on AVX2 (vpmaddwd either way).
@@ -192,46 +208,28 @@ void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
   for (int i = 0; i < T; ++i) _mm256_storeu_ps(out[i], _mm256_add_ps(acc[i], offset[i]));
 }
 #else
-// Without AVX2: the same sums one element at a time.
+// Without AVX2: each weight dequantized (weight_at) times the dequantized activation, one at a time.
+template <Kind kind, int T>
+void scalar_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
+  const int64_t k = nb * QK, record = kind == Kind::q4 ? Q4_RECORD : kind == Kind::q8 ? Q8_RECORD : Q8X_RECORD;
+  for (int i = 0; i < T; ++i) std::fill(out[i], out[i] + ROWS, 0.f);
+  for (int64_t b = 0; b < nb; ++b, rec += record)
+    for (int64_t r = 0; r < ROWS; ++r)
+      for (int i = 0; i < T; ++i)
+        for (int64_t j = 0; j < QK; ++j)
+          out[i][r] += weight_at(kind, rec, r, j) * ad[i * nb + b] * static_cast<float>(aq[i * k + b * QK + j]);
+}
+
 template <int T>
 void q4_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
-  const int64_t k = nb * QK;
-  for (int i = 0; i < T; ++i) std::fill(out[i], out[i] + ROWS, 0.f);
-  for (int64_t b = 0; b < nb; ++b, rec += Q4_RECORD) {
-    const float* dm = reinterpret_cast<const float*>(rec);
-    for (int64_t r = 0; r < ROWS; ++r)
-      for (int i = 0; i < T; ++i) {
-        int sum = 0;
-        for (int64_t j = 0; j < QK; ++j)
-          sum += ((rec[64 + q4_byte(r, j)] >> q4_shift(j)) & 0x0F) * aq[i * k + b * QK + j];
-        out[i][r] += dm[r] * ad[i * nb + b] * static_cast<float>(sum) + dm[ROWS + r] * as[i * nb + b];
-      }
-  }
+  scalar_group<Kind::q4, T>(rec, aq, ad, as, nb, out);
 }
 
 template <int T, bool X>
 void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
-  constexpr int64_t record = X ? Q8X_RECORD : Q8_RECORD, values = X ? 96 : 32;
-  const int64_t k = nb * QK;
-  for (int i = 0; i < T; ++i) std::fill(out[i], out[i] + ROWS, 0.f);
-  for (int64_t b = 0; b < nb; ++b, rec += record) {
-    const float* f = reinterpret_cast<const float*>(rec);
-    for (int64_t r = 0; r < ROWS; ++r)
-      for (int i = 0; i < T; ++i) {
-        int sum[2] = {0, 0};
-        for (int64_t j = 0; j < QK; ++j)
-          sum[j / 16] += static_cast<int8_t>(rec[values + q8_byte(r, j)]) * aq[i * k + b * QK + j];
-        if (X)
-          out[i][r] += f[r] * ad[i * nb + b] * static_cast<float>(sum[0]) +
-                       f[ROWS + r] * ad[i * nb + b] * static_cast<float>(sum[1]) + f[2 * ROWS + r] * as[i * nb + b];
-        else
-          out[i][r] += f[r] * ad[i * nb + b] * static_cast<float>(sum[0] + sum[1]);
-      }
-  }
+  scalar_group<X ? Kind::q8x : Kind::q8, T>(rec, aq, ad, as, nb, out);
 }
 #endif
-
-enum class Kind { q4, q8, q8x };
 
 constexpr GroupKernel kernel_table[3][TILE + 1] = {
     {nullptr, q4_group<1>, q4_group<2>, q4_group<3>, q4_group<4>},
@@ -297,22 +295,8 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, int64_t n_) {
 void dequantize_row(const Packed& w, int64_t row, float* out) {
   const int64_t g = row / ROWS, r = row % ROWS;
   const uint8_t* rec = w.p + g * w.nb * w.record;
-  for (int64_t b = 0; b < w.nb; ++b, rec += w.record, out += QK) {
-    const float* f = reinterpret_cast<const float*>(rec);
-    for (int64_t j = 0; j < QK; ++j)
-      switch (w.kind) {
-        case Kind::q4:
-          out[j] = f[r] * static_cast<float>((rec[64 + q4_byte(r, j)] >> q4_shift(j)) & 0x0F) + f[ROWS + r];
-          break;
-        case Kind::q8:
-          out[j] = f[r] * static_cast<float>(static_cast<int8_t>(rec[32 + q8_byte(r, j)]));
-          break;
-        case Kind::q8x:
-          out[j] = f[(j / 16) * ROWS + r] * static_cast<float>(static_cast<int8_t>(rec[96 + q8_byte(r, j)])) +
-                   f[2 * ROWS + r];
-          break;
-      }
-  }
+  for (int64_t b = 0; b < w.nb; ++b, rec += w.record, out += QK)
+    for (int64_t j = 0; j < QK; ++j) out[j] = weight_at(w.kind, rec, r, j);
 }
 
 // The dequantized weight, fp32 [n, K]: prompts of many tokens multiply by it with a float GEMM.
