@@ -181,7 +181,7 @@ def _fusable(sources: list) -> bool:
 
 
 def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
-    from herd.quant.linear import COMPUTE_DTYPE, QuantEmbedding, RefinedLogits
+    from herd.quant.linear import COMPUTE_DTYPE, PackedLinear, QuantEmbedding, RefinedLogits
 
     model, expected = _skeleton(checkpoint)
     tensors = checkpoint.tensors
@@ -210,12 +210,12 @@ def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
         key = "tok_embeddings.weight" if name == "output" and checkpoint.args.tie_embeddings else f"{name}.weight"
         setattr(parent, attr, _linear([tensors[key]]))
     # Tied to an output in herd's packed layout: look rows up there (the file's map can then go).
-    tied_packed = checkpoint.args.tie_embeddings and hasattr(model.output, "packed")
+    tied_packed = checkpoint.args.tie_embeddings and isinstance(model.output, PackedLinear)
     model.tok_embeddings = QuantEmbedding(model.output if tied_packed else tensors["tok_embeddings.weight"], torch.float32)
     out_source = tensors["tok_embeddings.weight" if checkpoint.args.tie_embeddings else "output.weight"]
     # A bf16 or int4pack output rounds logits ~0.1 apart: near-ties of the top ones are decided in fp32 from
     # the stored rows. herd's kernels (fp32 out, ~15-bit activations) need no such help.
-    if _is_quantized(out_source) and not hasattr(model.output, "kernel_weights"):
+    if _is_quantized(out_source) and not isinstance(model.output, PackedLinear):
         rows = model.tok_embeddings if checkpoint.args.tie_embeddings else QuantEmbedding(out_source, torch.float32)
         model.output = RefinedLogits(model.output, rows)
     # What is left: norm weights (fp32, like the residual stream) and Llama 4's stacked experts (bf16).

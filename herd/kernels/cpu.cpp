@@ -13,7 +13,8 @@
 //   q8 (288 bytes): d[8] fp32, then eight 32-byte vectors of int8 values: in vector v, 16-bit lane 2r+h
 //       holds element 4v + h of row r in its low byte and element 4v + 2 + h in its high byte. w = d*q.
 //   q8x (352 bytes): d[8] for elements 0-15, d[8] for 16-31, m[8], then the values as q8. w = d*q + m:
-//       GGML Q5_K (5-bit values, scale and min per 32) and Q6_K (6-bit, scale per 16) exactly.
+//       GGML Q5_1, Q5_K (5-bit values, scale and min per 32) and Q6_K (6-bit, scale per 16) exactly, and
+//       any mix of the 4/5/6/8-bit types, so differently typed q/k/v can share one weight.
 // After one shift and mask (q4) or sign extension (q8), 32-bit lane r of a vector holds row r's elements
 // (2j, 2j+1) as int16, so one vpmaddwd against the broadcast activation pair (a[2j], a[2j+1]) adds to all
 // 8 rows' sums: 8 outputs per vector, no horizontal reduction, one scale multiply per block for 8 rows
@@ -33,7 +34,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <tuple>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)

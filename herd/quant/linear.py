@@ -79,18 +79,17 @@ class Int4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int4 group {self.group_size}{planes}"
 
 
-class Q4Linear(nn.Module):
-    """y = x W^T with W = d*q + m, q in 0..15, one d and one m per 32 inputs: every 4-bit GGML type with a
-    scale and offset per 32 (Q4_0, Q4_1, Q4_K) and herd's own int4, exactly. Kept in herd's packed layout
-    (herd/kernels/cpu.cpp: groups of 8 rows, 24 bytes per 32 weights). Few tokens: integer dot products
-    against activations quantized to int16 per block (llama.cpp uses int8, which measured 96.7% greedy
-    agreement with the fp32 path on SmolLM2; int16 100%); a long prompt: the weight dequantized to fp32 for
-    a float GEMM (faster per token)."""
+class PackedLinear(nn.Module):
+    """y = x W^T with W in herd's packed layout (herd/kernels/cpu.cpp: groups of 8 rows, one record per
+    group and block of 32; `herd.pack` builds it from values, scales and offsets). Few tokens: integer dot
+    products against activations quantized to int16 per block (llama.cpp uses int8, which measured 96.7%
+    greedy agreement with the fp32 path on SmolLM2; int16 100%); a long prompt: the weight dequantized to
+    fp32 for a float GEMM (faster per token)."""
 
-    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("packed", torch.ops.herd.pack(q, d, m))  # uint8 [ceil(N/8), K/32, 192]
+        self.register_buffer("packed", torch.ops.herd.pack(q, d, m))  # uint8 [ceil(N/8), K/32, record]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # fp32 [..., N]; the op picks dot products or GEMM
         return torch.ops.herd.linear(x, self.packed, self.out_features)
@@ -106,16 +105,25 @@ class Q4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, q4 blocks of 32 (herd kernels)"
 
 
-class Q8Linear(Q4Linear):
-    """y = x W^T with W int8 and one scale per 32 inputs (GGML Q8_0 exactly; herd int8 per channel with the
-    channel's scale repeated), packed like Q4Linear (36 bytes per 32 weights) and computed the same way.
-    With offsets m [N, K/32] the scales are one per 16 inputs, d [N, K/16], and w = d*q + m (44 bytes per
-    32 weights): GGML Q5_1, Q5_K and Q6_K exactly."""
+class Q4Linear(PackedLinear):
+    """W = d*q + m, q uint8 [N, K] in 0..15, one d and one m per 32 inputs (24 bytes per 32 weights): every
+    4-bit GGML type with a scale and offset per 32 (Q4_0, Q4_1, Q4_K) and herd's own int4, exactly."""
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+        super().__init__(q, d, m)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, q4 blocks of 32 (herd kernels)"
+
+
+class Q8Linear(PackedLinear):
+    """W = d*q, q int8 [N, K], one scale per 32 inputs (36 bytes per 32 weights): GGML Q8_0 and Q5_0
+    exactly, herd int8 per channel with the channel's scale repeated. With offsets m [N, K/32] the scales
+    are one per 16 inputs, d [N, K/16], and w = d*q + m (44 bytes per 32 weights): GGML Q5_1, Q5_K and Q6_K
+    exactly, and weights of mixed types fused into one."""
 
     def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None):
-        nn.Module.__init__(self)
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("packed", torch.ops.herd.pack(q, d, m))  # uint8 [ceil(N/8), K/32, 288 or 352]
+        super().__init__(q, d, m)
 
     def extra_repr(self) -> str:
         kind = "q8 blocks of 32" if self.packed.shape[-1] == 288 else "q8 blocks of 32 with offsets, scales per 16"
@@ -161,12 +169,12 @@ class QuantEmbedding(nn.Module):
     only the rows it needs. `weight` is an empty tensor that carries the activation dtype and device, for
     code that asks the embedding which KV cache to allocate."""
 
-    def __init__(self, source: GGMLTensor | Int4Weight | Int8Weight | Q4Linear | torch.Tensor,
+    def __init__(self, source: GGMLTensor | Int4Weight | Int8Weight | PackedLinear | torch.Tensor,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.ggml_type = self.group_size = None
         self.dense = isinstance(source, torch.Tensor)
-        self.packed_rows = isinstance(source, Q4Linear)  # (or Q8Linear) an output projection it is tied to
+        self.packed_rows = isinstance(source, PackedLinear)  # an output projection it is tied to
         shape = (source.out_features, source.in_features) if self.packed_rows else source.shape
         self.num_embeddings, self.embedding_dim = shape
         if self.packed_rows:  # the same buffer: a lookup dequantizes its rows in C++, no second copy
@@ -456,7 +464,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "COMPUTE_DTYPE", "INT4_TYPES", "Q8_TYPES", "Q4Linear", "Q8Linear", "Int4Linear", "Int8Linear", "BF16Linear",
+    "COMPUTE_DTYPE", "INT4_TYPES", "Q8_TYPES", "PackedLinear", "Q4Linear", "Q8Linear", "Int4Linear", "Int8Linear", "BF16Linear",
     "QuantEmbedding", "RefinedLogits", "ggml_q4", "ggml_q8", "ggml_q8x", "q4_from_ggml", "q8_from_ggml", "q4_from_int4",
     "q8_from_int8", "ggml_int4_planes", "pack_int4", "dequantize_bf16",
     "int4_from_ggml", "quantize_int4", "quantize_int8", "pack_nibbles", "unpack_nibbles", "QK_K",
