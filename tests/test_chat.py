@@ -638,6 +638,35 @@ def test_hostile_templates_raise_template_error(source):
         fmt.render_text([{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.parametrize("source", [
+    "{{ '{0:{1}}'.format('x', '50000000') }}",  # a width through a nested field, given as a string
+    "{{ '{0:\U0001F600>{1}}'.format('x', '50000000') }}",  # a 4-byte fill character
+    "{{ '{0:.{1}f}'.format(1.5, '50000000') }}",  # a precision through a nested field
+    "{{ '{a:{b}}'.format_map({'a': 'x', 'b': '50000000'}) }}",
+    "{{ '{0:{1}{2}}'.format('x', '5000', '0000') }}",  # a width assembled from two fields
+    "{{ ('{:>900000}' * 60).format(*range(60)) }}",  # each field allowed, the whole not
+])
+def test_hostile_format_specs_are_refused_before_allocating(source):
+    """The size limit holds while rendering, not only on what rendering returns: a template is refused
+    with at most a few MB allocated (traced), where formatting first would take 50-200 MB."""
+    import tracemalloc
+
+    fmt = TemplateFormat(source)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateError, match="str.format"):
+            fmt.render_text([{"role": "user", "content": "hi"}])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MB allocated before the refusal"
+
+
+def test_str_format_still_formats():
+    fmt = TemplateFormat("{{ '{0:>{1}}|{2:.3f}|{x}|{0!r}'.format('a', 5, 3.14159, x='y') }}")
+    assert fmt.render_text([{"role": "user", "content": "hi"}]) == "    a|3.142|y|'a'"
+
+
 def test_sandbox_allows_normal_template_features():
     source = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
               "{{ loop.index }}:{{ m.content | upper }}{% if loop.last %}{% break %}{% endif %}{% endfor %}"

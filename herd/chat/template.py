@@ -11,9 +11,10 @@ as JSON strings are handed to the template as objects (as vLLM does), since temp
 A template is untrusted input. The sandbox refuses attribute access to internals (`__class__`,
 `__globals__`, `_private`) with an error instead of an empty string; there is no loader, so include,
 import and extends cannot read files. Rendering is bounded in time (a deadline checked in every loop
-iteration and every call) and in size: output, string and list building (`*`, `+`, `%`, `~`, set blocks, join, format, indent,
+iteration and every call) and in size: output, string and list building (`*`, `+`, `%`, `~`, set blocks, join, indent,
 replace ...) may not exceed `max_chars` plus twice the size of the input, checked before the memory
-is allocated. Any failure is a herd.errors.TemplateError.
+is allocated; str.format checks each field after its nested specs are resolved and before it is
+formatted (so `'{0:{1}}'.format('x', '1900000000')` is refused, not built and then measured). Any failure is a herd.errors.TemplateError.
 
 The rendered text is encoded with special=True and bos=False (templates write their own BOS; a doubled
 leading BOS is collapsed). Control-token text that came from messages, tools or documents is wrapped in
@@ -27,6 +28,7 @@ import json
 import re
 import threading
 import time
+import types
 from datetime import datetime
 from functools import wraps
 from typing import Any, Callable, Sequence
@@ -37,8 +39,9 @@ import jinja2.nodes
 from jinja2.compiler import CodeGenerator
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Undefined, markup_join, str_join
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import Namespace
+from markupsafe import EscapeFormatter, Markup
 
 from herd.chat.formats import ChatFormat, normalize_generation
 from herd.errors import TemplateError
@@ -49,7 +52,6 @@ TIMEOUT_S = 5.0
 _START, _END = "\U000f0000", "\U000f0001"  # private-use markers around control-token text from user data
 _CANDIDATE = re.compile(r"<\|[^<>|\s]{1,100}\|>|</?[A-Za-z_][A-Za-z0-9_.:-]{0,40}>|\[/?[A-Z_]{2,30}\]")
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*\d*(?:\.\d*)?")
-_BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*)\}")
 _KNOWN_STOPS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|eot|>", "<|eom|>", "<|im_end|>",
                 "<|endoftext|>", "<end_of_turn>", "<|end|>", "<|return|>", "<|call|>")
 
@@ -220,13 +222,24 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 raise SecurityError(f"{what}: argument {a} is larger than the {self.limit:,} limit")
 
     def _check_format(self, fmt: str, args: Sequence[Any], what: str) -> None:
-        """Widths and precisions in %-style and {}-style specs, and the total size of the result."""
-        specs = [m.group(0) for m in _PERCENT_SPEC.finditer(fmt)] + [m.group(1) for m in _BRACE_SPEC.finditer(fmt)]
-        for number in re.findall(r"\d+", "".join(specs)):
-            if len(number) > 7 or int(number) > self.limit:
-                raise SecurityError(f"{what}: width {number[:20]} is larger than the {self.limit:,} limit")
+        """%-style formatting: widths and precisions in the specs, and the total size of the result.
+        (`*` widths come from the arguments, which _check_ints has bounded.)"""
+        for spec in _PERCENT_SPEC.findall(fmt):
+            self._check_spec(spec, what)
         biggest = max((_size(a, self.limit) for a in args), default=0)
-        self._check(len(fmt) + (fmt.count("%") + fmt.count("{")) * biggest, what)
+        self._check(len(fmt) + fmt.count("%") * biggest, what)
+
+    def _check_spec(self, spec: str, what: str) -> int:
+        """Bounds a format spec's width and precision; returns their sum. Every run of digits is taken
+        as a number: in both spec languages the width and the precision are such runs, and a digit
+        used as a fill character only makes the bound larger."""
+        total = 0
+        for number in re.findall(r"\d+", spec):
+            if len(number) > 7 or int(number) > self.limit:
+                raise SecurityError(f"{what}: width or precision {number[:20]} is larger than the "
+                                    f"{self.limit:,}-character limit")
+            total += int(number)
+        return total
 
     def _finalize(self, value: Any) -> Any:
         return self._check_value(value, "an output value")
@@ -289,31 +302,29 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             elif name == "expandtabs":
                 width = args[0] if args else kwargs.get("tabsize", 8)
                 __self._check(len(owner) + owner.count("\t") * max(int(width), 0), "str.expandtabs")
-            elif name in ("format", "format_map"):
-                values = list(args) + list(kwargs.values())
-                if name == "format_map" and args and isinstance(args[0], dict):
-                    values = list(args[0].values())
-                __self._check_format(owner, values, "str.format")
         result = super().call(__context, __obj, *args, **kwargs)
         if isinstance(result, (str, list, tuple)):
             __self._check_value(result, "a call result")
         return result
 
     def wrap_str_format(self, value: Any) -> Any:
-        wrapped = super().wrap_str_format(value)
-        if wrapped is None:
+        """str.format / str.format_map through _BoundedFormatter: each field is checked after its nested
+        specs are resolved (`'{0:{1}}'.format('x', '1900000000')`) and before it is formatted."""
+        if not (isinstance(value, (types.MethodType, types.BuiltinMethodType))
+                and value.__name__ in ("format", "format_map") and isinstance(value.__self__, str)):
             return None
-        fmt, env = value.__self__, self
+        fmt, is_map, env = value.__self__, value.__name__ == "format_map", self
 
-        def checked(*args: Any, **kwargs: Any) -> str:
-            values = list(args) + list(kwargs.values())
-            if value.__name__ == "format_map" and args and isinstance(args[0], dict):
-                values = list(args[0].values())
-            env._check_ints(values, {}, "str.format")
-            env._check_format(fmt, values, "str.format")
-            return wrapped(*args, **kwargs)
+        def bounded(*args: Any, **kwargs: Any) -> str:
+            if is_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one mapping argument")
+                args, kwargs = (), args[0]
+            formatter = (_BoundedEscapeFormatter(env, escape=fmt.escape) if isinstance(fmt, Markup)
+                         else _BoundedFormatter(env))
+            return type(fmt)(formatter.vformat(fmt, args, kwargs))
 
-        return checked
+        return bounded
 
     def _estimate_replace(self, s: str, old: Any, new: Any, count: Any) -> None:
         if not (isinstance(s, str) and isinstance(old, str) and isinstance(new, str)):
@@ -364,6 +375,29 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         if isinstance(indent, int) and indent > 64 or isinstance(indent, str) and len(indent) > 64:
             raise SecurityError("tojson indent is limited to 64")
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _BoundedFormatter(SandboxedFormatter):
+    """Jinja's sandboxed str.format with a budget: each field's width, precision and input are checked
+    before it is formatted, and the running size of the result as it grows (a per-call budget: the
+    result then passes the environment's ordinary checks like any other value)."""
+
+    def __init__(self, env: _Sandbox, **kwargs: Any):
+        super().__init__(env, **kwargs)
+        self._used = 0
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        env: _Sandbox = self._env  # type: ignore[assignment]
+        env.tick()
+        bound = env._check_spec(format_spec, "str.format") + _size(value, env.limit)
+        env._check(self._used + bound, "str.format")
+        result = super().format_field(value, format_spec)
+        self._used += len(result)
+        return result
+
+
+class _BoundedEscapeFormatter(_BoundedFormatter, EscapeFormatter):
+    """The same for Markup format strings (escaping their arguments, as Jinja's own formatter does)."""
 
 
 def _plain(value: Any, mark: Callable[[str], str] | None, depth: int = 0) -> Any:
