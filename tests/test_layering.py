@@ -1,70 +1,120 @@
-"""Data flows one way (file → formats → loader → model → generate → api → server/cli): check the imports."""
+"""Data flows one way (file → formats → loader → model → generate → api → engine → server/cli): check the
+imports of every module under herd/, in every form Python allows (`import herd.x`, `from herd.x import y`,
+`from herd import x`, relative imports, imports inside functions)."""
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "herd"
+import pytest
 
-# module (top-level name under herd/) → herd modules it may import
+PACKAGE = Path(__file__).resolve().parents[1] / "herd"
+TOP_LEVEL = sorted(p.name.removesuffix(".py") for p in PACKAGE.iterdir()
+                   if p.suffix == ".py" or (p / "__init__.py").is_file())
+
+# top-level module under herd/ → the herd modules it may import (besides itself)
 ALLOWED = {
     "errors": set(),
     "config": {"errors"},
-    "quant": {"errors", "quant"},
-    "formats": {"config", "quant", "errors", "formats"},
-    "tokenizer": {"errors", "tokenizer"},
-    "chat": {"tokenizer", "errors", "chat"},
-    "model": {"config", "model"},
+    "quant": {"errors", "kernels"},
+    "kernels": {"errors"},
+    "formats": {"config", "quant", "errors"},
+    "tokenizer": {"errors"},
+    "chat": {"tokenizer", "errors"},
+    "model": {"config"},
     "sampling": set(),
     "fingerprint": {"formats", "quant"},
     "models": {"errors"},
-    "loader": {"formats", "model", "quant", "config", "errors", "parallel"},
+    "runtime": {"errors", "kernels", "model"},
+    "loader": {"formats", "model", "quant", "config", "errors", "kernels"},
     "generate": {"model", "sampling", "tokenizer", "errors"},
-    "engine": {"model", "sampling", "tokenizer", "errors", "generate"},
-    "server": {"api", "engine", "chat", "errors", "sampling"},
+    "engine": {"model", "sampling", "tokenizer", "errors", "generate", "chat"},
+    "api": {"chat", "config", "errors", "fingerprint", "formats", "generate", "loader", "model", "models",
+            "runtime", "sampling", "tokenizer"},
+    "server": {"api", "engine", "chat", "errors", "sampling", "tokenizer"},
+    "bench": {"formats", "models", "runtime", "tokenizer", "errors"},
+    "bench_worker": {"generate", "model", "sampling", "runtime"},
+    "cli": set(TOP_LEVEL) - {"cli", "__main__"},
+    "__init__": {"api", "sampling", "errors"},
+    "__main__": {"cli"},
 }
+# Known violations, each with the issue that removes it. The model still dispatches to herd's CPU kernels
+# itself; issue 12 turns that into load-time transforms. Listed here so that nothing else can creep in.
+KNOWN = {("model", "kernels"): "issue 12: the model file imports herd.kernels"}
 
 
-def herd_imports(path: Path) -> set[str]:
+def herd_imports(source: str, module_path: tuple[str, ...]) -> set[str]:
+    """The top-level herd modules that `source` (the file at herd/<module_path>.py) imports."""
+    package = list(module_path[:-1]) if module_path[-1] != "__init__" else list(module_path[:-1])
+    package = ["herd", *package]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolved against the file's own package
+                base = package[: len(package) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names = [module] + [f"{module}.{a.name}" for a in node.names]  # `from herd import kernels`
         else:
             continue
-        found |= {n.split(".")[1] for n in names if n.startswith("herd.") and n.count(".") >= 1}
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "herd" and len(parts) > 1 and parts[1] in TOP_LEVEL:
+                found.add(parts[1])
     return found
 
 
-def module_of(path: Path) -> str:
-    rel = path.relative_to(PACKAGE)
-    return rel.parts[0].removesuffix(".py")
+def module_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        top = rel.parts[0]
+        graph.setdefault(top, set()).update(herd_imports(path.read_text(), rel.parts) - {top})
+    return graph
+
+
+def test_the_import_reader_sees_every_form():
+    src = ("import herd.errors\nfrom herd.config import ModelArgs\nfrom herd import kernels, __version__\n"
+           "from . import rope\nfrom ..quant import ggml\ndef f():\n    import herd.engine.runner as r\n")
+    assert herd_imports(src, ("model", "model")) == {"errors", "config", "kernels", "model", "quant", "engine"}
+    assert herd_imports("from . import api\n", ("__init__",)) == {"api"}
+
+
+def test_every_module_is_in_the_layering_table():
+    assert set(module_graph()) <= set(ALLOWED), f"add to ALLOWED: {sorted(set(module_graph()) - set(ALLOWED))}"
 
 
 def test_imports_follow_the_data_flow():
     problems = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        module = module_of(path)
-        if module not in ALLOWED:
-            continue
-        bad = herd_imports(path) - ALLOWED[module] - {module}
-        if bad:
-            problems.append(f"{path.relative_to(PACKAGE.parent)} imports {sorted(bad)}")
+    for module, imported in sorted(module_graph().items()):
+        for bad in sorted(imported - ALLOWED[module]):
+            if (module, bad) not in KNOWN:
+                problems.append(f"herd/{module} imports herd.{bad}")
     assert not problems, "\n".join(problems)
 
 
-def test_nothing_imports_cli_or_server():
-    for path in sorted(PACKAGE.rglob("*.py")):
-        module = module_of(path)
-        if module in ("cli", "server", "__main__"):
+def test_known_violations_are_still_real():
+    """A fixed violation must leave KNOWN, so the table stays exact."""
+    graph = module_graph()
+    assert all(bad in graph.get(module, ()) for module, bad in KNOWN)
+
+
+def test_nothing_below_the_api_imports_cli_server_or_engine():
+    for module, imported in module_graph().items():
+        if module in ("cli", "server", "__main__", "__init__", "bench", "api", "engine"):
             continue
-        assert not herd_imports(path) & {"cli", "server"}, path
+        assert not imported & {"cli", "server", "engine", "api"}, (module, imported)
 
 
+@pytest.mark.xfail(strict=True, reason=KNOWN[("model", "kernels")])
 def test_model_imports_only_torch_and_config():
     for path in (PACKAGE / "model").glob("*.py"):
-        tree = ast.parse(path.read_text())
+        source = path.read_text()
+        tree = ast.parse(source)
         roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+        roots |= {n.module.split(".")[0] for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
         assert roots <= {"torch", "herd", "math", "__future__", "dataclasses", "typing"}, (path, roots)
+        assert herd_imports(source, ("model", path.stem)) <= {"config", "model"}, (path, "imports herd beyond config")
