@@ -12,8 +12,8 @@ from herd.config import ModelArgs
 from herd.errors import ContextOverflow, HerdError
 from herd.fingerprint import fingerprint
 from herd.formats import Checkpoint, open_checkpoint
-from herd.generate import Completion, GenerationStep, TokenLogprob, generate_steps
-from herd.loader import load_model
+from herd.generate import Completion, GenerationStep, TokenLogprob, check_context, generate_steps
+from herd.loader import check_vocabulary, load_model, mask_padding_rows
 from herd.models import resolve
 from herd.model import Transformer
 from herd.sampling import SamplingParams
@@ -94,6 +94,7 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown sampling option(s): {sorted(unknown)}; known: {sorted(SAMPLING_FIELDS)}")
         ids = self._prompt_ids(prompt)
+        check_context(len(ids), max_tokens, self.config.max_seq_len)  # here, not at the first next()
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stop_ids = self.stop_ids | set(stop_token_ids or ())
         return generate_steps(
@@ -175,7 +176,12 @@ def load(
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
     checkpoint = open_checkpoint(resolve(source))
-    model = load_model(checkpoint, device=device, dtype=dtype, progress=progress, quantized=quantized)
-    compile_decode(model, compile)
+    # the tokenizer first: it is cheap, and its size is checked against the embedding before the weights load
     tokenizer = load_tokenizer(checkpoint.tokenizer) if checkpoint.tokenizer is not None else None
+    if tokenizer is not None:
+        check_vocabulary(checkpoint, tokenizer)
+    model = load_model(checkpoint, device=device, dtype=dtype, progress=progress, quantized=quantized)
+    if tokenizer is not None:
+        mask_padding_rows(model, tokenizer.vocab_size)
+    compile_decode(model, compile)
     return LLM(checkpoint, model, tokenizer)

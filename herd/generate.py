@@ -45,6 +45,9 @@ class Completion:
 
 
 def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
+    """Raise before any work for a token limit that is not a count, or a request that cannot fit."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
     if prompt_tokens + max_tokens > context:
         raise ContextOverflow(
             f"the prompt has {prompt_tokens} tokens and {max_tokens} more were asked for: {prompt_tokens + max_tokens} "

@@ -17,12 +17,34 @@ COMMANDS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count of tokens, threads, slots ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate")
+    g.add_argument("--max-tokens", type=positive_int, default=None, help="most tokens to generate")
     g.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
     g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--top-k", type=int, default=0, help="0 disables")
+    g.add_argument("--top-k", type=non_negative_int, default=0, help="0 disables")
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
@@ -43,7 +65,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="float32 on a quantized file: the exact dequantized path")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: physical cores)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="torch.compile the decode step (auto: where herd measured it faster)")
 
@@ -52,15 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="herd", description="Every Llama generation in one PyTorch codebase.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p, name)
+        parser.commands[name] = p
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options anywhere, as people type them: `herd run model.gguf --raw "Once upon a time"`. A command's
+    own arguments are parsed intermixed (argparse cannot do that across subparsers, so the command is
+    picked here and its parser run on the rest)."""
+    if argv and argv[0] in parser.commands:
+        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command, args.version = argv[0], False
+        return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
     if args.version:
         from herd import __version__
 

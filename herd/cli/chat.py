@@ -26,7 +26,7 @@ def main(args):
     except ImportError:
         pass
     llm = load_with_progress(args.source, args.device, args.dtype, **model_options(args))
-    options = dict(sampling_kwargs(args), max_tokens=args.max_tokens or 1024)
+    options = dict(sampling_kwargs(args), max_tokens=1024 if args.max_tokens is None else args.max_tokens)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print(f"herd chat: {llm.checkpoint.path.name}. {HELP}")

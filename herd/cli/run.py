@@ -24,7 +24,7 @@ def main(args):
     if prompt == "-":
         prompt = sys.stdin.read()
     llm = load_with_progress(source, args.device, args.dtype, **model_options(args))
-    options = dict(sampling_kwargs(args), max_tokens=args.max_tokens or 512)
+    options = dict(sampling_kwargs(args), max_tokens=512 if args.max_tokens is None else args.max_tokens)
     started = time.perf_counter()
     if args.raw:
         steps = llm.stream(prompt, **options)
