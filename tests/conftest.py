@@ -3,8 +3,6 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 
 def package_file(package: str, name: str) -> Path | None:
     spec = importlib.util.find_spec(package)

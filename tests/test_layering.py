@@ -118,3 +118,16 @@ def test_model_imports_only_torch_and_config():
                   if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
         assert roots <= {"torch", "herd", "math", "__future__", "dataclasses", "typing"}, (path, roots)
         assert herd_imports(source, ("model", path.stem)) <= {"config", "model"}, (path, "imports herd beyond config")
+
+
+def test_tests_read_nothing_outside_the_repository():
+    """A user's clone has nothing beside it: test data lives in tests/data (or comes from a package the
+    set-up installs), never in a folder next to the checkout."""
+    tests = Path(__file__).resolve().parent
+    markers = ("parents" + "[2]", "../" + "shared", "/shared/" + "data")  # split so this test does not match itself
+    outside = []
+    for path in sorted(tests.rglob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if any(m in line for m in markers):
+                outside.append(f"{path.relative_to(tests.parent)}:{n}: {line.strip()}")
+    assert not outside, "\n".join(outside)

@@ -18,7 +18,6 @@ from herd.quant.ggml import BLOCK_SIZES, GGMLType
 from herd import kernels
 from herd.quant.linear import (BF16Linear, Int4Linear, Int8Linear, Q4Linear, Q8Linear, QuantEmbedding, dequantize_bf16,
                                int4_from_ggml, pack_nibbles, quantize_int4)
-from tests.conftest import SHARED
 from tests.fixtures import build as B
 
 # byte offsets of the fp16 scale fields in each block (random bytes there could be inf/nan)
@@ -182,12 +181,12 @@ def test_herd_quantize_meta_checkpoint(tmp_path):
 
 # ---- the real model: quality of the quantized path --------------------------------------------------------
 
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = Path(__file__).parent / "data" / "tinyshakespeare-40k.txt"  # see tests/data/README.md
 
 
 @pytest.fixture(scope="module")
 def shakespeare_ids(smollm2):
-    text = SHAKESPEARE.read_text()[:40000]
+    text = SHAKESPEARE.read_text(encoding="utf-8")
     return smollm2.tokenizer.encode(text)
 
 
