@@ -174,36 +174,44 @@ def llama_tensors(seed=0, tied=False, rope_freqs=True):
     return t
 
 
-CANONICAL = {  # GGUF name (after blk.N.) -> herd name (after layers.N.)
-    "attn_norm.weight": "attention_norm.weight",
-    "attn_q.weight": "attention.wq.weight",
-    "attn_k.weight": "attention.wk.weight",
-    "attn_v.weight": "attention.wv.weight",
-    "attn_output.weight": "attention.wo.weight",
-    "ffn_norm.weight": "ffn_norm.weight",
-    "ffn_gate.weight": "feed_forward.w1.weight",
-    "ffn_down.weight": "feed_forward.w2.weight",
-    "ffn_up.weight": "feed_forward.w3.weight",
-    "ffn_gate_inp.weight": "feed_forward.router.weight",
-    "ffn_gate_exps.weight": "feed_forward.experts.w1",
-    "ffn_up_exps.weight": "feed_forward.experts.w3",
-    "ffn_down_exps.weight": "feed_forward.experts.w2",
-    "ffn_gate_shexp.weight": "feed_forward.shared_expert.w1.weight",
-    "ffn_down_shexp.weight": "feed_forward.shared_expert.w2.weight",
-    "ffn_up_shexp.weight": "feed_forward.shared_expert.w3.weight",
-}
-GLOBAL = {
-    "token_embd.weight": "tok_embeddings.weight",
-    "output_norm.weight": "norm.weight",
-    "output.weight": "output.weight",
-}
+def _gguf_to_herd(arch, n_layers: int = 64) -> dict[str, str]:
+    """GGUF tensor name -> herd name, derived without herd's GGUF table: gguf-py's TensorNameMap (what
+    llama.cpp's converter writes) takes each HF name to its GGUF name, and herd's HF table (held to
+    transformers' logits by the parity tests) takes the same HF name to herd's."""
+    from herd.formats.hf import LAYER_MAP
+
+    hf_to_herd = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+                  "lm_head.weight": "output.weight"}
+    # Llama 4's fused gate_up_proj is split by the converter into these; Meta's names: w1 gate, w3 up, w2 down.
+    experts = {"feed_forward.experts.gate_proj": "feed_forward.experts.w1",
+               "feed_forward.experts.up_proj": "feed_forward.experts.w3",
+               "feed_forward.experts.down_proj": "feed_forward.experts.w2"}
+    for i in range(n_layers):
+        hf_to_herd |= {f"model.layers.{i}.{k}": f"layers.{i}.{v}" for k, v in LAYER_MAP.items()}
+        hf_to_herd |= {f"model.layers.{i}.{k}": f"layers.{i}.{v}" for k, v in experts.items()}
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    out = {}
+    for hf, herd_name in hf_to_herd.items():
+        stem = hf.removesuffix(".weight")
+        gguf_name = names.get_name(stem)
+        if gguf_name is not None:  # GGUF names keep the suffix even for herd's suffix-less stacked experts
+            out[gguf_name + ".weight"] = herd_name
+    return out
+
+
+GGUF_TO_HERD = {**_gguf_to_herd(gguf.MODEL_ARCH.LLAMA), **_gguf_to_herd(gguf.MODEL_ARCH.LLAMA4)}
 
 
 def herd_name(gguf_name: str) -> str:
-    if gguf_name in GLOBAL:
-        return GLOBAL[gguf_name]
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    return f"layers.{m[1]}.{CANONICAL[m[2]]}"
+    return GGUF_TO_HERD[gguf_name]
+
+
+def test_the_name_table_covers_what_converters_write():
+    """Every tensor gguf-py lists for llama / llama4 that herd's model has maps to a herd name."""
+    assert GGUF_TO_HERD["blk.0.attn_q.weight"] == "layers.0.attention.wq.weight"
+    assert GGUF_TO_HERD["blk.1.ffn_gate_exps.weight"] == "layers.1.feed_forward.experts.w1"
+    assert GGUF_TO_HERD["token_embd.weight"] == "tok_embeddings.weight"
+    assert len([n for n in GGUF_TO_HERD if n.startswith("blk.0.")]) == 16
 
 
 def assert_tensors_match(ck, written: dict):

@@ -23,16 +23,21 @@ def test_logits_match_hf(smollm2, hf_smollm2):
 
 
 def test_greedy_generation_matches_hf(smollm2, hf_smollm2):
+    """40 greedy tokens each equal HF's; herd may stop sooner only on an end-of-turn token that HF chose
+    too (herd counts it among the tokens), and across the prompts most tokens are compared."""
     model, tok = hf_smollm2
+    compared = 0
     for prompt in PROMPTS:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)[0, len(ids):].tolist()
         ours = smollm2.generate(ids, max_tokens=40, temperature=0, stop_token_ids=[])
-        # herd stops at end-of-turn tokens; compare up to there.
         assert ours.token_ids == ref[: len(ours.token_ids)], prompt
-        assert len(ours.token_ids) >= 32 or ours.finish_reason == "stop"
+        if len(ours.token_ids) < 40:
+            assert ours.finish_reason == "stop" and ours.token_ids[-1] in smollm2.stop_ids, (prompt, ours)
+        compared += len(ours.token_ids)
+    assert compared >= 0.75 * 40 * len(PROMPTS), compared
 
 
 def test_chat_prompt_matches_hf_template(smollm2, hf_smollm2):
