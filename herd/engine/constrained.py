@@ -10,12 +10,19 @@ Supported: type (incl. lists), properties, required, additionalProperties, items
 enum, const, anyOf, oneOf, allOf of one schema, $ref into $defs/definitions, minLength, maxLength;
 annotations (title, description, format, default, examples ...) are ignored. Anything else (pattern,
 minimum, multipleOf, prefixItems, if/then ...) raises UnsupportedSchema naming it, so an output that
-finishes is always valid against the schema.
+finishes is always valid against the schema. So does a schema no finite JSON value satisfies (an empty
+anyOf, minItems above maxItems, a $ref that leads back to itself before any JSON is written), since
+decoding it would only stop at a dead end.
+
+Alternatives that are fixed texts (enum, const branches, true/false) become one sorted list walked by
+bisection, so a step costs O(log values) however many there are; MAX_SUBSCHEMAS, MAX_NESTING and
+MAX_LITERALS bound what one schema may cost to compile and to decode with.
 """
 
 from __future__ import annotations
 
 import json
+from bisect import bisect_left, bisect_right
 from functools import lru_cache
 
 import torch
@@ -30,6 +37,9 @@ MAX_DEPTH = 8  # nesting of free-form JSON (json_object); schema nesting is boun
 MAX_STACK = 96
 MAX_NUMBER = 20  # characters in a number, so a number cannot run on forever
 DIGITS = "0123456789"
+MAX_SUBSCHEMAS = 10_000  # compiled schema pieces (each may multiply the automaton's states)
+MAX_NESTING = 64  # schema objects inside one another, $ref hops included
+MAX_LITERALS = (100_000, 2_000_000)  # enum / const values, and their characters, in one schema
 
 
 class UnsupportedSchema(ValueError):
@@ -37,8 +47,8 @@ class UnsupportedSchema(ValueError):
 
 
 class Node:
-    """A compiled schema piece. kind: lit(text) str(min, max) num(integer) obj(props) dict(value)
-    arr(item, min, max) any(depth) alt(nodes) ref(pointer). Hashed by identity."""
+    """A compiled schema piece. kind: lit(text) lits(sorted texts) str(min, max) num(integer) obj(props)
+    dict(value) arr(item, min, max) any(depth) alt(nodes) ref(target, pointer). Hashed by identity."""
 
     __slots__ = ("kind", "a", "b", "c")
 
@@ -56,7 +66,13 @@ class Grammar:
         self.schema = schema
         self._refs: dict[str, Node] = {}
         self._any: dict[int, Node] = {}
-        self.root = Node("dict", self.any(1)) if schema is None else self.compile(schema, "schema")
+        self._depth = self._count = self._literals = self._literal_chars = 0
+        try:
+            self.root = Node("dict", self.any(1)) if schema is None else self.compile(schema, "schema")
+        except RecursionError:
+            raise UnsupportedSchema("the schema is nested too deeply") from None
+        self._check_refs()
+        self._check_satisfiable()
         self._step_memo: dict = {}
         self._masks: dict = {}
 
@@ -71,30 +87,48 @@ class Grammar:
             return self.any(1)
         if not isinstance(s, dict):
             raise UnsupportedSchema(f"{path} must be a JSON schema object, got {_dump(s)[:80]}")
+        self._count += 1
+        if self._count > MAX_SUBSCHEMAS:
+            raise UnsupportedSchema(f"the schema has more than {MAX_SUBSCHEMAS:,} subschemas, more than herd's "
+                                    "constrained decoding takes")
+        if self._depth >= MAX_NESTING:
+            raise UnsupportedSchema(f"{path}: the schema nests more than {MAX_NESTING} levels deep ($ref hops "
+                                    "included)")
+        self._depth += 1
+        try:
+            return self._compile(s, path)
+        finally:
+            self._depth -= 1
+
+    def _compile(self, s: dict, path: str) -> Node:
         unknown = sorted(set(s) - KEYWORDS)
         if unknown:
             raise UnsupportedSchema(f"{path} uses {unknown}, which herd's constrained decoding does not support")
         if "$ref" in s:
             return self._ref(s["$ref"], path)
         if "const" in s:
-            return Node("lit", _dump(s["const"]))
+            return self._fixed([s["const"]], path)
         if "enum" in s:
             if not isinstance(s["enum"], list) or not s["enum"]:
-                raise UnsupportedSchema(f"{path}.enum must be a non-empty list")
-            return Node("alt", [Node("lit", _dump(v)) for v in s["enum"]])
+                raise UnsupportedSchema(f"{path}.enum must be a non-empty list (an empty one matches nothing)")
+            return self._fixed(s["enum"], path)
         for key in ("anyOf", "oneOf"):
             if key in s:
+                if not isinstance(s[key], list) or not s[key]:
+                    raise UnsupportedSchema(f"{path}.{key} must be a non-empty list (an empty one matches nothing)")
                 rest = {k: v for k, v in s.items() if k != key}
                 parts = [self.compile({**rest, **sub} if isinstance(sub, dict) else sub, f"{path}.{key}[{i}]")
                          for i, sub in enumerate(s[key])]
-                return Node("alt", parts)
+                return self._alt(parts)
         if "allOf" in s:
-            if len(s["allOf"]) != 1 or not isinstance(s["allOf"][0], dict):
+            if not isinstance(s["allOf"], list) or len(s["allOf"]) != 1 or not isinstance(s["allOf"][0], dict):
                 raise UnsupportedSchema(f"{path}.allOf with more than one schema is not supported")
             return self.compile({**{k: v for k, v in s.items() if k != "allOf"}, **s["allOf"][0]}, path)
         t = s.get("type")
         if isinstance(t, list):
-            return Node("alt", [self.compile({**s, "type": ti}, path) for ti in t])
+            if not t:
+                raise UnsupportedSchema(f"{path}.type is an empty list (it matches nothing)")
+            return self._alt([self.compile({**s, "type": ti}, path) for ti in t])
         if t is None:
             t = "object" if "properties" in s else "array" if "items" in s else None
         if t is None:
@@ -102,6 +136,10 @@ class Grammar:
         if t == "object":
             props = s.get("properties") or {}
             required = s.get("required") or []
+            if not isinstance(props, dict):
+                raise UnsupportedSchema(f"{path}.properties must be an object of schemas")
+            if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+                raise UnsupportedSchema(f"{path}.required must be a list of property names")
             missing = [r for r in required if r not in props]
             if missing:
                 raise UnsupportedSchema(f"{path}.required names {missing}, which have no entry in properties")
@@ -112,10 +150,11 @@ class Grammar:
                 return Node("dict", self.any(1) if extra is True else self.compile(extra, f"{path}.additionalProperties"))
             return Node("obj", [(k, self.compile(v, f"{path}.properties.{k}"), k in required) for k, v in props.items()])
         if t == "array":
+            lo, hi = _bounds(s, "minItems", "maxItems", path)
             item = self.compile(s.get("items", {}), f"{path}.items")
-            return Node("arr", item, int(s.get("minItems", 0)), s.get("maxItems"))
+            return Node("arr", item, lo, hi)
         if t == "string":
-            return Node("str", int(s.get("minLength", 0)), s.get("maxLength"))
+            return Node("str", *_bounds(s, "minLength", "maxLength", path))
         if t in ("number", "integer"):
             return Node("num", t == "integer")
         if t == "boolean":
@@ -125,18 +164,84 @@ class Grammar:
         raise UnsupportedSchema(f"{path}.type {t!r} is not a JSON schema type")
 
     def _ref(self, ref, path: str) -> Node:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise UnsupportedSchema(f"{path}.$ref {ref!r}: only local references (#/$defs/...) are supported")
         if ref not in self._refs:
-            if not isinstance(ref, str) or not ref.startswith("#"):
-                raise UnsupportedSchema(f"{path}.$ref {ref!r}: only local references (#/$defs/...) are supported")
             target = self.schema
             for part in [p for p in ref[1:].split("/") if p]:
                 part = part.replace("~1", "/").replace("~0", "~")
                 if not isinstance(target, dict) or part not in target:
                     raise UnsupportedSchema(f"{path}.$ref {ref!r} points at nothing")
                 target = target[part]
-            self._refs[ref] = Node("alt", [])  # placeholder filled below, so recursive schemas terminate
-            self._refs[ref].a = [self.compile(target, ref)]
+            node = self._refs[ref] = Node("ref", None, ref)  # target filled below, so recursive schemas terminate
+            node.a = self.compile(target, ref)
         return self._refs[ref]
+
+    def _fixed(self, values: list, path: str) -> Node:
+        """The alternatives of an enum or const: their JSON texts."""
+        texts = sorted({_dump(v) for v in values})
+        self._literals += len(texts)
+        self._literal_chars += sum(len(t) for t in texts)
+        if self._literals > MAX_LITERALS[0] or self._literal_chars > MAX_LITERALS[1]:
+            raise UnsupportedSchema(f"{path}: the schema's enum and const values come to more than herd's limit "
+                                    f"of {MAX_LITERALS[0]:,} values or {MAX_LITERALS[1]:,} characters")
+        return Node("lit", texts[0]) if len(texts) == 1 else Node("lits", texts)
+
+    @staticmethod
+    def _alt(parts: list[Node]) -> Node:
+        """Fixed-text branches merge into one sorted list, so anyOf of many consts steps by bisection."""
+        texts = sorted({t for p in parts if p.kind == "lit" for t in [p.a]} |
+                       {t for p in parts if p.kind == "lits" for t in p.a})
+        rest = [p for p in parts if p.kind not in ("lit", "lits")]
+        if len(texts) > 1:
+            rest.append(Node("lits", texts))
+        elif texts:
+            rest.append(Node("lit", texts[0]))
+        return rest[0] if len(rest) == 1 else Node("alt", rest)
+
+    def _check_refs(self) -> None:
+        """A $ref that reaches itself again through anyOf / $ref alone (no JSON written in between) would
+        expand forever; refuse it, naming the loop."""
+        done: set[int] = set()
+
+        def visit(node: Node, trail: list[Node]) -> None:
+            if node.kind not in ("alt", "ref") or id(node) in done:
+                return
+            if any(n is node for n in trail):
+                loop = [n.b for n in trail[[id(n) for n in trail].index(id(node)):] if n.kind == "ref"] + [node.b]
+                raise UnsupportedSchema(f"$ref {node.b!r} refers to itself before any JSON is written "
+                                        f"({' -> '.join(loop)}), so no value can match it")
+            trail.append(node)
+            for child in (node.a if node.kind == "alt" else [node.a]):
+                visit(child, trail)
+            trail.pop()
+            done.add(id(node))
+
+        for node in list(self._refs.values()):
+            visit(node, [])
+
+    def _check_satisfiable(self) -> None:
+        """Refuse a schema no finite JSON value satisfies: decoding it could only run into a dead end."""
+        nodes, seen, todo = [], set(), [self.root]
+        while todo:
+            n = todo.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            nodes.append(n)
+            todo += _children(n)
+        nodes.reverse()  # children mostly before parents: few passes
+        ok: set[int] = set()
+        changed = True
+        while changed:
+            changed = False
+            for n in nodes:
+                if id(n) not in ok and _satisfiable(n, ok):
+                    ok.add(id(n))
+                    changed = True
+        if id(self.root) not in ok:
+            raise UnsupportedSchema("no finite JSON value satisfies the schema (a required property or minItems "
+                                    "needs a value that cannot exist)")
 
     # -- the automaton -----------------------------------------------------------------------------
     def initial(self) -> frozenset:
@@ -158,6 +263,10 @@ class Grammar:
         k = node.kind
         if k == "lit":
             return [rest + (("L", node.a, 0),)]
+        if k == "lits":
+            return [rest + (("T", node, 0, len(node.a), 0),)]
+        if k == "ref":
+            return self._expand(rest, node.a)
         if k == "str":
             return [rest + (("Q", node),)]
         if k == "num":
@@ -193,6 +302,8 @@ class Grammar:
             if text[i] != c:
                 return []
             return [rest if i + 1 == len(text) else rest + (("L", text, i + 1),)]
+        if kind == "T":
+            return self._literal(top, rest, c)
         if kind == "Q":
             return [rest + (("S", top[1], 0, 0),)] if c == '"' else []
         if kind == "S":
@@ -206,6 +317,23 @@ class Grammar:
         if kind == "A":
             return self._array(top, rest, c)
         raise AssertionError(kind)
+
+    @staticmethod
+    def _literal(top, rest, c):
+        """texts[lo:hi] share their first `i` characters; keep those whose next one is c."""
+        _, node, lo, hi, i = top
+        texts = node.a
+        key = lambda t: t[i] if len(t) > i else ""  # noqa: E731 - the texts are sorted by this within lo:hi
+        a, b = bisect_left(texts, c, lo, hi, key=key), bisect_right(texts, c, lo, hi, key=key)
+        if a == b:
+            return []
+        out = []
+        if len(texts[a]) == i + 1:  # one text ends here (it sorts first among those sharing the prefix)
+            out.append(rest)
+            a += 1
+        if a < b:
+            out.append(rest + (("T", node, a, b, i + 1),))
+        return out
 
     @staticmethod
     def _string(top, rest, c):
@@ -341,6 +469,41 @@ class Grammar:
 
 
 _KEY = Node("str", 0, None)
+
+
+def _bounds(s: dict, low: str, high: str, path: str) -> tuple[int, int | None]:
+    lo, hi = s.get(low, 0), s.get(high)
+    for key, v in ((low, lo), (high, hi)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise UnsupportedSchema(f"{path}.{key} must be a non-negative integer, got {_dump(v)[:40]}")
+    if hi is not None and lo > hi:
+        raise UnsupportedSchema(f"{path}: {low} {lo} is greater than {high} {hi}, so no value can match it")
+    return lo, hi
+
+
+def _children(n: Node) -> list[Node]:
+    k = n.kind
+    if k == "alt":
+        return list(n.a)
+    if k in ("ref", "dict", "arr"):
+        return [n.a]
+    if k == "obj":
+        return [v for _, v, _ in n.a]
+    return []
+
+
+def _satisfiable(n: Node, ok: set[int]) -> bool:
+    """Some finite value matches n, given the nodes already known to have one (`ok`)."""
+    k = n.kind
+    if k == "obj":
+        return all(id(v) in ok for _, v, required in n.a if required)
+    if k == "arr":
+        return n.b == 0 or id(n.a) in ok
+    if k == "alt":
+        return any(id(c) in ok for c in n.a)
+    if k == "ref":
+        return id(n.a) in ok
+    return True  # lit, lits, str (bounds checked), num, dict ({} fits), any
 
 
 def _free_string(state: frozenset) -> bool:
