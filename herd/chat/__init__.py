@@ -22,6 +22,7 @@ from herd.chat.formats import (
     Llama3Format,
     Llama4Format,
     builtin_format,
+    openai_messages,
 )
 from herd.chat.tools import parse_reply
 from herd.tokenizer.base import Tokenizer
@@ -42,8 +43,9 @@ def chat_format_for(generation: str | None, template: str | None = None, *, toda
 def render(messages: Sequence[dict], tokenizer: Tokenizer, fmt: ChatFormat, tools: list[dict] | None = None,
            add_generation_prompt: bool = True) -> list[int]:
     """Prompt token ids for `messages` (and OpenAI-shaped `tools`) in chat format `fmt`, ending with the
-    assistant header when add_generation_prompt. Raises herd.errors.TemplateError on bad input."""
-    return fmt.render(messages, tokenizer, tools=tools, add_generation_prompt=add_generation_prompt)
+    assistant header when add_generation_prompt. Raises herd.errors.TemplateError on bad input (an
+    unknown role, a content part that is not text)."""
+    return fmt.render(openai_messages(messages), tokenizer, tools=tools, add_generation_prompt=add_generation_prompt)
 
 
 def __getattr__(name: str):
@@ -54,5 +56,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'herd.chat' has no attribute {name!r}")
 
 
-__all__ = ["chat_format_for", "render", "parse_reply", "ChatFormat", "Llama2Format", "Llama3Format", "Llama4Format",
-           "TemplateFormat", "GENERATIONS"]
+__all__ = ["chat_format_for", "render", "openai_messages", "parse_reply", "ChatFormat", "Llama2Format", "Llama3Format",
+           "Llama4Format", "TemplateFormat", "GENERATIONS"]

@@ -48,8 +48,8 @@ def content_text(content: Any, where: str = "message") -> str:
                 parts.append(part["text"])
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise TemplateError(f"{where}: content part of type {kind!r} is not supported; herd chat formats "
-                                    "take text parts only ({'type': 'text', 'text': ...})")
+                raise TemplateError(f"{where}: content part of type {kind!r} is not supported: this model takes "
+                                    "text only ({'type': 'text', 'text': ...} parts)")
         return "".join(parts)
     raise TemplateError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
 
@@ -60,6 +60,32 @@ def tool_result_text(content: Any, where: str) -> str:
             isinstance(p, str) or (isinstance(p, dict) and p.get("type") == "text") for p in content)):
         return json.dumps(content, ensure_ascii=False)
     return content_text(content, where)
+
+
+def openai_messages(messages: Sequence[dict]) -> list[dict]:
+    """OpenAI-shaped messages as every chat format takes them: roles checked, and content given as a
+    list of text parts joined into one string (Jinja templates mostly expect a string; a part they cannot
+    show, such as an image, is refused rather than dropped). "developer" is OpenAI's newer name for
+    "system". The caller's dicts are not changed."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TemplateError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise TemplateError(f"{where} must be a dict, got {type(m).__name__}")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ROLES:
+            raise TemplateError(f"{where}: role {m.get('role')!r} is not one of {', '.join(ROLES)} (or developer)")
+        m = {**m, "role": role}
+        content = m.get("content")
+        if isinstance(content, (list, tuple)):
+            texts = all(isinstance(p, str) or (isinstance(p, dict) and p.get("type", "text") == "text")
+                        for p in content)
+            if role not in ("tool", "ipython") or texts:  # a tool result may be any JSON value: kept as it is
+                m["content"] = content_text(content, where)
+        out.append(m)
+    return out
 
 
 @dataclass
