@@ -23,6 +23,13 @@ def add_arguments(parser, name):
     parser.add_argument("--max-queue", type=int, default=None,
                         help="requests that may wait for a slot before new ones get 429 (default 8 x max-batch)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the source)")
+    parser.add_argument("--max-body-mb", type=float, default=8.0,
+                        help="largest request body in MiB; larger ones get 413 (default 8)")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a client has to send a request's headers before the connection closes "
+                             "(default 10)")
+    parser.add_argument("--body-timeout", type=float, default=60.0,
+                        help="seconds a client has to send a request's body before it gets 408 (default 60)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     add_model_options(parser)
 
@@ -30,7 +37,7 @@ def add_arguments(parser, name):
 def main(args):
     import uvicorn
 
-    from herd.server import create_app
+    from herd.server import create_app, uvicorn_config
 
     llm = load_with_progress(args.source, args.device, args.dtype, **model_options(args))
     context = args.context or min(llm.config.max_seq_len, DEFAULT_CONTEXT)
@@ -42,7 +49,9 @@ def main(args):
     model_id = args.served_model_name or (llm.checkpoint.path.stem if os.path.exists(source) else source)
     aliases = {source, str(llm.checkpoint.path), llm.checkpoint.path.name, llm.checkpoint.path.stem}
     app = create_app(llm, max_batch=args.max_batch, context=context, max_queue=args.max_queue,
-                     api_key=args.api_key, model_id=model_id, aliases=aliases)
+                     api_key=args.api_key, model_id=model_id, aliases=aliases,
+                     max_body_bytes=int(args.max_body_mb * 2**20), header_timeout=args.header_timeout,
+                     body_timeout=args.body_timeout)
     engine = app.state.served.engine.engine
     kv = engine.kv_cache_bytes
     print(f"herd serve: {model_id} ({llm.checkpoint.format}, {llm.device}, {llm.model.tok_embeddings.weight.dtype})",
@@ -51,5 +60,9 @@ def main(args):
           f"{kv / 2**20:.1f} MiB; queue {engine.scheduler.max_queue}", file=sys.stderr)
     print(f"listening on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""),
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
-    return 0
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0 if server.started else 1

@@ -4,10 +4,15 @@
 /health, /metrics. Tool calls are the model's own format (herd.chat renders and parses them);
 tool_choice "required" or a named function, and response_format json_object / json_schema, run
 through constrained decoding (herd.engine.constrained), so their output parses and validates.
+
+Tokenizing, rendering the chat template and compiling a JSON schema can take seconds for a large
+request, so they run in a worker thread (asyncio.to_thread): the event loop keeps answering /health
+and streaming meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -78,6 +83,27 @@ def _sampling(body, seed: int | None) -> SamplingParams:
             logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None)
     except ValueError as e:
         raise APIError(400, str(e)) from None
+
+
+def _check_text(value, param: str) -> None:
+    """400 naming `param` if a string anywhere in `value` is not valid Unicode: JSON's \\ud800 escape
+    gives Python a lone surrogate, which no tokenizer can encode."""
+    todo = [(value, param)]
+    while todo:
+        v, where = todo.pop()
+        if isinstance(v, str):
+            if v.isascii():
+                continue
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"{where} is not valid Unicode: it holds a lone surrogate ({v[e.start]!r}) at "
+                                    f"character {e.start}", param=param) from None
+        elif isinstance(v, dict):
+            todo += [(k, f"{where} (a key)") for k in v]
+            todo += [(x, f"{where}.{k}") for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            todo += [(x, f"{where}[{i}]") for i, x in enumerate(v)]
 
 
 def _stops(stop) -> list[str]:
@@ -229,25 +255,36 @@ def _chat_logprobs(items) -> dict:
                         for lp in items]}
 
 
+def _chat_inputs(s: Served, body: ChatCompletionRequest, plan: ChatPlan, schema: dict | None, constrained: bool,
+                 stop_ids: frozenset):
+    """(prompt ids, constraint factory or None); slow for a large request, so run in a worker thread."""
+    llm = s.llm
+    _check_text(body.messages, "messages")
+    _check_text(body.tools, "tools")
+    try:
+        prompt_ids = llm.chat_prompt(body.messages, plan.tools)
+    except (HerdError, ValueError, TypeError) as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
+    if not constrained:
+        return prompt_ids, None
+    param = "tool_choice" if plan.mode in ("named", "required") else "response_format"
+    _check_text(schema, param)
+    try:
+        return prompt_ids, json_constraint(schema, llm.tokenizer, stop_ids, llm.config.vocab_size)
+    except UnsupportedSchema as e:
+        raise APIError(400, f"{param}: {e}", param=param) from None
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = served(request)
     _check_model(s, body.model)
     plan, schema, constrained = _chat_plan(s, body)
     llm = s.llm
-    try:
-        prompt_ids = llm.chat_prompt(body.messages, plan.tools)
-    except (HerdError, ValueError, TypeError) as e:
-        raise APIError(400, f"messages: {e}", param="messages") from None
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     stop_ids = frozenset(llm.stop_ids | set(plan.fmt.stop_token_ids(llm.tokenizer)))
-    constraint = None
-    if constrained:
-        try:
-            constraint = json_constraint(schema, llm.tokenizer, stop_ids, llm.config.vocab_size)
-        except UnsupportedSchema as e:
-            raise APIError(400, str(e), param="tool_choice" if plan.mode else "response_format") from None
+    prompt_ids, constraint = await asyncio.to_thread(_chat_inputs, s, body, plan, schema, constrained, stop_ids)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     cid = "chatcmpl-" + uuid.uuid4().hex
     reqs = _requests(s, prompt_ids, max_tokens, body, body.n, cid, stop_ids=stop_ids,
@@ -377,7 +414,9 @@ def _completion_logprobs(items, offset: int = 0) -> dict:
 
 
 def _prompts(s: Served, prompt) -> list[tuple[list[int], str]]:
+    """(ids, text) per prompt; slow for a large prompt, so run in a worker thread."""
     tok = s.llm.tokenizer
+    _check_text(prompt, "prompt")
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
@@ -409,7 +448,7 @@ async def completions(body: CompletionRequest, request: Request):
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of other than n is not supported", param="best_of")
-    prompts = _prompts(s, body.prompt)
+    prompts = await asyncio.to_thread(_prompts, s, body.prompt)
     stop_ids = frozenset(s.llm.stop_ids)
     prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
     cid = "cmpl-" + uuid.uuid4().hex
@@ -497,14 +536,20 @@ async def tokenize(body: TokenizeRequest, request: Request):
     _check_model(s, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages")
-    try:
-        if body.messages is not None:
-            ids = s.llm.chat_prompt(body.messages)
-        else:
-            ids = s.llm.tokenizer.encode(body.prompt, bos=None if body.add_special_tokens else False)
-    except (HerdError, ValueError, TypeError) as e:
-        raise APIError(400, str(e)) from None
-    return {"count": len(ids), "max_model_len": s.context, "tokens": ids}
+
+    def answer() -> JSONResponse:  # in a worker thread: millions of ids take seconds to serialize too
+        param = "messages" if body.messages is not None else "prompt"
+        _check_text(body.messages if body.messages is not None else body.prompt, param)
+        try:
+            if body.messages is not None:
+                ids = s.llm.chat_prompt(body.messages)
+            else:
+                ids = s.llm.tokenizer.encode(body.prompt, bos=None if body.add_special_tokens else False)
+        except (HerdError, ValueError, TypeError) as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
+        return JSONResponse({"count": len(ids), "max_model_len": s.context, "tokens": ids})
+
+    return await asyncio.to_thread(answer)
 
 
 @router.post("/detokenize")
@@ -514,7 +559,7 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     vocab = s.llm.config.vocab_size
     if any(t < 0 or t >= vocab for t in body.tokens):
         raise APIError(400, f"token ids must lie in 0..{vocab - 1}", param="tokens")
-    return {"prompt": s.llm.tokenizer.decode(body.tokens)}
+    return {"prompt": await asyncio.to_thread(s.llm.tokenizer.decode, body.tokens)}
 
 
 @router.get("/health")

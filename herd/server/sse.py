@@ -30,8 +30,12 @@ async def _wait_disconnect(receive: Receive) -> None:
             return
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its (non-streaming) response was ready."""
+
+
 async def until_disconnect(request: Request, work: Awaitable) -> Any:
-    """Await `work`, cancelling it if the client goes away first (then raises asyncio.CancelledError)."""
+    """Await `work`, cancelling it if the client goes away first (then raises ClientDisconnected)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
@@ -42,7 +46,7 @@ async def until_disconnect(request: Request, work: Awaitable) -> Any:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     if task.cancelled():
-        raise asyncio.CancelledError("client disconnected")
+        raise ClientDisconnected()
     return task.result()
 
 
