@@ -14,6 +14,24 @@ from dataclasses import dataclass
 from herd.errors import ConfigError
 
 
+def _bad(field: str, message: str) -> ConfigError:
+    """A ConfigError that remembers the ModelArgs field, so a reader can name its own key for it."""
+    err = ConfigError(message)
+    err.field = field
+    return err
+
+
+def _positive_int(field: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _bad(field, f"config field {field} must be a positive integer, got {value!r}")
+
+
+def _positive_float(field: str, value) -> None:
+    # NaN fails every comparison and inf is no scale: both would only surface as garbage logits.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise _bad(field, f"config field {field} must be a finite positive number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """How RoPE inverse frequencies are rescaled for long context.
@@ -32,9 +50,23 @@ class RopeScaling:
 
     def __post_init__(self):
         if self.kind not in ("llama3", "divisors", "linear"):
-            raise ConfigError(f"unknown RoPE scaling kind {self.kind!r} (herd knows llama3, divisors, linear)")
-        if self.kind == "divisors" and not self.divisors:
-            raise ConfigError("RoPE scaling kind 'divisors' needs the divisor values")
+            raise _bad("rope_scaling", f"unknown RoPE scaling kind {self.kind!r} (herd knows llama3, divisors, linear)")
+        if self.kind == "divisors":
+            if not self.divisors:
+                raise _bad("rope_scaling", "RoPE scaling kind 'divisors' needs the divisor values")
+            bad = [d for d in self.divisors if not (isinstance(d, (int, float)) and math.isfinite(d) and d > 0)]
+            if bad:
+                raise _bad("rope_scaling", f"RoPE frequency divisors must be finite and positive, got {bad[:4]}")
+            return
+        _positive_float("rope_scaling.factor", self.factor)
+        if self.kind == "llama3":
+            _positive_float("rope_scaling.low_freq_factor", self.low_freq_factor)
+            _positive_float("rope_scaling.high_freq_factor", self.high_freq_factor)
+            _positive_int("rope_scaling.original_max_position", self.original_max_position)
+            # the blend band runs from low to high; equal is a step (Llama 4 Scout), reversed is no band at all
+            if self.high_freq_factor < self.low_freq_factor:
+                raise _bad("rope_scaling", f"RoPE high_freq_factor ({self.high_freq_factor}) is below "
+                                           f"low_freq_factor ({self.low_freq_factor})")
 
 
 @dataclass(frozen=True)
@@ -45,6 +77,12 @@ class MoEArgs:
     top_k: int
     hidden_dim: int  # each routed expert's (and the shared expert's) SwiGLU width
     layers: tuple[int, ...]  # layer ids whose FFN is a MoE; the rest are dense SwiGLU of ModelArgs.hidden_dim
+
+    def __post_init__(self):
+        for name in ("num_experts", "top_k", "hidden_dim"):
+            _positive_int(f"moe.{name}", getattr(self, name))
+        if not 1 <= self.top_k <= self.num_experts:
+            raise _bad("moe.top_k", f"top_k {self.top_k} must be within 1..num_experts ({self.num_experts})")
 
 
 @dataclass(frozen=True)
@@ -72,24 +110,33 @@ class ModelArgs:
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+            _positive_int(name, getattr(self, name))
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise _bad("n_kv_heads", f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim is None:
             if self.dim % self.n_heads:
-                raise ConfigError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads}); give head_dim")
+                raise _bad("n_heads", f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads}); give head_dim")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        _positive_int("head_dim", self.head_dim)
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
-            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
-        bad = [i for i in (*self.nope_layers, *(self.moe.layers if self.moe else ())) if not 0 <= i < self.n_layers]
+            raise _bad("head_dim", f"head_dim must be even for RoPE, got {self.head_dim}")
+        _positive_float("norm_eps", self.norm_eps)
+        _positive_float("rope_theta", self.rope_theta)
+        if self.rope_scaling is not None and self.rope_scaling.kind == "divisors":
+            if len(self.rope_scaling.divisors) != self.head_dim // 2:
+                raise _bad("rope_scaling", f"{len(self.rope_scaling.divisors)} RoPE frequency divisors for "
+                                           f"head_dim/2 = {self.head_dim // 2} frequencies")
+        if self.attention_chunk_size is not None:
+            _positive_int("attention_chunk_size", self.attention_chunk_size)
+        _positive_float("floor_scale", self.floor_scale)
+        if isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, (int, float)) \
+                or not math.isfinite(self.attn_scale):
+            raise _bad("attn_scale", f"config field attn_scale must be a finite number, got {self.attn_scale!r}")
+        ids = (*self.nope_layers, *(self.moe.layers if self.moe else ()))
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers]
         if bad:
-            raise ConfigError(f"layer ids {bad} are outside 0..{self.n_layers - 1}")
-        if self.moe and not 1 <= self.moe.top_k <= self.moe.num_experts:
-            raise ConfigError(f"top_k {self.moe.top_k} must be within 1..num_experts ({self.moe.num_experts})")
+            raise _bad("nope_layers" if set(bad) & set(self.nope_layers) else "moe.layers",
+                       f"layer ids {bad[:8]} are outside 0..{self.n_layers - 1}")
 
     @property
     def is_llama4(self) -> bool:
