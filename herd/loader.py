@@ -21,6 +21,7 @@ from torch import nn
 
 from herd.errors import HerdError, MissingTensor, ShapeMismatch, UnexpectedTensor
 from herd.formats.checkpoint import Checkpoint
+from herd.formats.fields import check_layer_count
 from herd.model import Transformer
 from herd.model.rope import inverse_frequencies
 from herd.quant import GGMLTensor, Int4Weight, Int8Weight, QuantizedWeight, release_pages
@@ -82,8 +83,26 @@ def load_model(
     return _finish(model, checkpoint, device)
 
 
+def _check_sizes(checkpoint: Checkpoint) -> None:
+    """What building the skeleton costs is set by the config (layers, head size): check it against the
+    tensors first, so that a header claiming 2^31 layers or a 2^40-wide head fails at once."""
+    args, tensors, path = checkpoint.args, checkpoint.tensors, checkpoint.path
+    check_layer_count(args.n_layers, tensors, r"layers\.(\d+)\.", path, "n_layers")
+    wants = {
+        "tok_embeddings.weight": (args.vocab_size, args.dim),
+        "layers.0.attention.wq.weight": (args.n_heads * args.head_dim, args.dim),
+        "layers.0.attention.wk.weight": (args.n_kv_heads * args.head_dim, args.dim),
+    }
+    for name, shape in wants.items():
+        if name not in tensors:
+            raise MissingTensor(f"{path}: missing tensor {name}")
+        if tuple(tensors[name].shape) != shape:
+            raise ShapeMismatch(f"{path}: {name} has shape {tuple(tensors[name].shape)}, the config implies {shape}")
+
+
 def _skeleton(checkpoint: Checkpoint) -> tuple[Transformer, dict[str, nn.Parameter]]:
     """The model on the meta device, after checking the checkpoint names every parameter with its shape."""
+    _check_sizes(checkpoint)
     with torch.device("meta"), _no_init():
         model = Transformer(checkpoint.args)
     expected = {name: p for name, p in model.named_parameters()}  # a tied output appears once, as tok_embeddings
@@ -114,6 +133,37 @@ def _no_init():
     finally:
         for n, f in saved.items():
             setattr(nn.init, n, f)
+
+
+def check_vocabulary(checkpoint: Checkpoint, tokenizer) -> None:
+    """Every id the tokenizer can produce must have an embedding row. More rows than tokens is common
+    (HF checkpoints pad the embedding to a round size); see mask_padding_rows for those."""
+    rows, n = checkpoint.args.vocab_size, tokenizer.vocab_size
+    if n > rows:
+        raise ShapeMismatch(
+            f"{checkpoint.path}: the tokenizer has {n} tokens, but the embedding has {rows} rows; "
+            f"ids {rows}..{n - 1} would have no embedding"
+        )
+
+
+class PaddedVocabLogits(nn.Module):
+    """The output layer with the logits of rows no token stands for set to -inf: never sampled, never decoded."""
+
+    def __init__(self, inner: nn.Module, n_tokens: int):
+        super().__init__()
+        self.inner, self.n_tokens = inner, n_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(x)
+        logits[..., self.n_tokens:] = float("-inf")
+        return logits
+
+
+def mask_padding_rows(model: Transformer, n_tokens: int) -> Transformer:
+    """Embedding rows beyond the tokenizer's `n_tokens` (padding) can never be generated."""
+    if n_tokens < model.args.vocab_size and not isinstance(model.output, PaddedVocabLogits):
+        model.output = PaddedVocabLogits(model.output, n_tokens)
+    return model
 
 
 def _finish(model: Transformer, checkpoint: Checkpoint, device: torch.device) -> Transformer:

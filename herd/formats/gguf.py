@@ -31,6 +31,7 @@ from herd.errors import (
     UnsupportedArchitecture,
 )
 from herd.formats.checkpoint import Checkpoint, TokenizerSource
+from herd.formats.fields import check_layer_count, naming
 from herd.quant import GGMLTensor
 from herd.quant.ggml import GGMLType, ggml_type, tensor_nbytes
 
@@ -39,6 +40,7 @@ _MAX_COUNT = 1 << 24  # tensors, KV pairs
 _MAX_ARRAY = 1 << 32
 _MAX_STRING = 1 << 30
 _MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 8  # arrays of arrays
 
 # GGUF value type -> format code, valid for both struct and numpy
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
@@ -89,7 +91,7 @@ class _Reader:
         except UnicodeDecodeError as e:
             raise FormatError(f"{self.path}: {what} at offset {start} is not valid UTF-8 ({e.reason})") from None
 
-    def value(self, vtype: int, what: str):
+    def value(self, vtype: int, what: str, depth: int = 0):
         if vtype in _SCALAR:
             return self.scalar(vtype, what)
         if vtype == _STRING:
@@ -105,7 +107,9 @@ class _Reader:
             return [bool(v) for v in values] if etype == _BOOL else values
         if etype == _STRING:
             return self.strings(n, what)
-        return [self.value(etype, f"{what}[{i}]") for i in range(n)]
+        if depth >= _MAX_NESTING:  # arrays of arrays: no Llama key needs more than one level
+            raise FormatError(f"{self.path}: {what} nests arrays more than {_MAX_NESTING} deep")
+        return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(n)]
 
     def strings(self, n: int, what: str) -> list[str]:
         """n strings in a row (vocabularies and merges: 10^5 of them) in one tight loop; any problem is
@@ -245,6 +249,16 @@ def _canonical(name: str, arch: str, n_layers: int, path: Path) -> str:
 
 # ---- config -------------------------------------------------------------------------------------
 
+# ModelArgs field -> the GGUF key (after "{arch}.") it comes from, for messages about impossible values
+_ARG_KEYS = {
+    "dim": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
+    "n_kv_heads": "attention.head_count_kv", "vocab_size": "vocab_size", "hidden_dim": "feed_forward_length",
+    "norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base", "max_seq_len": "context_length",
+    "head_dim": "rope.dimension_count", "rope_scaling": "rope.scaling.factor", "moe": "expert_count",
+    "attention_chunk_size": "attention.sliding_window", "floor_scale": "attention.temperature_length",
+    "attn_scale": "attention.temperature_scale",
+}
+
 # Keys that change the maths unless they hold one of the neutral values listed (empty: any value refused).
 _MATH_KEYS: dict[str, tuple] = {
     "logit_scale": (1.0,), "embedding_scale": (1.0,), "residual_scale": (1.0,),
@@ -285,7 +299,12 @@ def _args(md: dict[str, Any], arch: str, tensors: dict[str, Any], path: Path) ->
     if arch == "llama4" and get("rope.freq_base_swa", theta, float) != theta:
         raise UnsupportedArchitecture(f"{path}: {arch}.rope.freq_base_swa differs from rope.freq_base")
 
+    n_layers = get("block_count")
+    # before anything is sized by it: a header may claim 2^31 layers over a file that holds 30
+    check_layer_count(n_layers, tensors, r"blk\.(\d+)\.", path, f"{arch}.block_count", metadata_only=True)
     n_heads = get("attention.head_count")
+    if n_heads <= 0:
+        raise ConfigError(f"{path}: {arch}.attention.head_count must be positive, got {n_heads}")
     head_keys = ("rope.dimension_count", "attention.key_length", "attention.value_length")
     head_dims = {get(k, None) for k in head_keys} - {None}
     if len(head_dims) > 1:  # partial rotary or unequal k/v heads
@@ -299,7 +318,8 @@ def _args(md: dict[str, Any], arch: str, tensors: dict[str, Any], path: Path) ->
         half = (head_dim or get("embedding_length") // n_heads) // 2
         if freqs.numel() != half:
             raise ShapeMismatch(f"{path}: rope_freqs.weight has {freqs.numel()} values, expected head_dim/2 = {half}")
-        rope_scaling = RopeScaling("divisors", divisors=tuple(freqs.reshape(-1).tolist()))
+        with naming(path, {"rope_scaling": "rope_freqs.weight"}):
+            rope_scaling = RopeScaling("divisors", divisors=tuple(freqs.reshape(-1).tolist()))
     kind = get("rope.scaling.type", None, str)
     factor = get("rope.scaling.factor", None, float) or get("rope.scale_linear", None, float)  # scale_linear: old files
     if kind not in (None, "none", "linear"):
@@ -307,18 +327,23 @@ def _args(md: dict[str, Any], arch: str, tensors: dict[str, Any], path: Path) ->
     if kind != "none" and factor not in (None, 0.0, 1.0):  # llama.cpp reads a bare factor as linear
         if rope_scaling is not None:
             raise UnsupportedArchitecture(f"{path}: both rope_freqs and linear RoPE scaling; herd applies one")
-        rope_scaling = RopeScaling("linear", factor=float(factor))
+        with naming(path, {"rope_scaling": f"{arch}.rope.scaling.factor"}):
+            rope_scaling = RopeScaling("linear", factor=float(factor))
 
     if "token_embd.weight" in tensors:
         embd_rows = tensors["token_embd.weight"].shape[0]
-    else:
-        embd_rows = len(md.get("tokenizer.ggml.tokens", ())) or ConfigError  # ConfigError: required after all
+    else:  # the loader reports the missing tensor; the vocabulary size is only needed to get there
+        tokens = md.get("tokenizer.ggml.tokens")
+        embd_rows = len(tokens) if isinstance(tokens, list) and tokens else ConfigError  # ConfigError: required
+    vocab_size = get("vocab_size", embd_rows)
+    if "token_embd.weight" in tensors and vocab_size != embd_rows:
+        raise ShapeMismatch(f"{path}: {arch}.vocab_size is {vocab_size}, but token_embd.weight has {embd_rows} rows")
     common = dict(
         dim=get("embedding_length"),
-        n_layers=get("block_count"),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=get("attention.head_count_kv", n_heads),
-        vocab_size=get("vocab_size", embd_rows),
+        vocab_size=vocab_size,
         hidden_dim=get("feed_forward_length"),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", kind=float)),
         rope_theta=theta,
@@ -327,33 +352,38 @@ def _args(md: dict[str, Any], arch: str, tensors: dict[str, Any], path: Path) ->
         rope_scaling=rope_scaling,
         tie_embeddings="output.weight" not in tensors,
     )
+    names = {field: f"{arch}.{key}" for field, key in _ARG_KEYS.items()}
     if arch == "llama":
-        return ModelArgs(**common)
+        with naming(path, names):
+            return ModelArgs(**common)
 
-    n_layers = common["n_layers"]
     n_experts = get("expert_count", 0)
     moe = None
     if n_experts:
         step = get("interleave_moe_layer_step", 1)  # llama.cpp: layer i is MoE iff (i+1) % step == 0
-        moe = MoEArgs(n_experts, get("expert_used_count"), get("expert_feed_forward_length"),
-                      tuple(range(step - 1, n_layers, step)) if step else ())
+        if step < 0:
+            raise ConfigError(f"{path}: {arch}.interleave_moe_layer_step must not be negative, got {step}")
+        with naming(path, names):
+            moe = MoEArgs(n_experts, get("expert_used_count"), get("expert_feed_forward_length"),
+                          tuple(range(step - 1, n_layers, step)) if step else ())
     # llama.cpp has no key for the NoPE interval: it is hard-coded to 4 (hparams n_no_rope_layer_step),
     # and only `attention.sliding_window == 0` (MobileLLM) turns both NoPE and chunking off.
     window = get("attention.sliding_window", 8192)
     nope = tuple(range(3, n_layers, 4)) if window else ()
-    return ModelArgs(
-        **common,
-        moe=moe,
-        nope_layers=nope,
-        attention_chunk_size=window or None,  # llama.cpp ignores a non-zero value and uses 8192
-        # No GGUF key says whether q/k are normed: llama.cpp decides by model type, off only for
-        # the 128-expert Maverick (matching HF's use_qk_norm: Scout true, Maverick false).
-        use_qk_norm=n_experts != 128,
-        attn_temperature_tuning=bool(nope),  # NoPE layers only
-        # gguf-py's attention.temperature_length/_scale keys; llama.cpp's defaults are 8192 and 0.1.
-        floor_scale=float(get("attention.temperature_length", 8192, kind=float)),
-        attn_scale=float(get("attention.temperature_scale", 0.1, kind=float)),
-    )
+    with naming(path, names):
+        return ModelArgs(
+            **common,
+            moe=moe,
+            nope_layers=nope,
+            attention_chunk_size=window or None,  # llama.cpp ignores a non-zero value and uses 8192
+            # No GGUF key says whether q/k are normed: llama.cpp decides by model type, off only for
+            # the 128-expert Maverick (matching HF's use_qk_norm: Scout true, Maverick false).
+            use_qk_norm=n_experts != 128,
+            attn_temperature_tuning=bool(nope),  # NoPE layers only
+            # gguf-py's attention.temperature_length/_scale keys; llama.cpp's defaults are 8192 and 0.1.
+            floor_scale=float(get("attention.temperature_length", 8192, kind=float)),
+            attn_scale=float(get("attention.temperature_scale", 0.1, kind=float)),
+        )
 
 
 def _generation(md: dict[str, Any], arch: str, args: ModelArgs, tensors: dict[str, Any]) -> str:
@@ -386,13 +416,27 @@ def read_gguf(path: str | Path) -> Checkpoint:
         raise FormatError(f"{path}: general.alignment {alignment!r} is not a power of two")
     raw, types = _tensors(r, mm, infos, alignment)
     args = _args(md, arch, raw, path)
-    tensors = {_canonical(n, arch, args.n_layers, path): t for n, t in raw.items() if n != "rope_freqs.weight"}
+    tensors = {}
+    for name, t in raw.items():
+        if name != "rope_freqs.weight":
+            canonical = _canonical(name, arch, args.n_layers, path)
+            if canonical in tensors:  # blk.7 and blk.07
+                raise FormatError(f"{path}: tensor {name} is a second {canonical}")
+            tensors[canonical] = t
 
+    tokens = md.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and "token_embd.weight" in raw and len(tokens) != args.vocab_size:
+        # llama.cpp sizes token_embd as [n_embd, number of tokens] and refuses any other shape: a vocabulary
+        # shorter than the embedding would let the model emit ids no token stands for.
+        raise ShapeMismatch(
+            f"{path}: tokenizer.ggml.tokens holds {len(tokens)} tokens, but token_embd.weight has "
+            f"{args.vocab_size} rows; a GGUF file needs one token per embedding row"
+        )
     tok_md = {k: v for k, v in md.items() if k.startswith("tokenizer.")}
     eos = [md.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     file_type = md.get("general.file_type")
     summary = ", ".join(f"{name} ×{n}" for name, n in types.most_common())
-    if file_type is not None:
+    if isinstance(file_type, int):
         summary += f" (file type {_FILE_TYPES.get(file_type, file_type)})"
     metadata = {k: v for k, v in md.items() if k.startswith("general.")}
     metadata["gguf.version"] = version

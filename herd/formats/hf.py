@@ -9,6 +9,8 @@ order here. Llama 4 is interleaved in every format.
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,13 @@ from herd.errors import (
     ConfigError,
     FormatError,
     MissingTensor,
+    ShapeMismatch,
     TruncatedFile,
     UnexpectedTensor,
     UnsupportedArchitecture,
 )
 from herd.formats.checkpoint import Checkpoint, TokenizerSource
+from herd.formats.fields import Fields, check_layer_count, naming, read_json
 
 LLAMA_ARCHS = {"LlamaForCausalLM"}
 LLAMA4_ARCHS = {"Llama4ForCausalLM", "Llama4ForConditionalGeneration"}
@@ -41,90 +45,113 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path} is not valid JSON: {e}") from None
-
-
-def _rope(cfg: dict) -> tuple[float, RopeScaling | None]:
+def _rope(cfg: Fields) -> tuple[float, RopeScaling | None]:
     # transformers 4.x: rope_theta + rope_scaling; 5.x: rope_parameters holds both.
-    params = dict(cfg.get("rope_scaling") or {})
-    params.update(cfg.get("rope_parameters") or {})
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
+    where = cfg.where
+    params = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        part = cfg.object(key, None)
+        if part is not None:
+            params.update(part.data)
+            where = part.where
+    p = Fields(params, where)
+    theta = p.float("rope_theta", cfg.float("rope_theta", 10000.0))
+    kind = p.str("rope_type", p.str("type", "default"))
     if kind == "default":
         return theta, None
     if kind == "llama3":
         return theta, RopeScaling(
             "llama3",
-            factor=float(params["factor"]),
-            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+            factor=p.float("factor"),
+            low_freq_factor=p.float("low_freq_factor", 1.0),
+            high_freq_factor=p.float("high_freq_factor", 4.0),
+            original_max_position=p.int("original_max_position_embeddings", 8192),
         )
     if kind == "linear":
-        return theta, RopeScaling("linear", factor=float(params["factor"]))
-    raise UnsupportedArchitecture(f"config.json: rope type {kind!r} is not supported (herd has default, llama3, linear)")
+        return theta, RopeScaling("linear", factor=p.float("factor"))
+    raise UnsupportedArchitecture(f"{where}: rope type {kind!r} is not supported (herd has default, llama3, linear)")
 
 
-def args_from_hf_config(config: dict) -> ModelArgs:
+# ModelArgs field -> the config.json key it comes from, for messages about impossible values
+_HF_NAMES = {
+    "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "hidden_dim": "intermediate_size",
+    "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta", "max_seq_len": "max_position_embeddings",
+    "head_dim": "head_dim", "rope_scaling": "rope_scaling", "moe": "num_local_experts",
+    "attention_chunk_size": "attention_chunk_size", "floor_scale": "floor_scale", "attn_scale": "attn_scale",
+    "nope_layers": "no_rope_layers",
+}
+_HF_LAYER = r"(?:language_model\.|model\.)*layers\.(\d+)\."
+
+
+def args_from_hf_config(config: dict, path: Path | str = "config.json",
+                        tensor_names: list[str] | None = None) -> ModelArgs:
+    """config.json -> ModelArgs. With `tensor_names` (the checkpoint's), the layer count is checked against
+    them before anything sized by it is built."""
+    top = Fields(config, str(path))
     archs = config.get("architectures") or []
-    model_type = config.get("model_type")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise top.fail("architectures", "a list of class names", archs)
+    model_type = top.str("model_type", None)
     if not (set(archs) & (LLAMA_ARCHS | LLAMA4_ARCHS)) and model_type not in ("llama", "llama4", "llama4_text"):
         raise UnsupportedArchitecture(
-            f"config.json: architectures={archs} model_type={model_type!r}; herd runs "
+            f"{path}: architectures={archs} model_type={model_type!r}; herd runs "
             f"{sorted(LLAMA_ARCHS | LLAMA4_ARCHS)}"
         )
-    cfg = config.get("text_config", config) if model_type == "llama4" or "text_config" in config else config
+    cfg = top.object("text_config") if model_type == "llama4" or "text_config" in config else top
     for key, accepted in UNSUPPORTED_IF_NOT.items():
-        if key in cfg and cfg[key] not in (accepted, None):
-            raise UnsupportedArchitecture(f"config.json: {key}={cfg[key]!r} is not supported (herd needs {accepted!r})")
-    try:
+        if key in cfg and cfg.data[key] not in (accepted, None):
+            raise UnsupportedArchitecture(f"{path}: {key}={cfg.data[key]!r} is not supported (herd needs {accepted!r})")
+    n_layers = cfg.int("num_hidden_layers")
+    if tensor_names is not None:
+        text = [n for n in tensor_names if not n.startswith(SKIPPED_PREFIXES)]
+        check_layer_count(n_layers, text, _HF_LAYER, Path(path), "num_hidden_layers")
+    with naming(path, _HF_NAMES):
         theta, scaling = _rope(cfg)
-        n_layers = int(cfg["num_hidden_layers"])
         common = dict(
-            dim=int(cfg["hidden_size"]),
+            dim=cfg.int("hidden_size"),
             n_layers=n_layers,
-            n_heads=int(cfg["num_attention_heads"]),
-            n_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-            vocab_size=int(cfg["vocab_size"]),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            n_heads=cfg.int("num_attention_heads"),
+            n_kv_heads=cfg.int("num_key_value_heads", None) or cfg.int("num_attention_heads"),
+            vocab_size=cfg.int("vocab_size"),
+            norm_eps=cfg.float("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
-            head_dim=cfg.get("head_dim"),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_seq_len=cfg.int("max_position_embeddings", 2048),
+            head_dim=cfg.int("head_dim", None),
+            tie_embeddings=bool(cfg.bool("tie_word_embeddings", False)),
         )
         if model_type not in ("llama4", "llama4_text") and not set(archs) & LLAMA4_ARCHS:
-            return ModelArgs(hidden_dim=int(cfg["intermediate_size"]), **common)
-        step = int(cfg.get("interleave_moe_layer_step", 1))
-        moe_layers = cfg.get("moe_layers")
-        moe_layers = tuple(moe_layers) if moe_layers is not None else tuple(range(step - 1, n_layers, step))
-        rope_flags = cfg.get("no_rope_layers") or [
-            int((i + 1) % int(cfg.get("no_rope_layer_interval", 4)) != 0) for i in range(n_layers)
-        ]
+            return ModelArgs(hidden_dim=cfg.int("intermediate_size"), **common)
+        step = cfg.int("interleave_moe_layer_step", 1)
+        if step < 0:
+            raise cfg.fail("interleave_moe_layer_step", "a positive integer", step)
+        moe_layers = cfg.int_list("moe_layers", None)
+        moe_layers = tuple(moe_layers) if moe_layers is not None else tuple(range(step - 1, n_layers, step)) if step else ()
+        interval = cfg.int("no_rope_layer_interval", 4)
+        if interval <= 0:
+            raise cfg.fail("no_rope_layer_interval", "a positive integer", interval)
+        rope_flags = cfg.int_list("no_rope_layers", None) or [int((i + 1) % interval != 0) for i in range(n_layers)]
+        if len(rope_flags) != n_layers:
+            raise ConfigError(f"{path}: no_rope_layers has {len(rope_flags)} entries for {n_layers} layers")
         return ModelArgs(
-            hidden_dim=int(cfg.get("intermediate_size_mlp", cfg["intermediate_size"])),
+            hidden_dim=cfg.int("intermediate_size_mlp", None) or cfg.int("intermediate_size"),
             moe=MoEArgs(
-                num_experts=int(cfg["num_local_experts"]),
-                top_k=int(cfg.get("num_experts_per_tok", 1)),
-                hidden_dim=int(cfg["intermediate_size"]),
+                num_experts=cfg.int("num_local_experts"),
+                top_k=cfg.int("num_experts_per_tok", 1),
+                hidden_dim=cfg.int("intermediate_size"),
                 layers=moe_layers,
             )
             if moe_layers
             else None,
             nope_layers=tuple(i for i in range(n_layers) if not rope_flags[i]),
-            attention_chunk_size=cfg.get("attention_chunk_size"),
-            use_qk_norm=bool(cfg.get("use_qk_norm", True)),
-            attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
-            floor_scale=float(cfg.get("floor_scale", 8192)),
-            attn_scale=float(cfg.get("attn_scale", 0.1)),
+            attention_chunk_size=cfg.int("attention_chunk_size", None),
+            use_qk_norm=cfg.bool("use_qk_norm", True),
+            attn_temperature_tuning=cfg.bool("attn_temperature_tuning", True),
+            floor_scale=cfg.float("floor_scale", 8192.0),
+            attn_scale=cfg.float("attn_scale", 0.1),
             **common,
         )
-    except KeyError as e:
-        raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
 
 
 def permute_for_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -155,8 +182,19 @@ LAYER_MAP = {
 SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
 
 
-def canonical_tensors(raw: dict[str, Any], args: ModelArgs) -> dict[str, torch.Tensor]:
+def canonical_tensors(raw: dict[str, Any], args: ModelArgs, sources: dict[str, Path] | None = None) -> dict[str, torch.Tensor]:
+    """HF names and layouts -> herd's. `sources` (tensor name -> shard file) names the file in errors."""
     out: dict[str, torch.Tensor] = {}
+
+    def where(name: str) -> str:
+        return f"{sources[name]}: tensor {name}" if sources and name in sources else f"tensor {name}"
+
+    def expect(name: str, tensor, shape: tuple[int, ...]) -> None:
+        # checked before any reshape, which would otherwise fail with a bare RuntimeError
+        if tuple(tensor.shape) != shape:
+            raise ShapeMismatch(f"{where(name)} has shape {tuple(tensor.shape)}, the config implies {shape}")
+
+    hd = args.head_dim
     for name, tensor in raw.items():
         if name.startswith(SKIPPED_PREFIXES) or name.endswith("rotary_emb.inv_freq"):
             continue
@@ -171,49 +209,125 @@ def canonical_tensors(raw: dict[str, Any], args: ModelArgs) -> dict[str, torch.T
             out["norm.weight"] = tensor
         elif key == "lm_head.weight":
             out["output.weight"] = tensor
-        elif key.startswith("layers."):
+        elif key.startswith("layers.") and key.count(".") >= 2 and key.split(".")[1].isdigit():
             _, index, rest = key.split(".", 2)
-            prefix = f"layers.{index}."
+            prefix = f"layers.{int(index)}."
             if rest == "feed_forward.experts.gate_up_proj":  # [E, D, 2F], x @ W, gate first
+                if tensor.dim() != 3 or tensor.shape[-1] % 2:
+                    raise ShapeMismatch(f"{where(name)} has shape {tuple(tensor.shape)}, expected [experts, dim, 2F]")
                 gate, up = tensor.chunk(2, dim=-1)
                 out[prefix + "feed_forward.experts.w1"] = gate.transpose(1, 2)
                 out[prefix + "feed_forward.experts.w3"] = up.transpose(1, 2)
             elif rest == "feed_forward.experts.down_proj":  # [E, F, D]
+                if tensor.dim() != 3:
+                    raise ShapeMismatch(f"{where(name)} has shape {tuple(tensor.shape)}, expected [experts, F, dim]")
                 out[prefix + "feed_forward.experts.w2"] = tensor.transpose(1, 2)
             elif rest in LAYER_MAP:
                 if not args.is_llama4 and rest == "self_attn.q_proj.weight":
+                    expect(name, tensor, (args.n_heads * hd, args.dim))
                     tensor = permute_for_interleaved(tensor, args.n_heads)
                 elif not args.is_llama4 and rest == "self_attn.k_proj.weight":
+                    expect(name, tensor, (args.n_kv_heads * hd, args.dim))
                     tensor = permute_for_interleaved(tensor, args.n_kv_heads)
                 out[prefix + LAYER_MAP[rest]] = tensor
             else:
-                raise UnexpectedTensor(f"{name}: no place for this tensor in a Llama model")
+                raise UnexpectedTensor(f"{where(name)}: no place for this tensor in a Llama model")
         else:
-            raise UnexpectedTensor(f"{name}: no place for this tensor in a Llama model")
+            raise UnexpectedTensor(f"{where(name)}: no place for this tensor in a Llama model")
     return out
+
+
+# safetensors dtype -> bytes per element (the format's own list; sub-byte types are left to the library)
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+_ST_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def check_safetensors(path: Path) -> dict[str, dict]:
+    """Read and check a safetensors header (u64 length, JSON object, data) before the library maps the
+    file, so that each way it can be wrong gets its own message. Returns the tensor entries."""
+    size = path.stat().st_size
+    if size < 8:
+        raise TruncatedFile(f"{path}: {size} bytes, shorter than a safetensors header")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _ST_MAX_HEADER:
+            raise FormatError(f"{path}: the safetensors header claims {n} bytes (limit {_ST_MAX_HEADER}); not a safetensors file")
+        if 8 + n > size:
+            raise TruncatedFile(f"{path}: the safetensors header needs {n} bytes, but the file ends after {size - 8}")
+        text = f.read(n)
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: the safetensors header is a JSON {type(header).__name__}, expected an object")
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise FormatError(f"{path}: header entry for tensor {name} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise FormatError(f"{path}: tensor {name} has no dtype string (got {dtype!r})")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise FormatError(f"{path}: tensor {name} has shape {shape!r}, not a list of sizes")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise FormatError(f"{path}: tensor {name} has data_offsets {offsets!r}, not [begin, end]")
+        itemsize = _ST_ITEMSIZE.get(dtype)
+        if itemsize is not None and math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+            raise FormatError(
+                f"{path}: tensor {name} declares {dtype} {shape} = {math.prod(shape) * itemsize} bytes, "
+                f"but its data_offsets span {offsets[1] - offsets[0]} bytes"
+            )
+        entries[name] = info
+    data = size - 8 - n
+    end, last = 0, None
+    for name, info in sorted(entries.items(), key=lambda e: tuple(e[1]["data_offsets"])):
+        begin, stop = info["data_offsets"]
+        if begin < end:
+            raise FormatError(f"{path}: tensors {last} and {name} overlap (bytes {begin}..{min(end, stop)} of the data)")
+        if begin > end:
+            raise FormatError(f"{path}: {begin - end} unused bytes before tensor {name} (safetensors data is contiguous)")
+        if stop > data:
+            raise TruncatedFile(
+                f"{path}: data ends before tensor {name}: it needs bytes {begin}..{stop} of the data, which has {data}"
+            )
+        end, last = stop, name
+    if end != data:
+        raise FormatError(f"{path}: {data - end} bytes after the last tensor's data; the header does not describe them")
+    return entries
 
 
 def _open_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    size = path.stat().st_size
-    if size < 8:
-        raise TruncatedFile(f"{path}: {size} bytes, shorter than a safetensors header")
+    check_safetensors(path)
     try:
         return load_file(str(path))  # memory-mapped: tensors share the file's pages until copied
     except SafetensorError as e:
-        raise TruncatedFile(f"{path}: not a complete safetensors file ({e})") from None
-    except Exception as e:  # malformed header JSON and the like
+        raise FormatError(f"{path}: cannot read as safetensors ({e})") from None
+    except Exception as e:  # e.g. a dtype torch has no type for
         raise FormatError(f"{path}: cannot read as safetensors ({e})") from None
 
 
+def _safetensors_names(path: Path) -> list[str]:
+    return list(check_safetensors(path))
+
+
 def read_hf(path: Path) -> Checkpoint:
-    config = _read_json(path / "config.json")
-    args = args_from_hf_config(config)
+    config = read_json(path / "config.json", ConfigError)
     index = path / "model.safetensors.index.json"
+    weight_map = None
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map", {})
+        weight_map = Fields(read_json(index), str(index), FormatError).object("weight_map").data
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or Path(v).name != v), None)
+        if bad:
+            raise FormatError(f"{index}: weight_map[{bad[0]!r}] = {bad[1]!r} is not the name of a file next to it")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -221,19 +335,22 @@ def read_hf(path: Path) -> Checkpoint:
         if list(path.glob("*.bin")):
             raise FormatError(f"{path}: only PyTorch .bin weights; herd reads safetensors (convert them first)")
         raise MissingTensor(f"{path}: no .safetensors files")
+    for name in files:
+        if not (path / name).is_file():
+            raise MissingTensor(f"{path}: the index names {name}, which is missing")
+    # the headers first (no data is touched): the config is checked against the tensor names they list
+    names = {n: path / f for f in files for n in _safetensors_names(path / f)}
+    args = args_from_hf_config(config, path / "config.json", list(names))
     raw: dict[str, torch.Tensor] = {}
     for name in files:
-        shard = path / name
-        if not shard.is_file():
-            raise MissingTensor(f"{path}: the index names {name}, which is missing")
-        raw.update(_open_safetensors(shard))
-    if index.is_file():
+        raw.update(_open_safetensors(path / name))
+    if weight_map is not None:
         missing = set(weight_map) - set(raw)
         if missing:
             raise MissingTensor(f"{path}: tensors listed in the index are absent: {sorted(missing)[:5]}")
     return Checkpoint(
         args=args,
-        tensors=canonical_tensors(raw, args),
+        tensors=canonical_tensors(raw, args, names),
         format="hf",
         path=path,
         tokenizer=_tokenizer_source(path),
@@ -246,7 +363,7 @@ def read_hf(path: Path) -> Checkpoint:
 
 
 def _tokenizer_source(path: Path) -> TokenizerSource | None:
-    tok_config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    tok_config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     if (path / "tokenizer.json").is_file():
         return TokenizerSource("hf_json", path / "tokenizer.json", config=tok_config)
     model = path / "tokenizer.model"
@@ -265,24 +382,43 @@ def _looks_like_tiktoken(path: Path) -> bool:
 
 
 def _chat_template(path: Path) -> str | None:
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    if (path / "tokenizer_config.json").is_file():
-        template = _read_json(path / "tokenizer_config.json").get("chat_template")
-        if isinstance(template, list):  # named variants: take "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        return template
-    return None
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{jinja}: not UTF-8 text ({e.reason})") from None
+    config = path / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    template = read_json(config).get("chat_template")
+    if isinstance(template, list):  # named variants: take "default"
+        named = [t for t in template if isinstance(t, dict) and isinstance(t.get("name"), str)
+                 and isinstance(t.get("template"), str)]
+        if len(named) != len(template):
+            raise FormatError(f"{config}: chat_template is a list, but not of {{\"name\", \"template\"}} strings")
+        template = next((t["template"] for t in named if t["name"] == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise FormatError(f"{config}: chat_template must be a string or a list of named templates, "
+                          f"got {json.dumps(template)[:60]}")
+    return template
 
 
 def _eos_ids(path: Path, config: dict) -> tuple[int, ...]:
     ids: list[int] = []
-    sources = [config.get("text_config", config)]
+    text = config.get("text_config", config)
+    sources = [(text, path / "config.json")]
     if (path / "generation_config.json").is_file():
-        sources.append(_read_json(path / "generation_config.json"))
-    for source in sources:
+        sources.append((read_json(path / "generation_config.json", ConfigError), path / "generation_config.json"))
+    for source, file in sources:
         eos = source.get("eos_token_id")
-        ids += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+        if isinstance(eos, int) and not isinstance(eos, bool):
+            eos = [eos]
+        if eos is None:
+            continue
+        if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+            raise ConfigError(f"{file}: field 'eos_token_id' must be a token id or a list of them, got {eos!r}")
+        ids += eos
     return tuple(dict.fromkeys(ids))
 
 

@@ -7,7 +7,7 @@ Llama 4's fused and renamed tensors are unpacked the way Meta's own load hooks d
 
 from __future__ import annotations
 
-import json
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -18,12 +18,15 @@ from herd.config import ModelArgs, MoEArgs, RopeScaling, ffn_hidden_dim
 from herd.errors import (
     ConfigError,
     FormatError,
+    MissingTensor,
+    ShapeMismatch,
     TruncatedFile,
     UnexpectedTensor,
     UnsafePickle,
     UnsupportedArchitecture,
 )
 from herd.formats.checkpoint import Checkpoint, TokenizerSource
+from herd.formats.fields import Fields, check_layer_count, naming, read_json
 
 # How a tensor split across model-parallel ranks is put back together (dim to concatenate on).
 # Norms and Llama 4 routers are replicated; embeddings depend on the generation (see merge_shards).
@@ -68,106 +71,135 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
         raise UnsafePickle(f"{path}: holds objects other than tensors; refused to unpickle ({e})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
         raise TruncatedFile(f"{path}: not a complete PyTorch checkpoint ({e})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UnsafePickle(f"{path}: expected a dict of tensors")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise UnsafePickle(f"{path}: expected a dict of tensors by name")
     return state
 
 
-def args_from_params(params: dict, tensors: dict[str, torch.Tensor]) -> tuple[ModelArgs, str]:
+# ModelArgs field -> the params.json key it comes from, for messages about impossible values
+_META_NAMES = {
+    "dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads", "vocab_size": "vocab_size",
+    "hidden_dim": "multiple_of/ffn_dim_multiplier", "norm_eps": "norm_eps", "rope_theta": "rope_theta",
+    "max_seq_len": "max_seq_len", "head_dim": "head_dim", "rope_scaling": "rope_scaling_factor", "moe": "moe_args",
+    "attention_chunk_size": "attention_chunk_size", "floor_scale": "floor_scale", "attn_scale": "attn_scale",
+    "nope_layers": "nope_layer_interval",
+}
+
+
+def args_from_params(params: dict, tensors: dict[str, torch.Tensor],
+                     path: Path | str = "params.json") -> tuple[ModelArgs, str]:
     """params.json → (ModelArgs, generation). Derived sizes follow Meta's FeedForward/MoE rules."""
-    try:
-        dim, n_layers, n_heads = int(params["dim"]), int(params["n_layers"]), int(params["n_heads"])
-    except KeyError as e:
-        raise ConfigError(f"params.json lacks the field {e.args[0]!r}") from None
+    p = Fields(params, str(path))
+    dim, n_layers, n_heads = p.int("dim"), p.int("n_layers"), p.int("n_heads")
+    check_layer_count(n_layers, tensors, r"layers\.(\d+)\.", Path(path), "n_layers")
     for key, why in UNSUPPORTED_PARAMS.items():
         if params.get(key):
-            raise UnsupportedArchitecture(f"params.json: {key} is set: {why}")
-    vocab = int(params.get("vocab_size", -1))
+            raise UnsupportedArchitecture(f"{path}: {key} is set: {why}")
+    vocab = p.int("vocab_size", -1)
     if vocab <= 0:  # Llama 1/2 write -1: the tokenizer decides, and the embedding shows it
         vocab = tensors["tok_embeddings.weight"].shape[0]
-    multiple_of = int(params.get("multiple_of", 256))
-    multiplier = params.get("ffn_dim_multiplier")
-    moe_params = params.get("moe_args")
-    llama4 = moe_params is not None or "nope_layer_interval" in params or params.get("use_qk_norm", False)
+    multiple_of = p.int("multiple_of", 256)
+    if multiple_of <= 0:
+        raise p.fail("multiple_of", "a positive integer", multiple_of)
+    multiplier = p.float("ffn_dim_multiplier", None)
+    if multiplier is not None and not (math.isfinite(multiplier) and multiplier > 0):
+        raise p.fail("ffn_dim_multiplier", "a finite positive number", multiplier)
+    moe_params = p.object("moe_args", None)
+    llama4 = moe_params is not None or "nope_layer_interval" in params or p.bool("use_qk_norm", False)
     tied = "output.weight" not in tensors or torch.equal(tensors["output.weight"], tensors["tok_embeddings.weight"])
+    scaled = p.bool("use_scaled_rope", False)
     if llama4:
         generation = "4"
-    elif "rope_theta" in params or params.get("use_scaled_rope"):  # Llama 1/2 params.json have neither
-        generation = ("3.2" if tied else "3.1") if params.get("use_scaled_rope") else "3"
+    elif "rope_theta" in params or scaled:  # Llama 1/2 params.json have neither
+        generation = ("3.2" if tied else "3.1") if scaled else "3"
     else:
-        generation = "1" if float(params.get("norm_eps", 1e-5)) < 5e-6 else "2"
-    scaling = None
-    if params.get("use_scaled_rope"):
-        # Meta's reference hard-codes factor 8; Llama 3.2 1B/3B need 32 (llama-models #166, #241),
-        # Llama 4 Scout 16 with high_freq_factor 1 (llama-models PR #322).
-        default_factor, default_high = {"3.2": (32.0, 4.0), "4": (16.0, 1.0)}.get(generation, (8.0, 4.0))
-        scaling = RopeScaling(
-            "llama3",
-            factor=float(params.get("rope_scaling_factor") or default_factor),
-            low_freq_factor=1.0,
-            high_freq_factor=float(params.get("rope_high_freq_factor") or default_high),
-            original_max_position=8192,
+        generation = "1" if p.float("norm_eps", 1e-5) < 5e-6 else "2"
+    ffn_exp = p.float("ffn_exp", None) or 4.0
+    if not (math.isfinite(ffn_exp) and ffn_exp > 0):
+        raise p.fail("ffn_exp", "a finite positive number", ffn_exp)
+    with naming(path, _META_NAMES):
+        scaling = None
+        if scaled:
+            # Meta's reference hard-codes factor 8; Llama 3.2 1B/3B need 32 (llama-models #166, #241),
+            # Llama 4 Scout 16 with high_freq_factor 1 (llama-models PR #322).
+            default_factor, default_high = {"3.2": (32.0, 4.0), "4": (16.0, 1.0)}.get(generation, (8.0, 4.0))
+            scaling = RopeScaling(
+                "llama3",
+                factor=p.float("rope_scaling_factor", None) or default_factor,
+                low_freq_factor=1.0,
+                high_freq_factor=p.float("rope_high_freq_factor", None) or default_high,
+                original_max_position=8192,
+            )
+        common = dict(
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=p.int("n_kv_heads", None) or n_heads,
+            vocab_size=vocab,
+            norm_eps=p.float("norm_eps", 1e-5),
+            rope_theta=p.float("rope_theta", 500000.0 if generation.startswith(("3", "4")) else 10000.0),
+            rope_scaling=scaling,
+            max_seq_len=p.int("max_seq_len", CONTEXT_BY_GENERATION[generation]),
+            head_dim=p.int("head_dim", None),
+            tie_embeddings=tied,
         )
-    common = dict(
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=int(params.get("n_kv_heads") or n_heads),
-        vocab_size=vocab,
-        norm_eps=float(params.get("norm_eps", 1e-5)),
-        rope_theta=float(params.get("rope_theta", 500000.0 if generation.startswith(("3", "4")) else 10000.0)),
-        rope_scaling=scaling,
-        max_seq_len=int(params.get("max_seq_len", CONTEXT_BY_GENERATION[generation])),
-        head_dim=params.get("head_dim"),
-        tie_embeddings=tied,
-    )
-    ffn_exp = float(params.get("ffn_exp") or 4.0)
-    hidden_dim = ffn_hidden_dim(dim, multiple_of, multiplier, ffn_exp)
-    if not llama4:
-        return ModelArgs(hidden_dim=hidden_dim, **common), generation
-    moe = None
-    if moe_params:
-        step = int(moe_params.get("interleave_moe_layer_step", 1))
-        expert_hidden = int(2 * int(ffn_exp * dim) / 3)
-        expert_hidden = int((multiplier or 1.0) * expert_hidden)
-        if moe_params.get("auto_scale_F", True):
-            expert_hidden = int(expert_hidden / (float(moe_params.get("capacity_factor", 1.0)) + 1))
-        expert_hidden += -expert_hidden % multiple_of
-        moe = MoEArgs(
-            num_experts=int(moe_params["num_experts"]),
-            top_k=int(moe_params.get("top_k", 1)),
-            hidden_dim=expert_hidden,
-            layers=tuple(i for i in range(n_layers) if (i + 1) % step == 0),
+        hidden_dim = ffn_hidden_dim(dim, multiple_of, multiplier, ffn_exp)
+        if not llama4:
+            return ModelArgs(hidden_dim=hidden_dim, **common), generation
+        moe = None
+        if moe_params:
+            step = moe_params.int("interleave_moe_layer_step", 1)
+            if step <= 0:
+                raise moe_params.fail("interleave_moe_layer_step", "a positive integer", step)
+            expert_hidden = int(2 * int(ffn_exp * dim) / 3)
+            expert_hidden = int((multiplier or 1.0) * expert_hidden)
+            if moe_params.bool("auto_scale_F", True):
+                capacity = moe_params.float("capacity_factor", 1.0)
+                if not (math.isfinite(capacity) and capacity >= 0):
+                    raise moe_params.fail("capacity_factor", "a finite number >= 0", capacity)
+                expert_hidden = int(expert_hidden / (capacity + 1))
+            expert_hidden += -expert_hidden % multiple_of
+            moe = MoEArgs(
+                num_experts=moe_params.int("num_experts"),
+                top_k=moe_params.int("top_k", 1),
+                hidden_dim=expert_hidden,
+                layers=tuple(i for i in range(n_layers) if (i + 1) % step == 0),
+            )
+        interval = p.int("nope_layer_interval", None)
+        if interval is not None and interval <= 0:
+            raise p.fail("nope_layer_interval", "a positive integer", interval)
+        return (
+            ModelArgs(
+                hidden_dim=hidden_dim,
+                moe=moe,
+                nope_layers=tuple(i for i in range(n_layers) if interval and (i + 1) % interval == 0),
+                attention_chunk_size=p.int("attention_chunk_size", None),
+                use_qk_norm=p.bool("use_qk_norm", False),
+                attn_temperature_tuning=p.bool("attn_temperature_tuning", False),
+                floor_scale=p.float("floor_scale", 8192.0),
+                attn_scale=p.float("attn_scale", 0.1),
+                **common,
+            ),
+            generation,
         )
-    interval = params.get("nope_layer_interval")
-    return (
-        ModelArgs(
-            hidden_dim=hidden_dim,
-            moe=moe,
-            nope_layers=tuple(i for i in range(n_layers) if interval and (i + 1) % interval == 0),
-            attention_chunk_size=params.get("attention_chunk_size"),
-            use_qk_norm=bool(params.get("use_qk_norm", False)),
-            attn_temperature_tuning=bool(params.get("attn_temperature_tuning", False)),
-            floor_scale=float(params.get("floor_scale", 8192.0)),
-            attn_scale=float(params.get("attn_scale", 0.1)),
-            **common,
-        ),
-        generation,
-    )
 
 
-def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int) -> dict[str, torch.Tensor]:
+def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int, path: Path | str = "") -> dict[str, torch.Tensor]:
     if len(shards) == 1:
         return shards[0]
     merged = {}
     for name in shards[0]:
         parts = [shard[name] for shard in shards]
         short = name.split(".", 2)[-1] if name.startswith("layers.") else name
+        concat = CONCAT_DIM.get(short)
         if name == "tok_embeddings.weight":
             # Llama 1/2 split the embedding by columns, Llama 3's VocabParallelEmbedding by rows.
-            merged[name] = torch.cat(parts, dim=1 if parts[0].shape[1] != dim else 0)
-        elif short in CONCAT_DIM:
-            merged[name] = torch.cat(parts, dim=CONCAT_DIM[short])
+            concat = 1 if parts[0].dim() == 2 and parts[0].shape[1] != dim else 0
+        if concat is not None:
+            if any(p.dim() != 2 or p.shape[1 - concat] != parts[0].shape[1 - concat] for p in parts):
+                raise ShapeMismatch(f"{path}: {name} has shapes {[tuple(p.shape) for p in parts]} in the "
+                                    f"{len(parts)} shards, which do not join along dim {concat}")
+            merged[name] = torch.cat(parts, dim=concat)
         elif parts[0].dim() <= 1:
             merged[name] = parts[0]  # norms are replicated on every rank
         else:
@@ -178,49 +210,56 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int) -> dict[str, t
     return merged
 
 
-def llama4_canonical(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+def llama4_canonical(tensors: dict[str, torch.Tensor], args: ModelArgs, path: Path | str = "") -> dict[str, torch.Tensor]:
     """Meta Llama 4 names (fused wqkv, router_DE, moe_w_*_eD_F, mlp.fc1/fc2) → herd names."""
     out = {}
     q_rows, kv_rows = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     for name, t in tensors.items():
-        if not name.startswith("layers."):
-            out[name] = t
+        if not name.startswith("layers.") or name.count(".") < 2:
+            out[name] = t  # the loader refuses what has no place
             continue
-        _, index, rest = name.split(".", 2)
-        p = f"layers.{index}."
-        if rest == "attention.wqkv.weight":
-            out[p + "attention.wq.weight"], out[p + "attention.wk.weight"], out[p + "attention.wv.weight"] = t.split(
-                [q_rows, kv_rows, kv_rows]
-            )
-        elif rest == "attention.wqkv.layer_norm_weight":
-            out[p + "attention_norm.weight"] = t
-        elif rest in ("feed_forward.norm.weight", "feed_forward.mlp.layer_norm_weight"):
-            out[p + "ffn_norm.weight"] = t
-        elif rest == "feed_forward.router_DE":
-            out[p + "feed_forward.router.weight"] = t.t()
-        elif rest in ("feed_forward.experts.moe_w_in_eD_F", "feed_forward.experts.moe_w_swiglu_eD_F"):
-            w = "w1" if "w_in" in rest else "w3"
-            out[p + f"feed_forward.experts.{w}"] = t.view(args.moe.num_experts, args.dim, -1).transpose(1, 2)
-        elif rest == "feed_forward.experts.moe_w_out_eF_D":
-            out[p + "feed_forward.experts.w2"] = t.view(args.moe.num_experts, -1, args.dim).transpose(1, 2)
-        elif rest in ("feed_forward.experts.w1", "feed_forward.experts.w3", "feed_forward.experts.w2"):
-            out[p + rest] = t.transpose(1, 2)  # Meta's post-hook names hold [E, in, out]
-        elif rest in SHARED_EXPERT:
-            out[p + f"feed_forward.shared_expert.{SHARED_EXPERT[rest]}.weight"] = t
-        elif rest == "feed_forward.mlp.fc1_weight":
-            out[p + "feed_forward.w1.weight"], out[p + "feed_forward.w3.weight"] = t.chunk(2, dim=0)
-        elif rest == "feed_forward.mlp.fc2_weight":
-            out[p + "feed_forward.w2.weight"] = t
-        else:
-            out[name] = t
+        try:
+            _llama4_tensor(out, name, t, args, q_rows, kv_rows)
+        except (RuntimeError, ValueError, IndexError) as e:  # split/view of a tensor the config does not fit
+            raise ShapeMismatch(f"{path}: {name} has shape {tuple(t.shape)}, which the config cannot split ({e})") from None
     return out
 
 
+def _llama4_tensor(out: dict, name: str, t: torch.Tensor, args: ModelArgs, q_rows: int, kv_rows: int) -> None:
+    """One Meta Llama 4 tensor under its herd name(s), into `out`."""
+    _, index, rest = name.split(".", 2)
+    p = f"layers.{index}."
+    if rest == "attention.wqkv.weight":
+        out[p + "attention.wq.weight"], out[p + "attention.wk.weight"], out[p + "attention.wv.weight"] = t.split(
+            [q_rows, kv_rows, kv_rows]
+        )
+    elif rest == "attention.wqkv.layer_norm_weight":
+        out[p + "attention_norm.weight"] = t
+    elif rest in ("feed_forward.norm.weight", "feed_forward.mlp.layer_norm_weight"):
+        out[p + "ffn_norm.weight"] = t
+    elif rest == "feed_forward.router_DE":
+        out[p + "feed_forward.router.weight"] = t.t()
+    elif rest in ("feed_forward.experts.moe_w_in_eD_F", "feed_forward.experts.moe_w_swiglu_eD_F"):
+        w = "w1" if "w_in" in rest else "w3"
+        out[p + f"feed_forward.experts.{w}"] = t.view(args.moe.num_experts, args.dim, -1).transpose(1, 2)
+    elif rest == "feed_forward.experts.moe_w_out_eF_D":
+        out[p + "feed_forward.experts.w2"] = t.view(args.moe.num_experts, -1, args.dim).transpose(1, 2)
+    elif rest in ("feed_forward.experts.w1", "feed_forward.experts.w3", "feed_forward.experts.w2"):
+        out[p + rest] = t.transpose(1, 2)  # Meta's post-hook names hold [E, in, out]
+    elif rest in SHARED_EXPERT:
+        out[p + f"feed_forward.shared_expert.{SHARED_EXPERT[rest]}.weight"] = t
+    elif rest == "feed_forward.mlp.fc1_weight":
+        out[p + "feed_forward.w1.weight"], out[p + "feed_forward.w3.weight"] = t.chunk(2, dim=0)
+    elif rest == "feed_forward.mlp.fc2_weight":
+        out[p + "feed_forward.w2.weight"] = t
+    else:
+        out[name] = t
+
+
 def read_meta(path: Path) -> Checkpoint:
-    try:
-        params = json.loads((path / "params.json").read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path / 'params.json'} is not valid JSON: {e}") from None
+    params_path = path / "params.json"
+    params = read_json(params_path, ConfigError)
+    dim = Fields(params, str(params_path)).int("dim")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FormatError(f"{path}: params.json but no consolidated.NN.pth weights")
@@ -228,19 +267,19 @@ def read_meta(path: Path) -> Checkpoint:
     for shard in shards:
         for name in [n for n in shard if n.endswith(DROPPED_SUFFIXES)]:
             del shard[name]
-    if "dim" not in params:
-        raise ConfigError(f"{path / 'params.json'} lacks the field 'dim'")
-    tensors = merge_shards(shards, int(params["dim"]))
+    if any(set(shard) != set(shards[0]) for shard in shards):
+        raise FormatError(f"{path}: the consolidated.NN.pth shards hold different tensor names")
+    tensors = merge_shards(shards, dim, path)
     if "tok_embeddings.weight" not in tensors:
-        raise FormatError(f"{path}: no tok_embeddings.weight in the checkpoint")
-    args, generation = args_from_params(params, tensors)
+        raise MissingTensor(f"{path}: no tok_embeddings.weight in the checkpoint")
+    args, generation = args_from_params(params, tensors, params_path)
     if generation == "4":
-        tensors = llama4_canonical(tensors, args)
+        tensors = llama4_canonical(tensors, args, path)
     if args.tie_embeddings:
         tensors.pop("output.weight", None)
     for name in tensors:
         if not (name in ("tok_embeddings.weight", "norm.weight", "output.weight") or name.startswith("layers.")):
-            raise UnexpectedTensor(f"{name}: no place for this tensor in a Llama model")
+            raise UnexpectedTensor(f"{path}: {name}: no place for this tensor in a Llama model")
     tokenizer = None
     for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
         if candidate.is_file():

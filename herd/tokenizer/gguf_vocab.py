@@ -53,14 +53,21 @@ class GGUFVocabTokenizer(TokenizersBackedTokenizer):
             raise FormatError(f"{name}: tokenizer.ggml.tokens is missing or not a list of strings")
         n = len(tokens)
         raw_types = md.get("tokenizer.ggml.token_type")
-        types = [NORMAL] * n if raw_types is None else [int(t) for t in raw_types]
+        if raw_types is not None and not _all(raw_types, int):
+            raise FormatError(f"{name}: tokenizer.ggml.token_type must be a list of integers, got {_show(raw_types)}")
+        types = [NORMAL] * n if raw_types is None else list(raw_types)
         if len(types) != n:
             raise FormatError(f"{name}: tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
         self._tokens, self._types = list(tokens), types
 
+        for key in ("add_bos_token", "add_space_prefix"):
+            if not isinstance(md.get(f"tokenizer.ggml.{key}", False), bool):
+                raise FormatError(f"{name}: tokenizer.ggml.{key} must be a bool, got {_show(md[f'tokenizer.ggml.{key}'])}")
         if model == "gpt2":
             self.kind = "gguf-gpt2"
             pre = md.get("tokenizer.ggml.pre")
+            if pre is not None and not isinstance(pre, str):
+                raise FormatError(f"{name}: tokenizer.ggml.pre must be a string, got {_show(pre)}")
             backend = self._byte_level(md, pre, name)
             default_bos = PRE_TOKENIZERS.get(pre, _GPT2)[0] in _ADD_BOS_BY_DEFAULT
             self._table = None
@@ -71,7 +78,7 @@ class GGUFVocabTokenizer(TokenizersBackedTokenizer):
             default_bos = True
             self._table = PieceTable(self._tokens, types, self._add_prefix)
         else:
-            raise FormatError(f"{name}: tokenizer.ggml.model {model!r} is not supported (herd reads 'gpt2' and 'llama')")
+            raise FormatError(f"{name}: tokenizer.ggml.model {_show(model)} is not supported (herd reads 'gpt2' and 'llama')")
         self._init_backend(backend)
         self.vocab_size = n  # the file's count, even where a text repeats; specials come from the types:
         self._added = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k in (CONTROL, UNKNOWN, USER_DEFINED)}
@@ -110,8 +117,10 @@ class GGUFVocabTokenizer(TokenizersBackedTokenizer):
 
     def _byte_level(self, md: dict[str, Any], pre: str | None, name: str) -> HFTokenizer:
         merges = md.get("tokenizer.ggml.merges")
-        if merges is None or len(merges) == 0:
+        if not merges:
             raise FormatError(f"{name}: a 'gpt2' vocabulary needs tokenizer.ggml.merges")
+        if not _all(merges, str):
+            raise FormatError(f"{name}: tokenizer.ggml.merges must be a list of strings, got {_show(merges)}")
         pairs = []
         for merge in merges:
             left, sep, right = merge.partition(" ")
@@ -145,6 +154,8 @@ class GGUFVocabTokenizer(TokenizersBackedTokenizer):
 
     def _sentencepiece(self, md: dict[str, Any], name: str) -> HFTokenizer:
         scores = md.get("tokenizer.ggml.scores")
+        if scores is not None and not _all(scores, (int, float)):
+            raise FormatError(f"{name}: tokenizer.ggml.scores must be a list of numbers, got {_show(scores)}")
         if scores is None or len(scores) != len(self._tokens):
             raise FormatError(f"{name}: a 'llama' vocabulary needs one tokenizer.ggml.scores entry per token")
         vocab = self._vocab()
@@ -160,9 +171,24 @@ class GGUFVocabTokenizer(TokenizersBackedTokenizer):
         value = md.get(f"tokenizer.ggml.{role}_token_id")
         if value is None:
             return None
-        if not 0 <= int(value) < len(self._tokens):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FormatError(f"{name}: tokenizer.ggml.{role}_token_id must be a token id, got {_show(value)}")
+        if not 0 <= value < len(self._tokens):
             raise FormatError(f"{name}: tokenizer.ggml.{role}_token_id {value} is outside the {len(self._tokens)} tokens")
         return int(value)
+
+
+def _all(values: Any, kind) -> bool:
+    """A list whose every element is of `kind` (bools are not numbers here)."""
+    return isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
+
+
+def _show(value: Any) -> str:
+    """A short picture of a metadata value for an error message (a vocabulary list can be 10^5 long)."""
+    if isinstance(value, list):
+        return f"a list of {len(value)} starting {value[:3]!r}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def spm_merges(tokens: list[str], types: list[int], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
