@@ -96,7 +96,7 @@ class GGUFVocabTokenizer(TokenizersBackedTokenizer):
         # user-defined pieces in it; the backend holds only those, so special text stays plain here.
         prefix = "\u2581" if self._add_prefix else ""
         ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
-        ids += self._table.encode(text, special, lambda part: self._hf.encode(prefix + part.replace(" ", "\u2581")).ids)
+        ids += self._table.encode(text, special, lambda part: self._hf.encode_batch([prefix + part.replace(" ", "\u2581")])[0].ids)
         if eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
