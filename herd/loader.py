@@ -1,6 +1,7 @@
-"""Checkpoint → Transformer: build on the meta device, check every tensor, assign it once.
+"""Checkpoint → Transformer: build on the meta device, check every tensor, assign it once, then apply the
+backend's load-time transforms (herd.transforms), which swap modules of the plain model.
 
-Two paths:
+Two plans:
 - dense: every tensor becomes a parameter of the compute dtype. Parameters are assigned (not copied) where
   dtype and device already match, so a memory-mapped checkpoint needs no second copy. GGML blocks are
   dequantized here; `dtype=torch.float32` is the exact reference path the parity tests use.
@@ -9,6 +10,7 @@ Two paths:
   else a bf16 Linear: Q8_0, Q5_K, Q6_K, F16), q/k/v and gate/up are fused into one matmul each, and the embedding keeps its stored rows.
   Matmuls take bf16 inputs (the only activation dtype the CPU kernels vectorise); the residual stream,
   norms, RoPE, attention (and its KV cache) stay fp32, and logits are returned as fp32.
+On the CPU both end with herd.transforms.cpu_kernels (herd's C++ ops where they apply).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from herd.formats.checkpoint import Checkpoint
 from herd.formats.fields import check_layer_count
 from herd.model import Transformer
 from herd.model.rope import inverse_frequencies
-from herd.quant import GGMLTensor, Int4Weight, Int8Weight, QuantizedWeight, release_pages
+from herd.quant import GGMLTensor, Int4Weight, Int8Weight, QuantizedWeight
 from herd.quant.ggml import GGMLType
 
 
@@ -80,7 +82,12 @@ def load_model(
     model.load_state_dict(state, strict=False, assign=True)
     if checkpoint.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    return _finish(model, checkpoint, device)
+    model = _finish(model, checkpoint, device)
+    if device.type == "cpu" and dtype == torch.float32:  # herd's small CPU ops compute in fp32
+        from herd.transforms.cpu_kernels import use_cpu_kernels
+
+        model = use_cpu_kernels(model)
+    return model
 
 
 def _check_sizes(checkpoint: Checkpoint) -> None:
@@ -173,100 +180,33 @@ def _finish(model: Transformer, checkpoint: Checkpoint, device: torch.device) ->
 
 # ---- the quantized CPU path ------------------------------------------------------------------------------
 
-_FUSED = {"attention": ("wqkv", ("wq", "wk", "wv")), "feed_forward": ("w13", ("w1", "w3"))}
-
-
-def _linear(sources: list) -> nn.Module:
-    """One module computing the given weights stacked along the output dim, kept quantized where a kernel
-    takes them exactly: herd's own kernels when they are built (herd.kernels), else PyTorch's int4 and
-    int8 weight-only ops; otherwise a bf16 Linear of the dequantized weights."""
-    from herd import kernels
-    from herd.quant.linear import (COMPUTE_DTYPE, INT4_TYPES, Q8_TYPES, BF16Linear, Int8Linear,
-                                   dequantize_bf16, int4_from_ggml, pack_int4, q4_from_ggml, q4_from_int4,
-                                   q8_from_ggml, q8_from_int8)
-
-    first = sources[0]
-    fast = kernels.load() and first.shape[-1] % 32 == 0
-    if all(isinstance(s, GGMLTensor) for s in sources):
-        types, module = {s.ggml_type for s in sources}, None
-        if fast and types <= INT4_TYPES and len(types) == 1:
-            module = q4_from_ggml(sources)
-        elif fast and types <= INT4_TYPES | Q8_TYPES:  # Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, or a mix of types
-            module = q8_from_ggml(sources)
-        elif types <= INT4_TYPES and len(types) == 1:
-            module = int4_from_ggml(sources)
-        if module is not None:
-            for s in sources:  # repacked: the file's pages need not stay resident
-                release_pages(s.data)
-            return module
-    if all(isinstance(s, Int4Weight) and s.group_size == first.group_size for s in sources):
-        q, scales, zeros = (torch.cat([s.values() for s in sources]), torch.cat([s.scales for s in sources]),
-                            torch.cat([s.zeros for s in sources]))
-        if fast and first.group_size % 32 == 0:
-            return q4_from_int4(q, scales, zeros, first.group_size)
-        return pack_int4([(q, scales.float(), zeros.float())], first.group_size)
-    if all(isinstance(s, Int8Weight) for s in sources):
-        q, scales = torch.cat([s.q for s in sources]), torch.cat([s.scales for s in sources])
-        return q8_from_int8(q, scales) if fast else Int8Linear(q, scales)
-    if all(isinstance(s, (GGMLTensor, torch.Tensor)) for s in sources):
-        module = BF16Linear(dequantize_bf16(sources))
-        for s in sources:
-            if isinstance(s, GGMLTensor):
-                release_pages(s.data)
-        return module
-    return BF16Linear(torch.cat([s.dequantize(COMPUTE_DTYPE) for s in sources]))
-
-
-def _fusable(sources: list) -> bool:
-    """Fuse only what stays in one kernel: the same GGML type, or all herd int4 / int8 / float; with herd's
-    kernels also GGML types that differ (a Q4_K_M file's Q4_K q, k and Q6_K v) but share an exact form."""
-    from herd import kernels
-    from herd.quant.linear import INT4_TYPES, Q8_TYPES
-
-    kinds = {(type(s), getattr(s, "ggml_type", None), getattr(s, "group_size", None)) for s in sources}
-    if len(kinds) == 1:
-        return True
-    return (kernels.load() and all(isinstance(s, GGMLTensor) for s in sources)
-            and {s.ggml_type for s in sources} <= INT4_TYPES | Q8_TYPES and sources[0].shape[-1] % 32 == 0)
-
 
 def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
+    """The plan for quantized weights on the CPU: fuse q/k/v and gate/up where the parts share one module,
+    quantize the remaining linears (herd.transforms.quantize's schemes), keep the embedding's stored rows,
+    then swap in herd's CPU kernels (herd.transforms.cpu_kernels)."""
     from herd.quant.linear import COMPUTE_DTYPE, PackedLinear, QuantEmbedding, RefinedLogits
+    from herd.transforms.cpu_kernels import use_cpu_kernels
+    from herd.transforms.fuse import fuse_projections
+    from herd.transforms.quantize import can_share_one_module, quantize_linears, quantized_linear
 
     model, expected = _skeleton(checkpoint)
-    tensors = checkpoint.tensors
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    done: set[str] = set()
-    steps = len(linears) + 1
-    for i, name in enumerate(linears):
-        if progress:
-            progress(i + 1, steps)
-        if name in done:
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        owner = parent_name.rpartition(".")[2]
-        fused_name, members = _FUSED.get(owner, (None, ()))
-        if owner == "shared_expert":
-            fused_name, members = _FUSED["feed_forward"]
-        if attr in members and all(hasattr(parent, m) for m in members):
-            sources = [tensors[f"{parent_name}.{m}.weight"] for m in members]
-            if _fusable(sources):
-                setattr(parent, fused_name, _linear(sources))
-                for m in members:
-                    delattr(parent, m)
-                    done.add(f"{parent_name}.{m}")
-                continue
-        key = "tok_embeddings.weight" if name == "output" and checkpoint.args.tie_embeddings else f"{name}.weight"
-        setattr(parent, attr, _linear([tensors[key]]))
+    tensors, tied = checkpoint.tensors, checkpoint.args.tie_embeddings
+
+    def stacked(names: list[str]):
+        sources = [tensors[n] for n in names]
+        return quantized_linear(sources) if can_share_one_module(sources) else None
+
+    fuse_projections(model, stacked)
+    quantize_linears(model, tensors, tied, progress)
     # Tied to an output in herd's packed layout: look rows up there (the file's map can then go).
-    tied_packed = checkpoint.args.tie_embeddings and isinstance(model.output, PackedLinear)
+    tied_packed = tied and isinstance(model.output, PackedLinear)
     model.tok_embeddings = QuantEmbedding(model.output if tied_packed else tensors["tok_embeddings.weight"], torch.float32)
-    out_source = tensors["tok_embeddings.weight" if checkpoint.args.tie_embeddings else "output.weight"]
+    out_source = tensors["tok_embeddings.weight" if tied else "output.weight"]
     # A bf16 or int4pack output rounds logits ~0.1 apart: near-ties of the top ones are decided in fp32 from
     # the stored rows. herd's kernels (fp32 out, ~15-bit activations) need no such help.
     if _is_quantized(out_source) and not isinstance(model.output, PackedLinear):
-        rows = model.tok_embeddings if checkpoint.args.tie_embeddings else QuantEmbedding(out_source, torch.float32)
+        rows = model.tok_embeddings if tied else QuantEmbedding(out_source, torch.float32)
         model.output = RefinedLogits(model.output, rows)
     # What is left: norm weights (fp32, like the residual stream) and Llama 4's stacked experts (bf16).
     state = {}
@@ -278,9 +218,7 @@ def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
         # a copy: tiny, and a view of the file map would alias its neighbours (torch.compile refuses that)
         state[name] = source.dequantize(dtype) if isinstance(source, QuantizedWeight) else source.to(dtype, copy=True)
     model.load_state_dict(state, strict=False, assign=True)
-    if progress:
-        progress(steps, steps)
-    return _finish(model, checkpoint, torch.device("cpu"))
+    return use_cpu_kernels(_finish(model, checkpoint, torch.device("cpu")))
 
 
 def _has_param(model: nn.Module, name: str) -> bool:

@@ -99,13 +99,13 @@ def test_q5_k_and_q6_k_are_the_ggml_matmul(qtype, tokens):
 def test_weights_of_mixed_types_fuse_exactly():
     """A Q4_K_M file stores q and k as Q4_K and v as Q6_K: fused into one 8-bit module with offsets and a
     scale per 16, which holds each type exactly (so the block still runs as one op)."""
-    from herd.loader import _fusable, _linear
+    from herd.transforms.quantize import can_share_one_module, quantized_linear
     from tests.test_quant import random_ggml
 
     parts = [random_ggml(GGMLType.Q4_K, 40, 512, 1), random_ggml(GGMLType.Q6_K, 16, 512, 2),
              random_ggml(GGMLType.Q8_0, 8, 512, 3), random_ggml(GGMLType.Q4_1, 8, 512, 4)]
-    assert _fusable(parts)
-    layer = _linear(parts)
+    assert can_share_one_module(parts)
+    layer = quantized_linear(parts)
     assert isinstance(layer, Q8Linear) and layer.packed.shape[-1] == 352 and layer.kernel_weights() is not None
     want = torch.cat([torch.from_numpy(quants.dequantize(p.data, Q(p.ggml_type)).reshape(p.shape).astype(np.float32))
                       for p in parts])  # gguf-py's dequantization of each part

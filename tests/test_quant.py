@@ -103,7 +103,7 @@ def test_defaults_keep_quantized_files_quantized(smollm2_path, smollm2, smollm2_
     assert model.tok_embeddings.weight.dtype == torch.float32  # residual stream, attention and KV cache in fp32
     # float32 keeps the exact dequantized path (what the parity tests use)
     assert isinstance(smollm2.model.layers[0].attention.wq, torch.nn.Linear)
-    assert smollm2.model.layers[0].attention.wqkv is None
+    assert not hasattr(smollm2.model.layers[0].attention, "wqkv")  # the plain model's separate q, k, v
     assert smollm2.model.output.weight.dtype == torch.float32
     assert smollm2_q.fingerprint == smollm2.fingerprint  # the same stored weights
     with pytest.raises(HerdError, match="bfloat16"):
@@ -264,13 +264,13 @@ def test_quantized_decode_path_agreement_and_perplexity(smollm2, smollm2_q, shak
 
 def test_one_op_decode_block_is_the_block(smollm2_q, shakespeare_ids, monkeypatch):
     """herd::decode_block computes what TransformerBlock.forward computes op by op."""
-    import herd.model.model as model_module
+    import herd.transforms.cpu_kernels as cpu_kernels
 
     if not kernels.load():
         pytest.skip(f"herd kernels unavailable: {kernels.why_not()}")
     ids = shakespeare_ids[:48]
     fused, fused_batch = _decode_logits(smollm2_q, ids), _decode_logits(smollm2_q, ids[:24], ids[24:])
-    monkeypatch.setattr(model_module, "ONE_OP_DECODE", False)
+    monkeypatch.setattr(cpu_kernels, "ONE_OP_DECODE", False)
     torch.testing.assert_close(fused, _decode_logits(smollm2_q, ids), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused_batch, _decode_logits(smollm2_q, ids[:24], ids[24:]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused_batch[0], fused[:24], rtol=1e-4, atol=1e-4)  # rows do not mix

@@ -5,22 +5,21 @@ models/llama4/{model,moe,ffn}.py, HF transformers modeling_llama.py / modeling_l
 Per-layer variation (MoE or dense, RoPE or NoPE, chunked attention, QK norm) comes from
 herd.config.layer_plan, so Llama 1 and Llama 4 share one TransformerBlock.
 Parameter names are Meta's; q/k rows are in Meta's interleaved RoPE order (see rope.py).
+
+This file is the maths and nothing else: fused projections, quantized weights and herd's CPU kernels are
+load-time transforms that swap these modules for subclasses (herd/transforms), as gpt-fast's quantize.py
+does. `Attention.project` and `Attention.attend` are the seams such subclasses override.
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from herd import kernels
 from herd.config import LayerSpec, ModelArgs, layer_plan
 from herd.model.cache import KVCache
 from herd.model.rope import apply_rope, inverse_frequencies, rope_angles
-
-
-ONE_OP_DECODE = True  # False: decode steps run op by op, as every other forward pass does (tests compare)
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,25 +37,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == self.weight.dtype == torch.float32:  # the same maths in one kernel
-            if _cpu_kernel(x):
-                return kernels.ops.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return rms_norm(x, self.eps) * self.weight
-
-
-def _cpu_kernel(x: torch.Tensor) -> bool:
-    """herd's CPU kernels (herd.kernels, once loaded) take fp32 inference tensors; autograd and other
-    devices go through PyTorch."""
-    return kernels.ops is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not (
-        torch.is_grad_enabled() and x.requires_grad)
-
-
-def attend(q, k, v, mask, causal: bool, gqa: bool):
-    """Scaled dot-product attention, q [B, H, T, hd], k/v [B, Hkv, L, hd]. One new token that sees every
-    cached key (decode) takes herd's CPU kernel where loaded; everything else PyTorch's SDPA."""
-    if q.shape[2] == 1 and mask is None and _cpu_kernel(q) and k.dtype == v.dtype == torch.float32:
-        return kernels.ops.decode_attention(q, k, v, q.shape[-1] ** -0.5)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -72,27 +54,26 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.wqkv: nn.Module | None = None  # set by a load-time transform: one matmul for q, k and v
+
+    def project(self, x, ctx: "ForwardContext"):
+        """q [B, T, heads, hd], k and v [B, T, kv_heads, hd], RoPE applied. Projections may compute in a
+        narrower dtype (quantized CPU linears take bf16); attention runs in x's."""
+        batch, steps, _ = x.shape
+        q = self.wq(x).to(x.dtype).view(batch, steps, self.n_heads, self.head_dim)
+        k = self.wk(x).to(x.dtype).view(batch, steps, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).to(x.dtype).view(batch, steps, self.n_kv_heads, self.head_dim)
+        if self.spec.rope:
+            q, k = apply_rope(q, ctx.rot), apply_rope(k, ctx.rot)
+        return q, k, v
+
+    def attend(self, q, k, v, mask, causal: bool):
+        """Scaled dot-product attention, q [B, H, T, hd], k/v [B, Hkv, L, hd]."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=self.n_heads != self.n_kv_heads)
 
     def forward(self, x, ctx: "ForwardContext", layer_id: int):
-        # Projections may compute in a narrower dtype (quantized CPU kernels: bf16); attention runs in x's.
         batch, steps, _ = x.shape
-        if self.wqkv is not None:
-            qkv = self.wqkv(x).to(x.dtype).view(batch, steps, -1, self.head_dim)
-            if self.spec.rope and _cpu_kernel(qkv) and qkv.is_contiguous():  # q and k heads, in place
-                kernels.ops.rope_(qkv, ctx.rot_pairs, self.n_heads + self.n_kv_heads)
-                q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
-            else:
-                qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
-                if self.spec.rope:  # q and k heads rotate in one go
-                    qk = apply_rope(qk, ctx.rot)
-                q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
-        else:
-            q = self.wq(x).to(x.dtype).view(batch, steps, self.n_heads, self.head_dim)
-            k = self.wk(x).to(x.dtype).view(batch, steps, self.n_kv_heads, self.head_dim)
-            v = self.wv(x).to(x.dtype).view(batch, steps, self.n_kv_heads, self.head_dim)
-            if self.spec.rope:
-                q, k = apply_rope(q, ctx.rot), apply_rope(k, ctx.rot)
+        q, k, v = self.project(x, ctx)
         if self.spec.qk_norm:
             q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
         if self.spec.temperature_tuning:
@@ -104,7 +85,7 @@ class Attention(nn.Module):
             k, v = ctx.cache.update(layer_id, k, v, ctx.positions, ctx.slot_ids, ctx.start)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache was allocated in another dtype
         mask = ctx.mask(self.spec.chunk_size, k.shape[2])
-        out = attend(q, k, v, mask, causal=mask is None and steps > 1, gqa=self.n_heads != self.n_kv_heads)
+        out = self.attend(q, k, v, mask, causal=mask is None and steps > 1)
         return self.wo(out.transpose(1, 2).reshape(batch, steps, -1))
 
 
@@ -116,15 +97,8 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w13: nn.Module | None = None  # set by a load-time transform: w1 and w3 in one matmul
 
     def forward(self, x):
-        if self.w13 is not None:
-            gate_up = self.w13(x)
-            if _cpu_kernel(gate_up):
-                return self.w2(kernels.ops.silu_mul(gate_up))
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -175,31 +149,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = MoE(args) if spec.moe else FeedForward(args.dim, args.hidden_dim)
 
     def forward(self, x, ctx: "ForwardContext", layer_id: int):
-        if ctx.one_op_decode and self.kernel_weights():
-            return self.decode_in_one_op(x, ctx, layer_id)
         h = x + self.attention(self.attention_norm(x), ctx, layer_id)
         return h + self.feed_forward(self.ffn_norm(h))
-
-    def kernel_weights(self) -> list:
-        """The packed wqkv, wo, w13 and w2 when herd::decode_block can run this block (projections in herd's
-        quantized layouts, a plain Llama block: no MoE, QK norm, temperature tuning or chunking); else [].
-        Looked up once: the modules are fixed after loading."""
-        if not hasattr(self, "_kernel_weights"):
-            spec, ffn = self.attention.spec, self.feed_forward
-            plain = not (spec.moe or spec.qk_norm or spec.temperature_tuning or spec.chunk_size)
-            projections = [self.attention.wqkv, self.attention.wo, getattr(ffn, "w13", None), getattr(ffn, "w2", None)]
-            packed = [p.kernel_weights() if plain and hasattr(p, "kernel_weights") else None for p in projections]
-            self._kernel_weights = packed if all(w is not None for w in packed) else []
-        return self._kernel_weights
-
-    def decode_in_one_op(self, x, ctx: "ForwardContext", layer_id: int):
-        """forward() for one token per row in one C++ call: the same steps (herd/kernels/cpu.cpp,
-        decode_block), without ~40 PyTorch ops' dispatch per layer."""
-        attn = self.attention
-        return kernels.ops.decode_block(
-            x, self.attention_norm.weight, self.ffn_norm.weight, self.kernel_weights(), ctx.cache.k[layer_id],
-            ctx.cache.v[layer_id], ctx.rot_pairs, ctx.start, attn.n_heads, attn.n_kv_heads, attn.norm_eps,
-            attn.spec.rope)
 
 
 class ForwardContext:
@@ -207,8 +158,6 @@ class ForwardContext:
 
     def __init__(self, positions, rot, cache, slot_ids, start):
         self.positions, self.rot = positions, rot
-        self.rot_pairs = torch.view_as_real(rot)  # (cos, sin) pairs, what herd's RoPE kernel reads
-        self.one_op_decode = False  # set by Transformer.forward once the hidden state's dtype is known
         self.cache, self.slot_ids, self.start = cache, slot_ids, start
         self._masks: dict = {}
 
@@ -271,9 +220,6 @@ class Transformer(nn.Module):
             positions = torch.arange(start_pos, start_pos + steps, device=tokens.device).expand(batch, steps)
         ctx = ForwardContext(positions, rope_angles(self.inv_freq, positions), cache, slot_ids, start)
         h = self.tok_embeddings(tokens)
-        # One fp32 CPU token per row, appended to cache rows 0..B-1 at one position: blocks may run as one op.
-        ctx.one_op_decode = (ONE_OP_DECODE and steps == 1 and cache is not None and start is not None
-                             and slot_ids is None and cache.k[0].dtype == torch.float32 and _cpu_kernel(h))
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, ctx, layer_id)
         if last_only:
