@@ -29,7 +29,7 @@ def run_herd(spec: dict) -> dict:
 
     import herd
     from herd.generate import generate_steps
-    from herd.model import KVCache
+    from herd.model import Batch, PagedKVCache
     from herd.sampling import SamplingParams
 
     t = time.perf_counter()
@@ -45,11 +45,12 @@ def run_herd(spec: dict) -> dict:
     first_token_s, start_first_token_s = time.perf_counter() - t, time.perf_counter() - T0
     prefill = []
     for _ in range(2):
-        cache = KVCache.for_model(llm.config, len(long_ids) + 1, dtype=llm.model.tok_embeddings.weight.dtype)
+        cache = PagedKVCache.for_model(llm.config, len(long_ids) + 1, dtype=llm.model.tok_embeddings.weight.dtype)
         tokens = torch.tensor([long_ids])
         t = time.perf_counter()
         with torch.inference_mode():
-            llm.model(tokens, cache=cache, last_only=True)
+            llm.model(tokens, Batch.rows(cache, [list(range(1, cache.num_blocks))], [0], [len(long_ids)]),
+                      last_only=True)
         prefill.append(len(long_ids) / (time.perf_counter() - t))
     for _ in steps(short, 8):  # warm-up (and compilation, where the decode step is compiled)
         pass

@@ -1,4 +1,4 @@
-"""Single-request generation: prefill once into a preallocated KV cache, then one token a step.
+"""Single-request generation: prefill once into a paged KV cache sized for the request, then one token a step.
 
 `generate_steps` yields a GenerationStep per token with the text that became final (valid UTF-8,
 and not possibly the start of a stop string). The LLM facade (herd.api) builds `generate`,
@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from herd.errors import ContextOverflow
-from herd.model import KVCache, Transformer
+from herd.model import Batch, PagedKVCache, Transformer
 from herd.sampling import SamplingParams, apply_penalties, sample
 from herd.tokenizer import StreamDecoder, Tokenizer
 
@@ -152,8 +152,9 @@ def generate_steps(
     if max_tokens <= 0:
         return
     device = model.tok_embeddings.weight.device
-    cache = KVCache.for_model(model.args, len(prompt_ids) + max_tokens, dtype=model.tok_embeddings.weight.dtype,
-                              device=device)
+    cache = PagedKVCache.for_model(model.args, len(prompt_ids) + max_tokens, dtype=model.tok_embeddings.weight.dtype,
+                                   device=device)
+    table = [list(range(1, cache.num_blocks))]  # one sequence: every block but the padding block, in order
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
     output = TextStream(tokenizer, stop_ids, stop)
@@ -164,7 +165,8 @@ def generate_steps(
     decode_step = getattr(model, "decode_step", None) or model  # a compiled forward, where one is attached
     for step in range(max_tokens):
         forward = model if step == 0 else decode_step
-        logits = forward(tokens, start_pos=start, cache=cache, last_only=True)[:, -1]  # [1, V]
+        batch = Batch.rows(cache, table, [start], [tokens.shape[1]], device)
+        logits = forward(tokens, batch, last_only=True)[:, -1]  # [1, V]
         start += tokens.shape[1]
         shaped = apply_penalties(logits, history[None], params, n_prompt=n_prompt)
         token = sample(shaped, params, generator)  # [1]

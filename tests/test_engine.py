@@ -11,6 +11,7 @@ import pytest
 from herd.engine import Engine, QueueFull, Request
 from herd.engine.constrained import Grammar, UnsupportedSchema
 from herd.engine.metrics import Metrics
+from herd.engine.blocks import BlockManager
 from herd.engine.scheduler import Scheduler, Sequence
 from herd.sampling import SamplingParams
 
@@ -19,8 +20,8 @@ def seq(n_prompt: int, rid: str = "r") -> Sequence:
     return Sequence(Request(rid, list(range(1, n_prompt + 1)), max_tokens=4), list(range(1, n_prompt + 1)))
 
 
-def test_scheduler_admits_while_decoding_and_frees_slots_at_once():
-    s = Scheduler(max_batch=2, max_queue=2, prefill_budget=8)
+def test_scheduler_admits_while_decoding_and_frees_blocks_at_once():
+    s = Scheduler(max_batch=2, max_queue=2, blocks=BlockManager(64, 4), prefill_budget=8)
     a, b, c = seq(3, "a"), seq(20, "b"), seq(2, "c")
     for x in (a, b):
         s.add(x)
@@ -30,20 +31,22 @@ def test_scheduler_admits_while_decoding_and_frees_slots_at_once():
     s.add(c)
     plan = s.schedule()
     assert plan.decode == [a] and [(p.seq, p.start, p.end) for p in plan.prefill] == [(b, 5, 13)]
-    assert c in s.waiting  # no free slot
+    assert c in s.waiting  # max_batch sequences run already
+    held = s.blocks.in_use
     s.finish(a, "stop")
+    assert s.blocks.in_use < held or held == 0  # a's blocks are back at once
     b.num_computed = 13
     plan = s.schedule()
-    assert c.slot == a.slot and c in s.running  # a's slot went to c in the very next step
+    assert c in s.running  # c runs in the very next step
     assert [(p.seq, p.start, p.end) for p in plan.prefill] == [(b, 13, 20), (c, 0, 1)]
 
 
 def test_scheduler_queue_bound():
-    s = Scheduler(max_batch=1, max_queue=1)
+    s = Scheduler(max_batch=1, max_queue=1, blocks=BlockManager(8, 4))
     s.add(seq(1, "a"))
     with pytest.raises(QueueFull):
         s.add(seq(1, "b"))
-    s.schedule()  # a takes the slot, the queue has room again
+    s.schedule()  # a runs, the queue has room again
     s.add(seq(1, "b"))
 
 
@@ -114,7 +117,7 @@ def test_engine_matches_generator_with_mixed_params(smollm2):
     for rid, (prompt, params) in cases.items():
         kw = {k: getattr(params, k) for k in ("temperature", "top_p", "seed", "frequency_penalty")}
         assert texts[rid] == smollm2.generate(prompt, max_tokens=8, **kw).text, rid
-    assert not engine.scheduler.running and len(engine.scheduler.free_slots) == 3
+    assert not engine.scheduler.running and engine.blocks.in_use == 0 and engine.blocks.reserved == 0
 
 
 def test_prompt_logprobs_across_prefill_chunks(smollm2):

@@ -215,8 +215,8 @@ def test_quantized_top1_agreement_and_perplexity(smollm2, smollm2_q, shakespeare
 
 def test_quantized_decode_equals_full_forward(smollm2_q):
     """KV-cache decode on the quantized path matches one full forward (bf16 tolerance), including the
-    engine's calling convention (positions and slot ids)."""
-    from herd.model import KVCache
+    engine's calling convention (a paged cache, blocks in no particular order)."""
+    from herd.model import Batch, PagedKVCache
 
     llm = smollm2_q
     ids = llm.tokenizer.encode("The three primary colours are red, yellow and")
@@ -226,27 +226,50 @@ def test_quantized_decode_equals_full_forward(smollm2_q):
         assert lp.token_id == int(full[i].argmax()) or full[i].topk(2).values.diff().abs().item() < 0.05
         assert abs(lp.logprob - full[i, lp.token_id].item()) < 0.05
     model = llm.model
-    cache = KVCache.for_model(llm.config, 64, slots=2, dtype=model.tok_embeddings.weight.dtype)
+    cache = PagedKVCache.for_model(llm.config, 64, block_size=4, dtype=model.tok_embeddings.weight.dtype)
+    table = [list(range(cache.num_blocks - 1, 0, -1))]  # the last block first
     tokens = torch.tensor([ids])
     with torch.inference_mode():
-        model(tokens, positions=torch.arange(len(ids))[None], cache=cache, slot_ids=torch.tensor([1]))
-        step = model(torch.tensor([[out.token_ids[0]]]), positions=torch.tensor([[len(ids)]]), cache=cache,
-                     slot_ids=torch.tensor([1]), last_only=True)
+        model(tokens, Batch.rows(cache, table, [0], [len(ids)]))
+        step = model(torch.tensor([[out.token_ids[0]]]), Batch.rows(cache, table, [len(ids)], [1]), last_only=True)
     assert rel_err(torch.log_softmax(step[0, -1], -1), full[1]) < 0.02
 
 
 def _decode_logits(llm, ids, *more):
     """Logits for ids fed one token per forward through the KV cache: the decode path generation runs (with
     herd's kernels: quantized activations, one C++ op per block), not the prompt's float GEMMs. With
-    `more` sequences of the same length, all rows step together (a batch): [rows, T, vocab]."""
-    from herd.model import KVCache
+    `more` sequences of the same length, all rows step together (a batch): [rows, T, vocab]. `lag`: row r
+    starts r * lag steps after row 0 (rows at different positions in one step)."""
+    from herd.model import Batch, PagedKVCache
 
     rows = [ids, *more]
-    cache = KVCache.for_model(llm.config, len(ids), slots=len(rows))
+    per_row = -(-len(ids) // 16)
+    cache = PagedKVCache.for_model(llm.config, 16 * per_row * len(rows), block_size=16)
+    tables = [[1 + r + len(rows) * b for b in range(per_row)] for r in range(len(rows))]  # rows' blocks interleaved
     with torch.inference_mode():
-        steps = [llm.model(torch.tensor([[r[i]] for r in rows]), start_pos=i, cache=cache)[:, 0]
+        steps = [llm.model(torch.tensor([[r[i]] for r in rows]), Batch.rows(cache, tables, [i] * len(rows),
+                                                                          [1] * len(rows)))[:, 0]
                  for i in range(len(ids))]
     return torch.stack(steps, 1) if more else torch.stack(steps, 1)[0]
+
+
+def _staggered_decode_logits(llm, a, b, lag):
+    """Rows a and b decoded one token a step in the same forwards, b starting `lag` steps later, so that
+    each step's rows sit at different positions: (logits of a, logits of b)."""
+    from herd.model import Batch, PagedKVCache
+
+    cache = PagedKVCache.for_model(llm.config, 2 * (len(a) + lag), block_size=16)
+    tables = [list(range(1, cache.num_blocks, 2)), list(range(2, cache.num_blocks, 2))]
+    out = {0: [], 1: []}
+    with torch.inference_mode():
+        for step in range(max(len(a), len(b) + lag)):
+            rows = [(r, p) for r, p in ((0, step), (1, step - lag)) if 0 <= p < len((a, b)[r])]
+            tokens = torch.tensor([[(a, b)[r][p]] for r, p in rows])
+            logits = llm.model(tokens, Batch.rows(cache, [tables[r] for r, _ in rows], [p for _, p in rows],
+                                                  [1] * len(rows)))[:, 0]
+            for (r, _), row in zip(rows, logits):
+                out[r].append(row)
+    return torch.stack(out[0]), torch.stack(out[1])
 
 
 def test_quantized_decode_path_agreement_and_perplexity(smollm2, smollm2_q, shakespeare_ids):
@@ -274,3 +297,7 @@ def test_one_op_decode_block_is_the_block(smollm2_q, shakespeare_ids, monkeypatc
     torch.testing.assert_close(fused, _decode_logits(smollm2_q, ids), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused_batch, _decode_logits(smollm2_q, ids[:24], ids[24:]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused_batch[0], fused[:24], rtol=1e-4, atol=1e-4)  # rows do not mix
+    monkeypatch.setattr(cpu_kernels, "ONE_OP_DECODE", True)
+    got_a, got_b = _staggered_decode_logits(smollm2_q, ids[:24], ids[24:], lag=7)  # rows at different positions
+    torch.testing.assert_close(got_a, fused[:24], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_b, _decode_logits(smollm2_q, ids[24:]), rtol=1e-4, atol=1e-4)

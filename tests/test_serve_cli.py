@@ -53,7 +53,7 @@ def proc(smollm2_path, tmp_path_factory):
 def test_startup_report_and_api_key(proc):
     p, url, log = proc
     text = log.read_text()
-    assert "KV cache: 2 slots x 256 tokens" in text and "MiB" in text and "API key required" in text
+    assert "KV cache: 2 sequences x 256 tokens" in text and "MiB" in text and "API key required" in text
     assert http("GET", url + "/v1/models")[0] == 401
     status, body = http("GET", url + "/v1/models", headers={"Authorization": "Bearer wrong"})
     assert status == 401 and body["error"]["code"] == "invalid_api_key"

@@ -1,6 +1,6 @@
 """The OpenAI-compatible server on SmolLM2, driven by the official `openai` client over loopback.
 
-One in-process server for the module (16 KV slots of 512 tokens). Expected values come from
+One in-process server for the module (16 sequences of up to 512 tokens). Expected values come from
 independent paths: LLM.chat / LLM.generate (the single-request generator), a full forward's
 log-softmax for logprobs, jsonschema for constrained output.
 """
@@ -279,7 +279,7 @@ def test_disconnect_frees_slot(server):
         time.sleep(0.1)
     assert metric(text, "herd_requests_total", finish_reason="abort") == before + 1
     scheduler = server.engine.engine.scheduler
-    assert not scheduler.running and len(scheduler.free_slots) == scheduler.max_batch
+    assert not scheduler.running and scheduler.blocks.in_use == 0 and scheduler.blocks.reserved == 0
 
 
 def test_batch_equivalence(client):

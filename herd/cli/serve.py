@@ -17,11 +17,11 @@ def add_arguments(parser, name):
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("HERD_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $HERD_API_KEY, else none)")
-    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV slots; default 8)")
+    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     parser.add_argument("--context", type=int, default=None,
                         help=f"tokens per sequence, prompt + output (default: the model's, at most {DEFAULT_CONTEXT})")
     parser.add_argument("--max-queue", type=int, default=None,
-                        help="requests that may wait for a slot before new ones get 429 (default 8 x max-batch)")
+                        help="requests that may wait to run before new ones get 429 (default 8 x max-batch)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the source)")
     parser.add_argument("--max-body-mb", type=float, default=8.0,
                         help="largest request body in MiB; larger ones get 413 (default 8)")
@@ -56,8 +56,11 @@ def main(args):
     kv = engine.kv_cache_bytes
     print(f"herd serve: {model_id} ({llm.checkpoint.format}, {llm.device}, {llm.model.tok_embeddings.weight.dtype})",
           file=sys.stderr)
-    print(f"KV cache: {args.max_batch} slots x {context} tokens = {args.max_batch * context} tokens, "
-          f"{kv / 2**20:.1f} MiB; queue {engine.scheduler.max_queue}", file=sys.stderr)
+    blocks = engine.blocks
+    print(f"KV cache: {args.max_batch} sequences x {context} tokens in {blocks.num_blocks - 1} blocks of "
+          f"{blocks.block_size} tokens, at most {kv / 2**20:.1f} MiB, touched only as tokens arrive "
+          f"(prefix caching {'on' if blocks.prefix_caching else 'off'}); queue {engine.scheduler.max_queue}",
+          file=sys.stderr)
     print(f"listening on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""),
           file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level))

@@ -46,7 +46,7 @@ class AsyncEngine:
             self._thread = None
 
     def pending(self) -> int:
-        """Requests not yet holding a KV slot (queued here or in the scheduler)."""
+        """Requests not yet running (queued here or in the scheduler)."""
         return sum(1 for kind, _ in self._inbox if kind == "add") + len(self.engine.scheduler.waiting)
 
     def add(self, request: Request, queue: asyncio.Queue | None = None) -> asyncio.Queue:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import time
 
+import torch
 
+from herd.engine.blocks import BlockManager
 from herd.engine.metrics import Metrics
 from herd.engine.request import Request, RequestOutput
 from herd.engine.runner import Runner
@@ -25,15 +27,26 @@ from herd.tokenizer import Tokenizer
 
 
 class Engine:
+    """`max_batch` sequences run at once, each of at most `context` tokens (prompt + output). The KV cache
+    has room for max_batch x context tokens in blocks of `block_size` (`kv_blocks` to choose another
+    size), allocated to sequences as their tokens arrive and shared between sequences with a common
+    prefix (`prefix_caching`); `kv_dtype` defaults to the model's activation dtype."""
+
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, context: int | None = None,
-                 max_queue: int = 256, prefill_budget: int = 256, metrics: Metrics | None = None):
+                 max_queue: int = 256, prefill_budget: int = 256, metrics: Metrics | None = None,
+                 block_size: int = 16, kv_blocks: int | None = None, prefix_caching: bool = True,
+                 kv_dtype: torch.dtype | None = None):
         self.context = context or model.args.max_seq_len
         if self.context > model.args.max_seq_len:
             raise ValueError(f"context {self.context} exceeds the model's context of {model.args.max_seq_len} tokens")
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.scheduler = Scheduler(max_batch, max_queue, prefill_budget)
-        self.runner = Runner(model, tokenizer, max_batch, self.context)
+        num_blocks = kv_blocks or 1 + max_batch * -(-self.context // block_size)
+        if (num_blocks - 1) * block_size < self.context:
+            raise ValueError(f"{num_blocks} KV blocks of {block_size} tokens cannot hold one {self.context}-token sequence")
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(max_batch, max_queue, self.blocks, prefill_budget)
+        self.runner = Runner(model, tokenizer, self.blocks, kv_dtype)
         self.metrics = metrics or Metrics()
         self.metrics.gauges["herd_kv_cache_bytes"] = self.runner.cache.nbytes()
         self.metrics.live = self.gauges
@@ -70,7 +83,7 @@ class Engine:
         self._seqs[request.request_id] = seq
 
     def abort(self, request_id: str) -> bool:
-        """Drop a request now (waiting or running); its slot is free for the next step."""
+        """Drop a request now (waiting or running); its blocks are free for the next step."""
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
@@ -142,8 +155,12 @@ class Engine:
         return [self._fail(s, message) for s in list(self._seqs.values())]
 
     def gauges(self) -> dict[str, float]:
-        """Queue length, running requests and KV-cache use now (read from any thread)."""
-        s = self.scheduler
-        running = list(s.running)
-        return {"herd_queue_length": len(s.waiting), "herd_running_requests": len(running),
-                "herd_kv_cache_usage_ratio": sum(x.num_computed for x in running) / (s.max_batch * self.context)}
+        """Queue length, running requests, KV-cache blocks and prefix-cache hits now (read from any thread)."""
+        s, b = self.scheduler, self.blocks
+        usable = b.num_blocks - 1
+        in_use = b.in_use
+        return {"herd_queue_length": len(s.waiting), "herd_running_requests": len(s.running),
+                "herd_kv_cache_usage_ratio": in_use / usable, "herd_kv_blocks_in_use": in_use,
+                "herd_kv_blocks_free": usable - in_use, "herd_kv_blocks_cached_idle": len(b.idle),
+                "herd_kv_block_bytes": self.runner.cache.block_bytes(),
+                "herd_prefix_cache_queries_total": b.queries, "herd_prefix_cache_hits_total": b.hits}

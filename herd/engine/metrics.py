@@ -84,10 +84,16 @@ class Metrics:
         gauges["herd_generation_tokens_per_second"] = self.tokens_per_second()
         gauge_help = {
             "herd_generation_tokens_per_second": f"tokens generated per second over the last {self.window_s:g} s",
-            "herd_queue_length": "requests waiting for a KV slot",
-            "herd_running_requests": "requests holding a KV slot",
-            "herd_kv_cache_usage_ratio": "KV cache positions in use / positions allocated",
-            "herd_kv_cache_bytes": "bytes allocated for the KV cache",
+            "herd_queue_length": "requests waiting to run",
+            "herd_running_requests": "requests running (holding KV blocks)",
+            "herd_kv_cache_usage_ratio": "KV cache blocks in use / blocks in the cache",
+            "herd_kv_cache_bytes": "bytes the KV cache may use (its blocks' pages are touched only when written)",
+            "herd_kv_blocks_in_use": "KV cache blocks held by running requests",
+            "herd_kv_blocks_free": "KV cache blocks no running request holds (cached prefixes among them)",
+            "herd_kv_blocks_cached_idle": "free blocks still holding a cached prefix (evicted least recently used)",
+            "herd_kv_block_bytes": "bytes of one KV cache block (all layers)",
+            "herd_prefix_cache_queries_total": "prompt tokens looked up in the prefix cache",
+            "herd_prefix_cache_hits_total": "prompt tokens found in the prefix cache (not computed)",
         }
         for name in sorted(gauges):
             lines += [f"# HELP {name} {gauge_help.get(name, name)}", f"# TYPE {name} gauge",

@@ -1,31 +1,38 @@
 """SchedulerOutput → model forwards → sampled tokens: the only engine file that touches tensors.
 
-The KV cache has one slot per running sequence (`max_batch` slots of `context` tokens each). Every
-prefill chunk is its own forward [1, T] into its sequence's slot; all decoding sequences share one
-forward [B, 1] with per-row positions and slots, so rows at different lengths run together (the
-model derives masks from positions, see herd.model.cache). Sampling, penalties and logprobs are
-herd.sampling's and herd.generate's, the same code the single-request generator uses.
+The KV cache is paged (herd.model.cache.PagedKVCache): each sequence's keys are in the blocks its
+herd.engine.blocks table lists, allocated as its tokens arrive. Every prefill chunk is its own forward
+[1, T] (batching prompts of different lengths would pad them; on the CPU a prompt's matmuls are already
+compute-bound); all decoding sequences share one forward [B, 1], each row at its own position with its
+own blocks, so rows at different lengths run together (with herd's CPU kernels, as one op per layer).
+Sampling, penalties and logprobs are herd.sampling's and herd.generate's, the same code the
+single-request generator uses.
 """
 
 from __future__ import annotations
 
 import torch
 
+from herd.engine.blocks import BlockManager
 from herd.engine.scheduler import SchedulerOutput, Sequence
 from herd.generate import TokenLogprob, token_logprob
-from herd.model import KVCache, Transformer
+from herd.model import Batch, PagedKVCache, Transformer
 from herd.sampling import apply_penalties, sample
 from herd.tokenizer import Tokenizer
 
 
 class Runner:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int, context: int):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, blocks: BlockManager, kv_dtype: torch.dtype | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.blocks = blocks
         weight = model.tok_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.vocab_size = model.args.vocab_size
-        self.cache = KVCache.for_model(model.args, context, slots=max_batch, dtype=self.dtype, device=self.device)
+        args = model.args
+        self.cache = PagedKVCache(args.n_layers, args.n_kv_heads, args.head_dim, blocks.num_blocks, blocks.block_size,
+                                  kv_dtype or self.dtype, self.device)
+        self.computed_tokens = 0  # tokens whose keys this runner computed (prefix-cache hits are not among them)
 
     def generator(self, seed: int | None) -> torch.Generator:
         g = torch.Generator(device=self.device)
@@ -43,23 +50,30 @@ class Runner:
         for chunk in step.prefill:
             seq, start, end = chunk.seq, chunk.start, chunk.end
             want = seq.request.prompt_logprobs is not None
-            logits = self.model(self._tensor([seq.token_ids[start:end]]), cache=self.cache,
-                                positions=torch.arange(start, end, device=self.device)[None],
-                                slot_ids=self._tensor([seq.slot]), last_only=not want)[0]  # [T or 1, V]
+            self.blocks.grow(seq.blocks, end)
+            batch = Batch.rows(self.cache, [seq.blocks.table], [start], [end - start], self.device)
+            logits = self.model(self._tensor([seq.token_ids[start:end]]), batch, last_only=not want)[0]  # [T or 1, V]
             if want:
                 self._prompt_logprobs(seq, start, end, logits)
-            seq.num_computed = end
+            self._computed(seq, end)
             if chunk.completes_prompt and seq.request.max_tokens > 0:
                 ready.append((seq, logits[-1]))
         if step.decode:
             seqs = step.decode
-            logits = self.model(self._tensor([[s.token_ids[-1]] for s in seqs]), cache=self.cache,
-                                positions=self._tensor([[len(s.token_ids) - 1] for s in seqs]),
-                                slot_ids=self._tensor([s.slot for s in seqs]), last_only=True)[:, -1]  # [B, V]
+            for s in seqs:
+                self.blocks.grow(s.blocks, len(s.token_ids))
+            batch = Batch.rows(self.cache, [s.blocks.table for s in seqs], [len(s.token_ids) - 1 for s in seqs],
+                               [1] * len(seqs), self.device)
+            logits = self.model(self._tensor([[s.token_ids[-1]] for s in seqs]), batch, last_only=True)[:, -1]  # [B, V]
             for s, row in zip(seqs, logits):
-                s.num_computed = len(s.token_ids)
+                self._computed(s, len(s.token_ids))
                 ready.append((s, row))
         return ready
+
+    def _computed(self, seq: Sequence, upto: int) -> None:
+        self.computed_tokens += upto - seq.num_computed
+        seq.num_computed = upto
+        self.blocks.filled(seq.blocks, seq.token_ids, upto)
 
     def _prompt_logprobs(self, seq: Sequence, start: int, end: int, logits: torch.Tensor) -> None:
         """Logprob of prompt token i+1 from the logits at position i, for the positions of this chunk."""

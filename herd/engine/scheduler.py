@@ -1,10 +1,12 @@
-"""Which sequences run in the next step: admission into KV slots, chunked prefill, decode. No tensors.
+"""Which sequences run in the next step: admission, chunked prefill, decode. No tensors.
 
-vLLM v1's loop at herd's scale: every sequence has `num_computed` tokens in its KV slot and catches up
-to `len(token_ids)`. A step holds (a) prefill chunks for sequences still reading their prompt, under a
+vLLM v1's loop at herd's scale: every sequence has `num_computed` tokens in its cache blocks and catches
+up to `len(token_ids)`. A step holds (a) prefill chunks for sequences still reading their prompt, under a
 token budget so that a long prompt never stalls the running decodes for long, and (b) one decode token
-for every sequence whose prompt is in. New requests are admitted, first come first served, whenever a
-slot is free, including while others decode; a finished sequence gives its slot back at once.
+for every sequence whose prompt is in. New requests are admitted, first come first served, whenever
+fewer than `max_batch` run and the block manager (herd.engine.blocks) can promise them their blocks,
+including while others decode; an admitted sequence starts with the cached blocks of its prompt's
+prefix already computed. A finished sequence gives its blocks back at once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from herd.engine.blocks import BlockManager, Blocks
 from herd.engine.request import QueueFull, Request
 
 
@@ -20,8 +23,9 @@ from herd.engine.request import QueueFull, Request
 class Sequence:
     request: Request
     token_ids: list[int]  # prompt then generated tokens
-    slot: int = -1  # KV cache row while running; -1 while waiting
-    num_computed: int = 0  # tokens whose k/v are in the slot
+    blocks: Blocks | None = None  # cache blocks while running; None while waiting
+    num_computed: int = 0  # tokens whose k/v are in the cache
+    num_cached: int = 0  # prompt tokens found in the prefix cache at admission
     output: Any = None  # herd.generate.TextStream
     generator: Any = None  # torch.Generator for this request's draws
     constraint: Any = None  # constrained-decoding state, or None
@@ -61,15 +65,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int, prefill_budget: int = 256):
+    def __init__(self, max_batch: int, max_queue: int, blocks: BlockManager, prefill_budget: int = 256):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
-        self.max_queue = max_queue  # most sequences waiting for a slot; past it add() raises QueueFull
+        self.max_queue = max_queue  # most sequences waiting to run; past it add() raises QueueFull
         self.prefill_budget = prefill_budget  # most prompt tokens prefilled in one step
+        self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.free_slots = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_queue:
@@ -77,9 +81,15 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> SchedulerOutput:
-        while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            blocks = self.blocks.admit(seq.token_ids, seq.n_prompt + seq.request.max_tokens,
+                                       share=seq.request.prompt_logprobs is None)
+            if blocks is None:  # not enough cache now; first come first served, so the rest wait too
+                break
+            self.waiting.popleft()
+            seq.blocks = blocks
+            seq.num_computed = seq.num_cached = len(blocks.table) * self.blocks.block_size
             self.running.append(seq)
         budget, prefill, decode = self.prefill_budget, [], []
         for seq in self.running:
@@ -93,11 +103,11 @@ class Scheduler:
         return SchedulerOutput(prefill, decode)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End a sequence (running or waiting) and free its slot now."""
+        """End a sequence (running or waiting) and free its blocks now."""
         seq.finish_reason = seq.finish_reason or reason
         if seq in self.running:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
+            self.blocks.release(seq.blocks)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 

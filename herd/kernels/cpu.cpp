@@ -465,6 +465,46 @@ void attend(const float* q, int64_t q_stride, int64_t heads, int64_t kv_heads, i
   }
 }
 
+// The same for keys and values in a paged cache [blocks, Hkv, block_size, dim]: row b's position l is at offset
+// l % bs of block table[b * width + l / bs]; row b sees positions 0..lens[b]-1. p: max(lens) floats.
+struct Paged {
+  const float *k, *v;
+  int64_t kv_heads, bs;
+  const int64_t* table;
+  int64_t width;
+  const int64_t* lens;
+};
+
+void attend_paged(const float* q, int64_t q_stride, int64_t heads, int64_t dim, const Paged& c, float scale, float* out,
+                  int64_t lo, int64_t hi, float* p) {
+  const int64_t group = heads / c.kv_heads, block_floats = c.bs * dim;
+  for (int64_t bh = lo; bh < hi; ++bh) {
+    const int64_t b = bh / heads, h = bh % heads, kvh = h / group, len = c.lens[b];
+    const float* qr = q + b * q_stride + h * dim;
+    const int64_t* blocks = c.table + b * c.width;
+    float top = -INFINITY;
+    for (int64_t at = 0; at < len; at += c.bs) {
+      const float* kb = c.k + (blocks[at / c.bs] * c.kv_heads + kvh) * block_floats;
+      for (int64_t j = 0, n = std::min(c.bs, len - at); j < n; ++j) {
+        p[at + j] = dot(qr, kb + j * dim, dim) * scale;
+        top = std::max(top, p[at + j]);
+      }
+    }
+    const float inv_total = 1.f / exp_shifted(p, len, top);
+    float* o = out + bh * dim;
+    std::fill(o, o + dim, 0.f);
+    for (int64_t at = 0; at < len; at += c.bs) {
+      const float* vb = c.v + (blocks[at / c.bs] * c.kv_heads + kvh) * block_floats;
+      for (int64_t j = 0, n = std::min(c.bs, len - at); j < n; ++j) {
+        const float* vr = vb + j * dim;
+        const float pl = p[at + j] * inv_total;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) o[i] += pl * vr[i];
+      }
+    }
+  }
+}
+
 // Rotate values [lo, hi) of one row of heads of hd values (Meta's interleaved layout: dims (2i, 2i+1) rotate
 // together; lo even) by rot = (cos, sin) pairs for the row's position, hd/2 of them.
 inline void rope_span(float* x, const float* rot, int64_t hd, int64_t lo, int64_t hi) {
@@ -547,20 +587,23 @@ struct Scratch {
   std::vector<int16_t> ints;                            // each thread's quantized activations
 };
 
-// TransformerBlock.forward for x [B, 1, D] (one token per row, every row at position `pos`, cache rows
-// 0..B-1), the same steps in one call so that a decode step costs one op per layer instead of ~40:
+// TransformerBlock.forward for x [B, 1, D] (one token per row, row b at position positions[b], its keys in the
+// paged cache blocks block_tables[b]), the same steps in one call so a decode step costs one op per layer, not ~40:
 //   h = x + wo(attention(rope(wqkv(rms_norm(x)))))   (k and v written to the cache at pos first)
 //   out = h + w2(silu_mul(w13(rms_norm(h))))
 // One parallel region: each thread computes its own groups of rows of every projection; the small steps
 // between them (norm, quantizing the activations, SwiGLU) are repeated by every thread on its own copy
 // instead of being shared behind another barrier, so a block costs four barriers.
 // Projections in w: the packed wqkv, wo, w13, w2 (q4 or q8, whole groups of 8 rows). rot: (cos, sin) pairs
-// [B, 1, hd/2, 2]; rope=false for NoPE layers. Caches: fp32 [slots, Hkv, capacity, hd], contiguous.
+// [B, 1, hd/2, 2]; rope=false for NoPE layers. Caches: fp32 [blocks, Hkv, block_size, hd], contiguous (herd's
+// PagedKVCache); positions int64 [B]; block_tables int64 [B, width], covering each row's position.
 at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const at::Tensor& ffn_norm, at::TensorList w,
-                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rot_, int64_t pos,
-                        int64_t heads, int64_t kv_heads, double eps, bool rope) {
-  const at::Tensor x = x_.contiguous(), rot = rot_.contiguous();
-  const int64_t batch = x.size(0), dim = x.size(-1), hd = k_cache.size(3), capacity = k_cache.size(2);
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rot_,
+                        const at::Tensor& positions_, const at::Tensor& tables_, int64_t heads, int64_t kv_heads,
+                        double eps, bool rope) {
+  const at::Tensor x = x_.contiguous(), rot = rot_.contiguous(), positions = positions_.contiguous(),
+                   tables = tables_.contiguous();
+  const int64_t batch = x.size(0), dim = x.size(-1), hd = k_cache.size(3), bs = k_cache.size(2);
   const int64_t nh = heads + 2 * kv_heads;
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == at::kFloat, "decode_block wants fp32 x [B, 1, D]");
   TORCH_CHECK(w.size() == 4, "decode_block wants the packed wqkv, wo, w13 and w2");
@@ -570,15 +613,30 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const
                   w13.nb * QK == dim && w13.n % 2 == 0 && w2.nb * QK == f && w2.n == dim,
               "decode_block: the projections' shapes do not fit dim ", dim, ", ", heads, "+2x", kv_heads, " heads of ", hd);
   TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous() && k_cache.size(1) == kv_heads &&
-                  batch <= k_cache.size(0) && 0 <= pos && pos < capacity,
-              "decode_block: the caches must be contiguous fp32 [slots >= B, Hkv, capacity > pos, hd]");
+                  v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous() && k_cache.size(1) == kv_heads,
+              "decode_block: the caches must be contiguous fp32 [blocks, Hkv, block_size, hd]");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == batch && tables.scalar_type() == at::kLong &&
+                  tables.dim() == 2 && tables.size(0) == batch,
+              "decode_block: positions must be int64 [B] and block_tables int64 [B, width]");
+  const int64_t width = tables.size(1), n_blocks = k_cache.size(0);
+  const int64_t *pos = positions.data_ptr<int64_t>(), *table = tables.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {  // checked here: the kernel indexes the cache with these
+    TORCH_CHECK(0 <= pos[b] && pos[b] < width * bs, "decode_block: position ", pos[b], " of row ", b,
+                " is past its block table (", width, " blocks of ", bs, ")");
+    for (int64_t i = 0; i <= pos[b] / bs; ++i)
+      TORCH_CHECK(0 <= table[b * width + i] && table[b * width + i] < n_blocks, "decode_block: block ",
+                  table[b * width + i], " is not in the cache (", n_blocks, " blocks)");
+    longest = std::max(longest, pos[b] + 1);
+  }
+  std::vector<int64_t> lens(batch);
+  for (int64_t b = 0; b < batch; ++b) lens[b] = pos[b] + 1;
   TORCH_CHECK(!rope || rot.numel() == batch * hd, "decode_block: rot must be [B, 1, hd/2, 2]");
   for (const at::Tensor* norm : {&attn_norm, &ffn_norm})
     TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->is_contiguous() && norm->numel() == dim,
                 "decode_block: norm weights must be contiguous fp32 [D]");
   const float eps_f = static_cast<float>(eps), scale = 1.f / std::sqrt(static_cast<float>(hd));
-  const int64_t widest = std::max({dim, heads * hd, f}), len = pos + 1;
+  const int64_t widest = std::max({dim, heads * hd, f}), len = longest;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), wqkv.groups)));
 
   thread_local Scratch s;  // the calling thread's: the region below reads it through these pointers only
@@ -593,7 +651,7 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const
   float *op = out.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   float* thread_floats = s.floats.data();
   int16_t* thread_ints = s.ints.data();
-  const Cached keys{kc, kv_heads * capacity * hd, capacity * hd, hd}, values{vc, kv_heads * capacity * hd, capacity * hd, hd};
+  const Paged cache{kc, vc, kv_heads, bs, table, width, lens.data()};
 
 #pragma omp parallel num_threads(threads)
   {
@@ -626,12 +684,13 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const
       for (int64_t e = std::max(first, heads * hd); e < last; ++e) {  // k and v values of this thread's rows
         const bool is_k = e < rotated;
         const int64_t g = (e - (is_k ? heads * hd : rotated)) / hd, i = e % hd;
-        (is_k ? kc : vc)[((b * kv_heads + g) * capacity + pos) * hd + i] = row[e];
+        const int64_t block = table[b * width + pos[b] / bs], offset = pos[b] % bs;
+        (is_k ? kc : vc)[((block * kv_heads + g) * bs + offset) * hd + i] = row[e];
       }
     }
 #pragma omp barrier
-    attend(qkv, nh * hd, heads, kv_heads, hd, keys, values, len, scale, att, batch * heads * id / nt,
-           batch * heads * (id + 1) / nt, scores);
+    attend_paged(qkv, nh * hd, heads, hd, cache, scale, att, batch * heads * id / nt, batch * heads * (id + 1) / nt,
+                 scores);
 #pragma omp barrier
     // h = x + wo(att)
     std::copy_n(att, batch * heads * hd, input);
@@ -677,7 +736,8 @@ TORCH_LIBRARY(herd, lib) {
   lib.def("silu_mul(Tensor x) -> Tensor", &silu_mul);
   lib.def("rope_(Tensor(a!) x, Tensor rot, int heads) -> ()", &rope_);
   lib.def("decode_block(Tensor x, Tensor attn_norm, Tensor ffn_norm, Tensor[] weights, Tensor(a!) k_cache, "
-          "Tensor(b!) v_cache, Tensor rot, int pos, int heads, int kv_heads, float eps, bool rope) -> Tensor",
+          "Tensor(b!) v_cache, Tensor rot, Tensor positions, Tensor block_tables, int heads, int kv_heads, float eps, "
+          "bool rope) -> Tensor",
           &decode_block);
   lib.def("vectorized() -> bool", [] { return has_avx2(); });
 }

@@ -1,6 +1,6 @@
 """The model: imports only torch and herd.config."""
 
-from herd.model.cache import KVCache
+from herd.model.cache import Batch, PagedKVCache
 from herd.model.model import Transformer
 
-__all__ = ["Transformer", "KVCache"]
+__all__ = ["Transformer", "Batch", "PagedKVCache"]

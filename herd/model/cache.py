@@ -1,73 +1,107 @@
-"""The key/value cache handed to the model; the model never allocates one itself.
+"""The key/value cache and the batch description handed to the model; the model allocates neither.
 
-KVCache holds, per layer, k and v buffers [slots, n_kv_heads, capacity, head_dim]. Every row of a
-forward batch names its slot, and every token its absolute position, so the same object serves the
-single-request generator (one slot) and a continuous-batching engine (one slot per running request,
-each at its own length). Attention masks are derived from positions only: a key at position j is
-visible from a query at position p when j <= p (and, on chunked layers, j // C == p // C), so stale
-entries past a sequence's current length are never seen and a freed slot needs no clearing.
+PagedKVCache holds, per layer, k and v blocks [num_blocks, n_kv_heads, block_size, head_dim] (vLLM's
+PagedAttention layout). A sequence's keys live in the blocks its block table lists, in order: position p
+is at offset p % block_size of block table[p // block_size]. Which blocks a sequence gets is decided
+outside the model (herd.engine.blocks); block 0 is never handed out, so a table padded with 0 sends
+writes of padding tokens to a block nobody reads. The blocks are allocated with torch.empty, so the
+memory of blocks never written is never touched (the OS maps those pages on first write).
+
+Batch says what one forward computes: each row's token positions, and where its keys and values go.
+Attention masks are derived from positions only: the key at position j is visible from a query at
+position p when j <= p (and, on chunked layers, j // C == p // C), so whatever a block holds past a
+sequence's current length is never seen and a freed block needs no clearing.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-class KVCache:
-    def __init__(
-        self,
-        n_layers: int,
-        n_kv_heads: int,
-        head_dim: int,
-        capacity: int,
-        slots: int = 1,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ):
-        shape = (slots, n_kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.capacity = capacity
-        self.slots = slots
+class PagedKVCache:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        if num_blocks < 2 or block_size < 1:
+            raise ValueError(f"a paged cache needs at least 2 blocks of at least 1 token, got {num_blocks} x {block_size}")
+        shape = (num_blocks, n_kv_heads, block_size, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.num_blocks, self.block_size = num_blocks, block_size
 
     @classmethod
-    def for_model(cls, args, capacity: int, slots: int = 1, dtype=torch.float32, device=None) -> "KVCache":
-        return cls(args.n_layers, args.n_kv_heads, args.head_dim, capacity, slots, dtype, device)
+    def for_model(cls, args, tokens: int, block_size: int = 16, dtype=torch.float32, device=None) -> "PagedKVCache":
+        """Room for `tokens` tokens (in whole blocks) besides the padding block."""
+        return cls(args.n_layers, args.n_kv_heads, args.head_dim, 1 + -(-tokens // block_size), block_size,
+                   dtype, device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def update(
-        self,
-        layer: int,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        slot_ids: torch.Tensor | None = None,
-        start: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, n_kv_heads, T, hd] at `positions` [B, T] of cache rows `slot_ids` [B]
-        (None: rows 0..B-1); return the cached k, v [B, n_kv_heads, L, hd], L = max(positions) + 1.
+    def block_bytes(self) -> int:
+        return self.nbytes() // self.num_blocks
 
-        `start` says every row's positions are start..start+T-1 (the generator's case): the write is
-        then a slice and the result a view, with no gather copy of the cache."""
-        ck, cv = self.k[layer], self.v[layer]
-        batch, steps = positions.shape
-        if start is not None and slot_ids is None:
-            length = start + steps
-            self._check(length)
-            ck[:batch, :, start:length] = k
-            cv[:batch, :, start:length] = v
-            return ck[:batch, :, :length], cv[:batch, :, :length]
-        length = int(positions.max()) + 1
-        self._check(length)
-        if slot_ids is None:
-            slot_ids = torch.arange(batch, device=positions.device)
-        rows = slot_ids[:, None].expand_as(positions)
-        ck[rows, :, positions] = k.transpose(1, 2).to(ck.dtype)  # [B, T] index → values [B, T, H, hd]
-        cv[rows, :, positions] = v.transpose(1, 2).to(cv.dtype)
-        return ck[slot_ids, :, :length], cv[slot_ids, :, :length]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: "Batch") -> None:
+        """k, v [B, n_kv_heads, T, hd] at the batch's positions."""
+        blocks, offsets = batch.slots(self.block_size)  # [B, T] each
+        self.k[layer][blocks, :, offsets] = k.transpose(1, 2).to(self.k[layer].dtype)  # values [B, T, H, hd]
+        self.v[layer][blocks, :, offsets] = v.transpose(1, 2).to(self.v[layer].dtype)
 
-    def _check(self, length: int):
-        if length > self.capacity:
-            raise ValueError(f"position {length - 1} is past the KV cache capacity of {self.capacity} tokens")
+    def read(self, layer: int, batch: "Batch") -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's cached k, v as [B, n_kv_heads, L, hd], L = the batch's longest sequence; a row's keys
+        past its own length are other blocks' contents, which the positions mask out."""
+        length = batch.max_len
+        n = -(-length // self.block_size)
+        table = batch.block_tables[:, :n]
+        out = []
+        for cache in (self.k[layer], self.v[layer]):
+            rows = cache[table]  # [B, n, H, bs, hd]
+            b, _, h, bs, hd = rows.shape
+            out.append(rows.transpose(1, 2).reshape(b, h, n * bs, hd)[:, :, :length])
+        return out[0], out[1]
+
+
+@dataclass
+class Batch:
+    """One forward pass: `positions` [B, T] of its tokens and, with a cache, each row's `block_tables`
+    [B, max_blocks] (int64; padded with 0) and `max_len`, the longest row's length after this pass.
+    `start` is set when every row's positions are start..start+T-1 (plain causal attention may then need
+    no mask). `last` [B]: the index of each row's last real token when rows are padded to one length
+    (padding tokens come after it, at the following positions)."""
+
+    positions: torch.Tensor
+    cache: PagedKVCache | None = None
+    block_tables: torch.Tensor | None = None
+    max_len: int = 0
+    start: int | None = None
+    last: torch.Tensor | None = None
+
+    @classmethod
+    def prompt(cls, tokens: int, batch: int = 1, device=None) -> "Batch":
+        """Positions 0..tokens-1 for every row, no cache (a whole prompt scored at once)."""
+        positions = torch.arange(tokens, device=device).expand(batch, tokens)
+        return cls(positions, start=0, max_len=tokens)
+
+    @classmethod
+    def rows(cls, cache: PagedKVCache, tables: list[list[int]], starts: list[int], lengths: list[int],
+             device=None) -> "Batch":
+        """Row i: lengths[i] tokens at positions starts[i].., its keys in blocks tables[i]; shorter rows are
+        padded to the longest (their padding writes past their own length, or into block 0)."""
+        steps, end = max(lengths), max(s + n for s, n in zip(starts, lengths))
+        width = max(max(len(t) for t in tables), -(-max(s + steps for s in starts) // cache.block_size))
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
+        positions = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.arange(steps, device=device)
+        uniform = all(s == starts[0] for s in starts) and all(n == steps for n in lengths)
+        last = None if all(n == steps for n in lengths) else torch.tensor(lengths, device=device) - 1
+        return cls(positions, cache, block_tables, end if last is None else max(s + steps for s in starts),
+                   starts[0] if uniform else None, last)
+
+    def slots(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of every token [B, T]."""
+        return self.block_tables.gather(1, self.positions // block_size), self.positions % block_size
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """Each row's length after this pass [B]."""
+        return self.positions[:, -1] + 1

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.config import LayerSpec, ModelArgs, layer_plan
-from herd.model.cache import KVCache
+from herd.model.cache import Batch
 from herd.model.rope import apply_rope, inverse_frequencies, rope_angles
 
 
@@ -82,7 +82,8 @@ class Attention(nn.Module):
             q = (q * scale[..., None, None]).type_as(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         if ctx.cache is not None:
-            k, v = ctx.cache.update(layer_id, k, v, ctx.positions, ctx.slot_ids, ctx.start)
+            ctx.cache.write(layer_id, k, v, ctx.batch)
+            k, v = ctx.cache.read(layer_id, ctx.batch)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache was allocated in another dtype
         mask = ctx.mask(self.spec.chunk_size, k.shape[2])
         out = self.attend(q, k, v, mask, causal=mask is None and steps > 1)
@@ -154,22 +155,21 @@ class TransformerBlock(nn.Module):
 
 
 class ForwardContext:
-    """What every layer of one forward pass shares: positions, RoPE angles, the cache and mask rules."""
+    """What every layer of one forward pass shares: the batch, RoPE angles and the mask rules."""
 
-    def __init__(self, positions, rot, cache, slot_ids, start):
-        self.positions, self.rot = positions, rot
-        self.cache, self.slot_ids, self.start = cache, slot_ids, start
+    def __init__(self, batch: Batch, rot: torch.Tensor):
+        self.batch, self.positions, self.cache, self.rot = batch, batch.positions, batch.cache, rot
         self._masks: dict = {}
 
     def mask(self, chunk_size: int | None, n_keys: int) -> torch.Tensor | None:
         """Boolean [B, 1, T, n_keys] mask (True = attend), or None when plain causal attention is exact."""
-        steps = self.positions.shape[1]
-        if self.start is not None and self.slot_ids is None:
-            if self.cache is None:  # keys are this pass's own tokens, all rows alike
-                first_key, causal_exact = self.start, True
-            else:  # keys are cache positions 0..n_keys-1; SDPA's is_causal aligns top-left
-                first_key, causal_exact = 0, self.start + steps == n_keys and (steps == 1 or self.start == 0)
-            one_chunk = chunk_size is None or first_key // chunk_size == (self.start + steps - 1) // chunk_size
+        steps, start = self.positions.shape[1], self.batch.start
+        if start is not None:  # every row at start..start+T-1
+            if self.cache is None:  # keys are this pass's own tokens
+                first_key, causal_exact = start, True
+            else:  # keys are positions 0..n_keys-1; SDPA's is_causal aligns top-left
+                first_key, causal_exact = 0, start + steps == n_keys and (steps == 1 or start == 0)
+            one_chunk = chunk_size is None or first_key // chunk_size == (start + steps - 1) // chunk_size
             if causal_exact and one_chunk:
                 return None
         key = (chunk_size, n_keys)
@@ -198,30 +198,18 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", inverse_frequencies(args), persistent=False)
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        start_pos: int = 0,
-        cache: KVCache | None = None,
-        positions: torch.Tensor | None = None,
-        slot_ids: torch.Tensor | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, batch: Batch | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (float32) for tokens [B, T].
 
-        Positions are start_pos..start_pos+T-1 for every row, or given per token as `positions` [B, T]
-        (batched requests at different lengths). With a cache, k/v are written to rows `slot_ids`
-        (default 0..B-1) and attention covers everything cached before them. `last_only` computes
-        logits for the last position of each row only (generation needs nothing else)."""
-        batch, steps = tokens.shape
-        start = None
-        if positions is None:
-            start = start_pos
-            positions = torch.arange(start_pos, start_pos + steps, device=tokens.device).expand(batch, steps)
-        ctx = ForwardContext(positions, rope_angles(self.inv_freq, positions), cache, slot_ids, start)
+        `batch` (herd.model.cache.Batch) gives each token's position and each row's cache blocks; without
+        one, the rows are whole sequences at positions 0..T-1 and nothing is cached. `last_only` computes
+        logits only where generation needs them: each row's last token (batch.last, else position T-1)."""
+        if batch is None:
+            batch = Batch.prompt(tokens.shape[1], tokens.shape[0], tokens.device)
+        ctx = ForwardContext(batch, rope_angles(self.inv_freq, batch.positions))
         h = self.tok_embeddings(tokens)
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, ctx, layer_id)
         if last_only:
-            h = h[:, -1:]
+            h = h[:, -1:] if batch.last is None else h[torch.arange(h.shape[0], device=h.device), batch.last, None]
         return self.output(self.norm(h)).float()

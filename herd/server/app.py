@@ -50,7 +50,7 @@ def create_app(llm, *, max_batch: int = 8, context: int | None = None, max_queue
                prefill_budget: int = 256, max_body_bytes: int = MAX_BODY_BYTES, header_timeout: float = 10.0,
                body_timeout: float = 60.0) -> FastAPI:
     """An OpenAI-compatible app serving `llm` (a herd.api.LLM) with a continuous-batching engine of
-    `max_batch` KV slots of `context` tokens each (default: the model's context) and a waiting queue of
+    `max_batch` sequences of at most `context` tokens each (default: the model's context) and a waiting queue of
     `max_queue` requests (default 8 x max_batch) past which requests get 429. Bodies over `max_body_bytes`
     get 413, bodies slower than `body_timeout` seconds 408; `header_timeout` applies when the app is served
     through herd.server.uvicorn_config."""

@@ -59,7 +59,7 @@ class Served:
     engine: AsyncEngine
     model_id: str  # the name /v1/models lists
     aliases: set[str]  # other names requests may use for it (the SOURCE as given)
-    context: int  # tokens per KV slot: prompt + output must fit
+    context: int  # tokens per sequence: prompt + output must fit
     created: int = field(default_factory=lambda: int(time.time()))
 
 

@@ -1,4 +1,4 @@
-"""Server-Sent Events framing, and disconnect handling that frees engine slots at once.
+"""Server-Sent Events framing, and disconnect handling that frees the request's KV blocks at once.
 
 SSEResponse sends `data: {json}\\n\\n` events and ends with `data: [DONE]`; it listens for the client's
 http.disconnect while streaming and, when it comes, cancels the event generator right away (whose

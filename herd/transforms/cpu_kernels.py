@@ -8,8 +8,9 @@ other devices), so a model keeps working whatever it is later asked to do:
   FusedAttention → KernelFusedAttention, which also rotates q and k in place (herd::rope_);
 - FusedFeedForward → KernelFeedForward (herd::silu_mul between the fused gate/up and down);
 - TransformerBlock → KernelBlock where all four projections are herd's packed linears and the layer is
-  plain Llama (no MoE, QK norm, chunking or temperature tuning): a decode step of one token per row runs
-  the whole block as one op (herd::decode_block), the same steps TransformerBlock.forward takes.
+  plain Llama (no MoE, QK norm, chunking or temperature tuning): a decode step of one token per row, every
+  row at its own position with its own cache blocks, runs the whole block as one op (herd::decode_block),
+  the same steps TransformerBlock.forward takes.
 """
 
 from __future__ import annotations
@@ -70,13 +71,16 @@ class KernelBlock(TransformerBlock):
 
     def forward(self, x, ctx, layer_id: int):
         cache = ctx.cache
-        # One fp32 token per row, appended to cache rows 0..B-1 at one position: what decode_block computes.
-        if (ONE_OP_DECODE and x.shape[1] == 1 and cache is not None and ctx.start is not None
-                and ctx.slot_ids is None and cache.k[layer_id].dtype == torch.float32 and _fp32_inference(x)):
+        # One fp32 token per row, each at its own position and blocks: what decode_block computes.
+        if (ONE_OP_DECODE and x.shape[1] == 1 and cache is not None and cache.k[layer_id].dtype == torch.float32
+                and _fp32_inference(x)):
+            rows = ctx.__dict__.get("decode_rows")
+            if rows is None:  # once per forward, not per layer: positions [B], (cos, sin) pairs
+                rows = ctx.decode_rows = (ctx.positions[:, 0].contiguous(), torch.view_as_real(ctx.rot))
             attn = self.attention
             return kernels.ops.decode_block(
                 x, self.attention_norm.weight, self.ffn_norm.weight, self.packed, cache.k[layer_id],
-                cache.v[layer_id], torch.view_as_real(ctx.rot), ctx.start, attn.n_heads, attn.n_kv_heads,
+                cache.v[layer_id], rows[1], rows[0], ctx.batch.block_tables, attn.n_heads, attn.n_kv_heads,
                 attn.norm_eps, attn.spec.rope)
         return super().forward(x, ctx, layer_id)
 
