@@ -26,7 +26,7 @@ from tests.fixtures import build as B
 
 GEN = "llama3"
 ROOT = Path(__file__).resolve().parents[1]
-U32, I32, F32, STR, ARR = 4, 5, 6, B.GGUF_STRING, B.GGUF_ARRAY
+U32, I32, F32, U64, STR, ARR = 4, 5, 6, 10, B.GGUF_STRING, B.GGUF_ARRAY
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,18 @@ def test_gguf_head_size_fails_fast(smollm2_header, tmp_path):
     result = load_in_child(path)
     assert_fast_herd_error(result, "attention.wq", path.name)
     assert result["error"] == "ShapeMismatch"
+
+
+@pytest.mark.parametrize("width", [2**64, 2**70])
+def test_hf_ffn_width_beyond_the_tensors(hf_dir, width):
+    """Found by the fuzzer: 2^64 reached torch's Linear on the meta device and raised a bare TypeError."""
+    edit_json(hf_dir / "config.json", _set("intermediate_size", width))
+    raises(errors.ShapeMismatch, hf_dir, "feed_forward.w1", str(width))
+
+
+def test_gguf_ffn_width_beyond_the_tensors(tiny_gguf_header, tmp_path):
+    path = gguf_variant(tiny_gguf_header, tmp_path, llama__feed_forward_length=(U64, 2**63))
+    raises(errors.ShapeMismatch, path, path.name, "feed_forward.w1", str(2**63))
 
 
 @pytest.mark.parametrize("gen", [GEN, "llama4_scout"])
