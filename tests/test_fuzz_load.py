@@ -19,7 +19,6 @@ import argparse
 import faulthandler
 import json
 import math
-import os
 import random
 import resource
 import shutil
