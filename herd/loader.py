@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from herd.config import layer_plan
 from herd.errors import HerdError, MissingTensor, ShapeMismatch, UnexpectedTensor
 from herd.formats.checkpoint import Checkpoint
 from herd.formats.fields import check_layer_count
@@ -91,8 +92,8 @@ def load_model(
 
 
 def _check_sizes(checkpoint: Checkpoint) -> None:
-    """What building the skeleton costs is set by the config (layers, head size): check it against the
-    tensors first, so that a header claiming 2^31 layers or a 2^40-wide head fails at once."""
+    """What building the skeleton costs is set by the config (layers, widths, head size): check it against
+    the tensors first, so that a header claiming 2^31 layers or a 2^40-wide head fails at once."""
     args, tensors, path = checkpoint.args, checkpoint.tensors, checkpoint.path
     check_layer_count(args.n_layers, tensors, r"layers\.(\d+)\.", path, "n_layers")
     wants = {
@@ -100,6 +101,13 @@ def _check_sizes(checkpoint: Checkpoint) -> None:
         "layers.0.attention.wq.weight": (args.n_heads * args.head_dim, args.dim),
         "layers.0.attention.wk.weight": (args.n_kv_heads * args.head_dim, args.dim),
     }
+    plan = layer_plan(args)
+    dense = next((i for i, spec in enumerate(plan) if not spec.moe), None)
+    if dense is not None:
+        wants[f"layers.{dense}.feed_forward.w1.weight"] = (args.hidden_dim, args.dim)
+    moe = next((i for i, spec in enumerate(plan) if spec.moe), None)
+    if moe is not None:
+        wants[f"layers.{moe}.feed_forward.experts.w1"] = (args.moe.num_experts, args.moe.hidden_dim, args.dim)
     for name, shape in wants.items():
         if name not in tensors:
             raise MissingTensor(f"{path}: missing tensor {name}")
@@ -110,8 +118,11 @@ def _check_sizes(checkpoint: Checkpoint) -> None:
 def _skeleton(checkpoint: Checkpoint) -> tuple[Transformer, dict[str, nn.Parameter]]:
     """The model on the meta device, after checking the checkpoint names every parameter with its shape."""
     _check_sizes(checkpoint)
-    with torch.device("meta"), _no_init():
-        model = Transformer(checkpoint.args)
+    try:
+        with torch.device("meta"), _no_init():
+            model = Transformer(checkpoint.args)
+    except (RuntimeError, TypeError, ValueError) as e:  # a size the checks above miss and torch cannot represent
+        raise ShapeMismatch(f"{checkpoint.path}: the config's sizes cannot be built ({e})") from None
     expected = {name: p for name, p in model.named_parameters()}  # a tied output appears once, as tok_embeddings
     tensors = checkpoint.tensors
     missing = sorted(set(expected) - set(tensors))

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from herd.config import ModelArgs, MoEArgs, RopeScaling
-from herd.errors import FormatError
+from herd.errors import ConfigError, FormatError, MissingTensor
 from herd.formats.checkpoint import Checkpoint, TokenizerSource
+from herd.formats.fields import read_json
 from herd.quant import GGMLTensor, Int4Weight, Int8Weight
 
 MARKER = "herd.json"
@@ -54,20 +55,32 @@ def _args_from_dict(d: dict) -> ModelArgs:
 def read_herdq(path: Path) -> Checkpoint:
     from safetensors.torch import load_file
 
+    from herd.formats.hf import check_safetensors
+
     path = Path(path)
-    try:
-        meta = json.loads((path / MARKER).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path / MARKER}: unreadable ({e})") from None
+    meta = read_json(path / MARKER)
     if meta.get("format") != "herd-quantized" or meta.get("version") != 1:
         raise FormatError(f"{path / MARKER}: not a herd-quantized version 1 directory")
+    if not (path / "model.safetensors").is_file():
+        raise MissingTensor(f"{path}: no model.safetensors")
+    check_safetensors(path / "model.safetensors")
+    try:
+        args = _args_from_dict(meta["args"])
+        group_size, scheme = int(meta["group_size"]), meta["scheme"]
+    except ConfigError as e:
+        raise ConfigError(f"{path / MARKER}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # written by herd itself: any damage is corruption
+        raise FormatError(f"{path / MARKER}: damaged args, group_size or scheme ({type(e).__name__}: {e})") from None
     raw = load_file(str(path / "model.safetensors"))
+    parts = [f"{k[:-3]}.{p}" for k in raw if k.endswith(".q4") for p in ("scales", "zeros")]
+    parts += [f"{k[:-3]}.scales" for k in raw if k.endswith(".q8")]
+    if missing := [p for p in parts if p not in raw]:
+        raise MissingTensor(f"{path / 'model.safetensors'}: quantized weights without their {missing[:4]}")
     tensors = {}
     for key in list(raw):
         if key.endswith(".q4"):
             name = key[:-3]
-            tensors[name] = Int4Weight(raw.pop(key), raw.pop(f"{name}.scales"), raw.pop(f"{name}.zeros"),
-                                       int(meta["group_size"]))
+            tensors[name] = Int4Weight(raw.pop(key), raw.pop(f"{name}.scales"), raw.pop(f"{name}.zeros"), group_size)
         elif key.endswith(".q8"):
             name = key[:-3]
             tensors[name] = Int8Weight(raw.pop(key), raw.pop(f"{name}.scales"))
@@ -76,14 +89,14 @@ def read_herdq(path: Path) -> Checkpoint:
     tokenizer = TokenizerSource(tok["kind"], path / tok["file"], config=tok.get("config") or {}) if tok else None
     source = meta.get("source", {})
     return Checkpoint(
-        args=_args_from_dict(meta["args"]),
+        args=args,
         tensors=tensors,
         format="herd-quantized",
         path=path,
         tokenizer=tokenizer,
         chat_template=meta.get("chat_template"),
         generation=meta.get("generation", "unknown"),
-        quantization=f"{meta['scheme']} (herd: int4 group {meta['group_size']})" if meta["scheme"] == "q4"
+        quantization=f"{scheme} (herd: int4 group {group_size})" if scheme == "q4"
         else "q8 (herd: int8 per channel)",
         eos_token_ids=tuple(meta.get("eos_token_ids", ())),
         metadata={"source": source},
