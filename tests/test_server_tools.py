@@ -36,15 +36,18 @@ class Scripted(torch.nn.Module):
         self.inner, self.args, self.tok_embeddings = model, model.args, model.tok_embeddings
         self.script: list[int] = []
         self.prompt_end: dict[int, int] = {}
+        self.last_seen: dict[int, int] = {}
 
-    def forward(self, tokens, start_pos=0, cache=None, positions=None, slot_ids=None, last_only=False):
-        logits = self.inner(tokens, start_pos, cache, positions, slot_ids, last_only)
+    def forward(self, tokens, batch=None, last_only=False):
+        logits = self.inner(tokens, batch, last_only)
         for row in range(tokens.shape[0]):
-            slot = int(slot_ids[row]) if slot_ids is not None else row
-            last = int(positions[row, -1])
-            if tokens.shape[1] > 1 or int(positions[row, 0]) == 0:  # a prefill: the prompt ends here
-                self.prompt_end[slot] = last
-            k = min(last - self.prompt_end[slot], len(self.script) - 1)
+            seq = int(batch.block_tables[row, 0])  # a running sequence's first block is its own
+            last = int(batch.positions[row, -1])
+            # a prefill (a prompt, or its part the prefix cache did not hold) ends the prompt here
+            if tokens.shape[1] > 1 or last <= self.last_seen.get(seq, -1):
+                self.prompt_end[seq] = last
+            self.last_seen[seq] = last
+            k = min(last - self.prompt_end[seq], len(self.script) - 1)
             logits[row, -1] = -1e4
             logits[row, -1, self.script[k]] = 1e4
         return logits

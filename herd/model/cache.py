@@ -59,7 +59,12 @@ class PagedKVCache:
             rows = cache[table]  # [B, n, H, bs, hd]
             b, _, h, bs, hd = rows.shape
             out.append(rows.transpose(1, 2).reshape(b, h, n * bs, hd)[:, :, :length])
-        return out[0], out[1]
+        k, v = out
+        if batch.start is None:  # rows of different lengths: a shorter row's tail is whatever its blocks held
+            # masks are added to the scores (NaN + -inf is NaN) and 0 x NaN is NaN: clear the tail
+            unwritten = (torch.arange(length, device=v.device) > batch.positions[:, -1:])[:, None, :, None]
+            k, v = k.masked_fill(unwritten, 0.0), v.masked_fill(unwritten, 0.0)
+        return k, v
 
 
 @dataclass
