@@ -351,6 +351,12 @@ def mutate_hf(rng: random.Random, d: Path) -> str:
 # ---- the worker --------------------------------------------------------------------------------------------
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM; ru_maxrss would start from the forking parent's RSS)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def _emit(record: dict) -> None:
     print(json.dumps(record, default=str), flush=True)
 
@@ -431,7 +437,7 @@ def worker(kind: str, seed: int, budget: float, only: int | None) -> None:
             faulthandler.cancel_dump_traceback_later()
             if i == 0:  # the budget counts from here: setting up the sources is not fuzzing
                 bound, start = max(CASE_SECONDS, CASE_FACTOR * seconds), time.perf_counter()
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            rss = _peak_rss_mb()
             verdict = "ok"
             if outcome == "BUG":
                 verdict = "bare exception"

@@ -86,7 +86,7 @@ def load_in_child(path: Path, timeout: float = 60) -> dict:
     """herd.load in a fresh interpreter (a load that hangs cannot hang the suite): the error's class and
     message, and the seconds and peak RSS the load itself took."""
     code = textwrap.dedent(f"""
-        import json, resource, sys, time
+        import json, sys, time
         sys.path.insert(0, {str(ROOT)!r})
         import herd
         t = time.perf_counter()
@@ -96,7 +96,9 @@ def load_in_child(path: Path, timeout: float = 60) -> dict:
         except BaseException as e:
             out = {{"error": type(e).__name__, "herd": isinstance(e, herd.errors.HerdError), "message": str(e)}}
         out["seconds"] = time.perf_counter() - t
-        out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM: this process's own peak (ru_maxrss would start from the forking parent's RSS)
+        hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        out["rss_mb"] = int(hwm.split()[1]) / 1024
         print(json.dumps(out))
     """)
     try:
