@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-VERSION = "0.3.36"  # keep in step with herd/bench.py's LLAMA_CPP pin
+VERSION = "0.3.36"  # keep in step with herd/cli/benchmark.py's LLAMA_CPP pin
 TARGETS = ("llama-server", "llama-quantize")
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",

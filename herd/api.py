@@ -12,7 +12,8 @@ from herd.config import ModelArgs
 from herd.errors import ContextOverflow, HerdError
 from herd.fingerprint import fingerprint
 from herd.formats import Checkpoint, open_checkpoint
-from herd.generate import Completion, GenerationStep, TokenLogprob, check_context, generate_steps
+from herd.decoding import TokenLogprob, check_context
+from herd.generate import Completion, GenerationStep, generate_steps
 from herd.loader import check_vocabulary, load_model, mask_padding_rows
 from herd.models import resolve
 from herd.model import Transformer

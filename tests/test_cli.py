@@ -103,7 +103,7 @@ def test_info_memory(smollm2_path):
 
 def test_bench_table_shows_ratios():
     """The benchmark's table (no timing is asserted: only that every metric and ratio is printed)."""
-    from herd.bench import METRICS, table
+    from herd.cli.benchmark import METRICS, table
 
     fake = {k: 2.0 for k, *_ in METRICS}
     report = dict(path="m.gguf", threads=2, runs=3, prompt_tokens=512, decode_tokens=128,

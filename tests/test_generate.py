@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from herd.errors import ContextOverflow
-from herd.generate import StopStringMatcher
+from herd.decoding import StopStringMatcher
 
 
 def test_cached_decode_equals_full_forward_logprobs(smollm2):

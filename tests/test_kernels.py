@@ -199,3 +199,24 @@ def test_rope_matches_the_complex_rotation():
     got = x.clone()
     kernels.ops.rope_(got, torch.view_as_real(rot), 9)
     torch.testing.assert_close(got, want)
+
+
+def test_ops_have_shape_functions_for_tracing():
+    """Every op a forward pass calls runs on the meta device (its registered fake), as torch.compile needs."""
+    if not kernels.load():
+        pytest.skip(f"herd kernels unavailable: {kernels.why_not()}")
+    meta = dict(device="meta")
+    ops = torch.ops.herd
+    x, w = torch.empty(3, 5, 64, **meta), torch.empty(4, 2, 192, dtype=torch.uint8, **meta)  # 32 rows, K = 64
+    assert ops.linear(x, w, 30).shape == (3, 5, 30)
+    assert ops.dequantize(w).shape == (32, 64)
+    assert ops.dequantize_rows(w, torch.empty(7, dtype=torch.long, **meta)).shape == (7, 64)
+    assert ops.rms_norm(x, torch.empty(64, **meta), 1e-5).shape == x.shape
+    assert ops.silu_mul(x).shape == (3, 5, 32)
+    q, k = torch.empty(2, 4, 1, 16, **meta), torch.empty(2, 2, 9, 16, **meta)
+    assert ops.decode_attention(q, k, k, 0.25).shape == q.shape
+    block = ops.decode_block(torch.empty(2, 1, 64, **meta), torch.empty(64, **meta), torch.empty(64, **meta), [w] * 4,
+                             torch.empty(3, 1, 16, 16, **meta), torch.empty(3, 1, 16, 16, **meta),
+                             torch.empty(2, 1, 8, 2, **meta), torch.empty(2, dtype=torch.long, **meta),
+                             torch.empty(2, 1, dtype=torch.long, **meta), 2, 1, 1e-5, True)
+    assert block.shape == (2, 1, 64) and block.device.type == "meta"

@@ -87,6 +87,24 @@ def test_chat_stream_with_usage(client, expected):
     assert len({c.id for c in chunks}) == 1
 
 
+def test_a_repeated_prefix_is_served_from_the_cache(server, client, smollm2):
+    """The second turn of a chat computes only its new tokens: OpenAI's usage says how many prompt tokens
+    were cached, /metrics counts the hits, and the answer is the single-request generator's."""
+    from tests.fixtures.serving import http, metric
+
+    system = {"role": "system", "content": "You are a patient teacher of geography. " * 12}
+    first = [system, {"role": "user", "content": "Name a river."}]
+    r1 = client.chat.completions.create(model=MODEL, messages=first, max_tokens=6, temperature=0)
+    second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                      {"role": "user", "content": "Name a mountain."}]
+    r2 = client.chat.completions.create(model=MODEL, messages=second, max_tokens=6, temperature=0)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 96 and cached % 16 == 0 and cached < r2.usage.prompt_tokens
+    assert r2.choices[0].message.content == smollm2.chat(second, max_tokens=6, temperature=0).text
+    _, text = http("GET", server.url + "/metrics")
+    assert metric(text, "herd_prefix_cache_hits_total") >= cached
+
+
 def test_completion_echo_prompt_logprobs(client, smollm2):
     """echo + logprobs with max_tokens 0 and 1 (multiple-choice evaluation): the prompt's logprobs equal a
     full forward's log-softmax; the first token has none."""

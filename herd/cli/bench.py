@@ -4,12 +4,12 @@ from __future__ import annotations
 
 
 def add_arguments(parser, name):
-    from herd.bench import add_arguments as add
+    from herd.cli.benchmark import add_arguments as add
 
     add(parser)
 
 
 def main(args):
-    from herd.bench import run_cli
+    from herd.cli.benchmark import run_cli
 
     return run_cli(args)

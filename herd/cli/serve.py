@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from herd.cli import add_model_options, load_with_progress, model_options
+from herd.cli import add_model_options, load_with_progress, model_options, non_negative_int, positive_int
 
 DEFAULT_CONTEXT = 4096
 
@@ -14,13 +14,13 @@ def add_arguments(parser, name):
     parser.add_argument("source", nargs="?", default=None,
                         help="GGUF file, model directory or alias (default smollm2-135m)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=non_negative_int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("HERD_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $HERD_API_KEY, else none)")
-    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
-    parser.add_argument("--context", type=int, default=None,
+    parser.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together (default 8)")
+    parser.add_argument("--context", type=positive_int, default=None,
                         help=f"tokens per sequence, prompt + output (default: the model's, at most {DEFAULT_CONTEXT})")
-    parser.add_argument("--max-queue", type=int, default=None,
+    parser.add_argument("--max-queue", type=non_negative_int, default=None,
                         help="requests that may wait to run before new ones get 429 (default 8 x max-batch)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the source)")
     parser.add_argument("--max-body-mb", type=float, default=8.0,
@@ -30,11 +30,15 @@ def add_arguments(parser, name):
                              "(default 10)")
     parser.add_argument("--body-timeout", type=float, default=60.0,
                         help="seconds a client has to send a request's body before it gets 408 (default 60)")
+    parser.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="KV cache dtype (default: the model's activations, fp32 on the CPU, where herd's "
+                             "one-op decode reads fp32; 16-bit halves KV memory and decodes op by op)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     add_model_options(parser)
 
 
 def main(args):
+    import torch
     import uvicorn
 
     from herd.server import create_app, uvicorn_config
@@ -51,7 +55,7 @@ def main(args):
     app = create_app(llm, max_batch=args.max_batch, context=context, max_queue=args.max_queue,
                      api_key=args.api_key, model_id=model_id, aliases=aliases,
                      max_body_bytes=int(args.max_body_mb * 2**20), header_timeout=args.header_timeout,
-                     body_timeout=args.body_timeout)
+                     body_timeout=args.body_timeout, kv_dtype=getattr(torch, args.kv_dtype) if args.kv_dtype else None)
     engine = app.state.served.engine.engine
     kv = engine.kv_cache_bytes
     print(f"herd serve: {model_id} ({llm.checkpoint.format}, {llm.device}, {llm.model.tok_embeddings.weight.dtype})",

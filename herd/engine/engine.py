@@ -5,7 +5,7 @@
     while engine.has_work():
         for out in engine.step(): ...
 
-Outputs are RequestOutput deltas. Text is cut by herd.generate.TextStream (the generator's own stop and
+Outputs are RequestOutput deltas. Text is cut by herd.decoding.TextStream (the generator's own stop and
 detokenization rules), tokens are drawn by herd.sampling, so a request gives the same tokens here as
 through LLM.generate up to floating-point differences between batched and single forwards.
 """
@@ -21,7 +21,7 @@ from herd.engine.metrics import Metrics
 from herd.engine.request import Request, RequestOutput
 from herd.engine.runner import Runner
 from herd.engine.scheduler import Scheduler, Sequence
-from herd.generate import TextStream, check_context
+from herd.decoding import TextStream, check_context
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer
 
@@ -136,7 +136,8 @@ class Engine:
 
     def _output(self, seq, tokens, logprobs, text, finish) -> RequestOutput:
         req = seq.request
-        out = RequestOutput(req.request_id, text, tokens, logprobs, None, finish, seq.n_prompt, seq.n_generated)
+        out = RequestOutput(req.request_id, text, tokens, logprobs, None, finish, seq.n_prompt, seq.n_generated,
+                            cached_tokens=seq.num_cached)
         if req.prompt_logprobs is not None and seq.n_generated <= 1:
             out.prompt_logprobs = seq.prompt_logprobs
         if finish is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from herd.generate import TokenLogprob
+from herd.decoding import TokenLogprob
 from herd.sampling import SamplingParams
 
 
@@ -36,6 +36,7 @@ class RequestOutput:
     finish_reason: str | None = None  # None while running; "stop", "length", "abort" or "error"
     prompt_tokens: int = 0  # prompt length
     completion_tokens: int = 0  # tokens generated so far
+    cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache (not computed)
     error: str | None = None  # set with finish_reason "error": what went wrong (the server answers 500)
 
     @property

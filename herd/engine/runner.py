@@ -5,7 +5,7 @@ herd.engine.blocks table lists, allocated as its tokens arrive. Every prefill ch
 [1, T] (batching prompts of different lengths would pad them; on the CPU a prompt's matmuls are already
 compute-bound); all decoding sequences share one forward [B, 1], each row at its own position with its
 own blocks, so rows at different lengths run together (with herd's CPU kernels, as one op per layer).
-Sampling, penalties and logprobs are herd.sampling's and herd.generate's, the same code the
+Sampling, penalties and logprobs are herd.sampling's and herd.decoding's, the same code the
 single-request generator uses.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from herd.engine.blocks import BlockManager
 from herd.engine.scheduler import SchedulerOutput, Sequence
-from herd.generate import TokenLogprob, token_logprob
+from herd.decoding import TokenLogprob, token_logprob
 from herd.model import Batch, PagedKVCache, Transformer
 from herd.sampling import apply_penalties, sample
 from herd.tokenizer import Tokenizer

@@ -26,7 +26,7 @@ class Sequence:
     blocks: Blocks | None = None  # cache blocks while running; None while waiting
     num_computed: int = 0  # tokens whose k/v are in the cache
     num_cached: int = 0  # prompt tokens found in the prefix cache at admission
-    output: Any = None  # herd.generate.TextStream
+    output: Any = None  # herd.decoding.TextStream
     generator: Any = None  # torch.Generator for this request's draws
     constraint: Any = None  # constrained-decoding state, or None
     prompt_logprobs: list = field(default_factory=list)  # filled during prefill when asked for

@@ -104,12 +104,37 @@ def load(build_if_missing: bool = True) -> bool:
                     raise RuntimeError(f"{path} is not built (run `python -m herd.kernels`)")
                 build()
             torch.ops.load_library(str(path))
+            _register_fakes(torch)
             global ops
             ops, ok = torch.ops.herd, True
         except Exception as exc:  # any failure means: use PyTorch's kernels
             why = str(exc)
     _state.update(ok=ok, why=why)
     return ok
+
+
+def _register_fakes(torch) -> None:
+    """Shape functions ("fake" implementations) of the ops a forward pass calls, so torch.compile and
+    the meta device trace through them without running them. Packed weights are uint8 [N/8, K/32, record]."""
+    fake = torch.library.register_fake
+
+    def linear(x, w, n=-1):
+        return x.new_empty((*x.shape[:-1], n if n >= 0 else w.shape[0] * 8), dtype=torch.float32)
+
+    def dequantize(w, n=-1):
+        return w.new_empty((n if n >= 0 else w.shape[0] * 8, w.shape[1] * 32), dtype=torch.float32)
+
+    def dequantize_rows(w, rows, n=-1):
+        return w.new_empty((*rows.shape, w.shape[1] * 32), dtype=torch.float32)
+
+    fake("herd::linear")(linear)
+    fake("herd::dequantize")(dequantize)
+    fake("herd::dequantize_rows")(dequantize_rows)
+    fake("herd::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
+    fake("herd::decode_attention")(lambda q, k, v, scale: torch.empty_like(q))
+    fake("herd::silu_mul")(lambda x: x.new_empty((*x.shape[:-1], x.shape[-1] // 2)))
+    fake("herd::rope_")(lambda x, rot, heads: None)
+    fake("herd::decode_block")(lambda x, *args: torch.empty_like(x))
 
 
 def why_not() -> str:

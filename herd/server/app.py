@@ -48,16 +48,17 @@ class Limits:
 def create_app(llm, *, max_batch: int = 8, context: int | None = None, max_queue: int | None = None,
                api_key: str | None = None, model_id: str | None = None, aliases=(),
                prefill_budget: int = 256, max_body_bytes: int = MAX_BODY_BYTES, header_timeout: float = 10.0,
-               body_timeout: float = 60.0) -> FastAPI:
+               body_timeout: float = 60.0, kv_dtype=None) -> FastAPI:
     """An OpenAI-compatible app serving `llm` (a herd.api.LLM) with a continuous-batching engine of
     `max_batch` sequences of at most `context` tokens each (default: the model's context) and a waiting queue of
     `max_queue` requests (default 8 x max_batch) past which requests get 429. Bodies over `max_body_bytes`
     get 413, bodies slower than `body_timeout` seconds 408; `header_timeout` applies when the app is served
-    through herd.server.uvicorn_config."""
+    through herd.server.uvicorn_config. `kv_dtype`: the KV cache's dtype (default the model's activations';
+    herd's one-op CPU decode block reads an fp32 cache, so a 16-bit one halves its memory but decodes op by op)."""
     context = context or llm.config.max_seq_len
     engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, context=context,
                     max_queue=max_queue if max_queue is not None else 8 * max_batch,
-                    prefill_budget=prefill_budget, metrics=Metrics())
+                    prefill_budget=prefill_budget, metrics=Metrics(), kv_dtype=kv_dtype)
     async_engine = AsyncEngine(engine)
     model_id = model_id or llm.checkpoint.path.stem
 

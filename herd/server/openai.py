@@ -153,6 +153,7 @@ class Choice:
     sent: int = 0  # characters of text already streamed as content
     held: bool = False  # auto tool mode: a tool call may have started; hold the rest
     opened: bool = False  # named tool mode: the tool call's header was sent
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     def add(self, out: RequestOutput) -> None:
         if out.error is not None:
@@ -163,6 +164,7 @@ class Choice:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         self.finish_reason = out.finish_reason
+        self.cached_tokens = max(self.cached_tokens, out.cached_tokens)
 
 
 async def _collect(s: Served, reqs: list[EngineRequest], choices: list[Choice]) -> None:
@@ -173,7 +175,9 @@ async def _collect(s: Served, reqs: list[EngineRequest], choices: list[Choice]) 
 
 def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
     completion = sum(len(c.token_ids) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    cached = min(c.cached_tokens for c in choices) if choices else 0  # OpenAI's field: the prompt's, once
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 # -- chat ------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`herd bench`: herd against llama.cpp and HF transformers on the same GGUF file, threads and tokens.
 
-Every measurement is a fresh process (herd/bench_worker.py), so load time and peak RSS are honest;
+Every measurement is a fresh process (herd/cli/benchmark_worker.py), so load time and peak RSS are honest;
 engines take turns run after run, so a noisy neighbour costs each about the same; the table shows
 medians and the ratios herd / peer. llama-cpp-python (and transformers, when this environment lacks
 it) are installed into a separate virtual environment, never into herd's own.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 HF = ["transformers==5.23.0", "accelerate>=1.0", "gguf==0.19.0", "sentencepiece", "protobuf"]
-WORKER = Path(__file__).with_name("bench_worker.py")
+WORKER = Path(__file__).with_name("benchmark_worker.py")
 METRICS = [  # key, label, format, higher is better
     ("decode_tps", "decode tok/s", "{:.1f}", True),
     ("prefill_tps", "prefill tok/s", "{:.1f}", True),
