@@ -121,10 +121,9 @@ def _tokens_and_logprobs(engine: Engine, request: Request):
 
 @pytest.mark.parametrize("path", ["reference", "kernels"])
 def test_prefix_hit_computes_only_the_new_tokens_and_changes_nothing(path, smollm2, smollm2_q):
-    """The new part of the prompt is long enough (>= 16 tokens) to take the same matmul path as the whole
-    prompt does cold (herd's kernels quantize the activations of shorter chunks). What remains is float
-    reassociation: one 230-row GEMM against a 200- and a 30-row one, a causal kernel against a masked one
-    (1e-4 on the fp32 reference path; the kernel path's GEMMs of dequantized weights, 1e-3)."""
+    """What differs between the runs is float reassociation only: one 230-token forward against a 200- and
+    a 30-token one, a causal attention kernel against a masked one (1e-4 on the fp32 reference path's
+    GEMMs; 1e-3 on the kernel path, whose activations are quantized per token)."""
     llm = smollm2 if path == "reference" else smollm2_q
     history = llm.tokenizer.encode("The history of the Roman Empire spans many centuries. " * 20)  # ~200 tokens
     question = " In summary, and leaving aside the many wars, crises and reforms of those centuries, the empire"
