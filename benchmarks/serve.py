@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import platform
 import statistics
 import subprocess
@@ -151,14 +152,19 @@ def stream_chat(client, model: str, messages: list, max_tokens: int) -> dict:
             "prompt_tokens": usage.prompt_tokens, "cached_tokens": cached}
 
 
-def run_level(client, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+def run_level(client, model: str, clients: int, requests: int, max_tokens: int, unique: bool = True) -> dict:
+    """`unique`: every request's message starts with its own tag, so no request finds another's prompt in a
+    prefix cache (only the chat template's common start, as in real traffic); the prefix test measures reuse."""
     results, lock = [], threading.Lock()
     errors = []
+    salt = random.randrange(10**6)
 
     def worker(w: int):
         try:
             for r in range(requests):
                 prompt = PROMPTS[(w * requests + r) % len(PROMPTS)]
+                if unique:
+                    prompt = f"(request {salt}-{clients}-{w}-{r}) {prompt}"
                 out = stream_chat(client, model, [{"role": "user", "content": prompt}], max_tokens)
                 with lock:
                     results.append(out)

@@ -48,3 +48,25 @@ def smollm2_q(smollm2_path):
     import herd
 
     return herd.load(smollm2_path, device="cpu")
+
+
+@pytest.fixture
+def hf_dir(tmp_path) -> Path:
+    """A writable copy of the tiny Llama 3 HF checkpoint (tests/fixtures/build.py), to damage."""
+    import shutil
+
+    from tests.fixtures import build
+
+    shutil.copytree(build.reference("llama3").hf_dir, tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+@pytest.fixture
+def meta_dir(tmp_path) -> Path:
+    """A writable copy of the same weights as a one-shard Meta checkpoint."""
+    import shutil
+
+    from tests.fixtures import build
+
+    shutil.copytree(build.reference("llama3").meta_dir(1), tmp_path / "meta")
+    return tmp_path / "meta"

@@ -23,20 +23,6 @@ from tests.fixtures import build as B
 GEN = "llama3"
 
 
-@pytest.fixture
-def hf_dir(tmp_path) -> Path:
-    d = tmp_path / "hf"
-    shutil.copytree(B.reference(GEN).hf_dir, d)
-    return d
-
-
-@pytest.fixture
-def meta_dir(tmp_path) -> Path:
-    d = tmp_path / "meta"
-    shutil.copytree(B.reference(GEN).meta_dir(1), d)
-    return d
-
-
 def edit_json(path: Path, change) -> None:
     data = json.loads(path.read_text())
     change(data)

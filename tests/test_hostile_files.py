@@ -39,20 +39,6 @@ def tiny_gguf_header() -> B.GGUFHeader:
     return B.read_gguf_header(B.reference(GEN).gguf("F32"))
 
 
-@pytest.fixture
-def hf_dir(tmp_path) -> Path:
-    d = tmp_path / "hf"
-    shutil.copytree(B.reference(GEN).hf_dir, d)
-    return d
-
-
-@pytest.fixture
-def meta_dir(tmp_path) -> Path:
-    d = tmp_path / "meta"
-    shutil.copytree(B.reference(GEN).meta_dir(1), d)
-    return d
-
-
 def gguf_variant(header: B.GGUFHeader, tmp_path, **kv) -> Path:
     """A copy of the header's file with metadata keys set to (type, value), or removed where None."""
     h = header.copy()
