@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -205,7 +205,8 @@ def measure(engine: str, gguf: Path, args, log_dir: Path) -> dict:
         run_level(client, model, 1, 1, 4)  # warm-up: first-call allocations and compilation are not load
         levels = {}
         for level in args.levels:
-            levels[level] = r = run_level(client, model, level, args.requests, args.max_tokens)
+            levels[level] = r = run_level(client, model, level, args.requests, args.max_tokens,
+                                          unique=not args.shared_prompts)
             print(f"  {engine:<9} {level:>2} clients: {r['tokens']:>5} tokens in {r['seconds']:6.1f} s = "
                   f"{r['tok_s']:6.1f} tok/s, TTFT median {r['ttft_median']:.2f} s", flush=True)
         prefix = prefix_reuse(client, model) if args.prefix else None
@@ -281,6 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=physical_cores(), help="herd --threads, llama-server -t")
     p.add_argument("--device", default="cpu", help="herd --device (llama-server is built for the CPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="herd --dtype")
+    p.add_argument("--shared-prompts", action="store_true",
+                   help="the same 8 prompts at every level (later levels then find earlier ones in a prefix cache)")
     p.add_argument("--no-prefix", dest="prefix", action="store_false", help="skip the prefix-reuse test")
     p.add_argument("--json", type=Path, help="write every measurement here")
     args = p.parse_args(argv)
