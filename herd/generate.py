@@ -1,9 +1,9 @@
-"""Single-request generation: prefill once into a paged KV cache sized for the request, then one token a step.
+"""Single-request generation: a batch of one on the serving engine, one GenerationStep a token.
 
 `generate_steps` yields a GenerationStep per token with the text that became final (valid UTF-8,
 and not possibly the start of a stop string). The LLM facade (herd.api) builds `generate`,
-`stream` and `chat` on it; the batching engine shares sampling (herd.sampling) and stop handling and
-detokenization (herd.decoding) with it.
+`stream` and `chat` on it, so a single request and a served one run through the same scheduler,
+paged cache, runner, sampling (herd.sampling) and stop handling (herd.decoding).
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import torch
-
-from herd.decoding import TextStream, TokenLogprob, check_context, token_logprob
-from herd.model import Batch, PagedKVCache, Transformer
-from herd.sampling import SamplingParams, apply_penalties, sample
+from herd.decoding import TokenLogprob, check_context
+from herd.engine import Engine, Request
+from herd.model import Transformer
+from herd.sampling import SamplingParams
 from herd.tokenizer import Tokenizer
 
 
@@ -37,7 +36,6 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
 
 
-@torch.inference_mode()
 def generate_steps(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -51,38 +49,30 @@ def generate_steps(
 ) -> Iterator[GenerationStep]:
     """Yield one GenerationStep per generated token. `logprobs`: None for none, n ≥ 0 for the chosen
     token's logprob plus the top n alternatives (of the model's own distribution, before sampling
-    transforms). Raises ContextOverflow before any work if prompt + max_tokens exceeds `context`."""
+    transforms). Raises ContextOverflow before any work if prompt + max_tokens exceeds `context`.
+
+    One request is a batch of one on the serving engine (herd.engine): its scheduler, paged cache and
+    runner, with a cache sized for this request and the whole prompt prefilled in one forward."""
     params = params or SamplingParams()
     context = context or model.args.max_seq_len
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token (most models want BOS first)")
     check_context(len(prompt_ids), max_tokens, context)
+    return _steps(model, tokenizer, list(prompt_ids), max_tokens, params, stop_ids, stop, logprobs)
+
+
+def _steps(model, tokenizer, prompt_ids, max_tokens, params, stop_ids, stop, logprobs) -> Iterator[GenerationStep]:
     if max_tokens <= 0:
         return
-    device = model.tok_embeddings.weight.device
-    cache = PagedKVCache.for_model(model.args, len(prompt_ids) + max_tokens, dtype=model.tok_embeddings.weight.dtype,
-                                   device=device)
-    table = [list(range(1, cache.num_blocks))]  # one sequence: every block but the padding block, in order
-    generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    output = TextStream(tokenizer, stop_ids, stop)
-    history = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
-    n_prompt = len(prompt_ids)
-    tokens = history[None]
-    start = 0
-    decode_step = getattr(model, "decode_step", None) or model  # a compiled forward, where one is attached
-    for step in range(max_tokens):
-        forward = model if step == 0 else decode_step
-        batch = Batch.rows(cache, table, [start], [tokens.shape[1]], device)
-        logits = forward(tokens, batch, last_only=True)[:, -1]  # [1, V]
-        start += tokens.shape[1]
-        shaped = apply_penalties(logits, history[None], params, n_prompt=n_prompt)
-        token = sample(shaped, params, generator)  # [1]
-        token_id = int(token[0])
-        history = torch.cat([history, token])
-        lp = token_logprob(logits[0], token_id, logprobs, tokenizer) if logprobs is not None else None
-        text, finish = output.push(token_id, last=step == max_tokens - 1)
-        yield GenerationStep(token_id, text, lp, finish)
-        if finish:
-            return
-        tokens = token[None]
+    n = len(prompt_ids)
+    engine = Engine(model, tokenizer, max_batch=1, context=n + max_tokens, max_queue=1, prefill_budget=n,
+                    prefix_caching=False)
+    engine.add_request(Request("generate", prompt_ids, max_tokens, params, frozenset(stop_ids), tuple(stop),
+                               logprobs=logprobs))
+    while engine.has_work():
+        for out in engine.step():
+            if out.error is not None:
+                raise RuntimeError(f"generation failed: {out.error}")
+            for i, token_id in enumerate(out.token_ids):
+                lp = out.logprobs[i] if out.logprobs else None
+                yield GenerationStep(token_id, out.text, lp, out.finish_reason)

@@ -47,7 +47,7 @@ def compiler_available() -> bool:
 
 
 def compile_decode(model, enable: bool | None = None) -> bool:
-    """Attach `model.decode_step`: torch.compile of the forward pass, used by the generator for one-token
+    """Attach `model.decode_step`: torch.compile of the forward pass, used by the engine's runner for one-token
     steps (the prompt's prefill stays eager). Inductor's C++ wrapper removes Python from the step and
     freezing folds the weights in as constants. Returns whether it is attached.
 

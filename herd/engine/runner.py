@@ -64,7 +64,8 @@ class Runner:
                 self.blocks.grow(s.blocks, len(s.token_ids))
             batch = Batch.rows(self.cache, [s.blocks.table for s in seqs], [len(s.token_ids) - 1 for s in seqs],
                                [1] * len(seqs), self.device)
-            logits = self.model(self._tensor([[s.token_ids[-1]] for s in seqs]), batch, last_only=True)[:, -1]  # [B, V]
+            decode = getattr(self.model, "decode_step", None) or self.model  # compiled, where one is attached
+            logits = decode(self._tensor([[s.token_ids[-1]] for s in seqs]), batch, last_only=True)[:, -1]  # [B, V]
             for s, row in zip(seqs, logits):
                 self._computed(s, len(s.token_ids))
                 ready.append((s, row))
