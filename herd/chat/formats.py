@@ -102,17 +102,10 @@ class Message:
 
 
 def normalize_messages(messages: Sequence[dict]) -> list[Message]:
-    """Check OpenAI-shaped messages and reduce them to role, text and parsed tool calls."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise TemplateError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    """Check OpenAI-shaped messages (openai_messages) and reduce them to role, text and parsed tool calls."""
     out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise TemplateError(f"{where} must be a dict, got {type(m).__name__}")
-        role = m.get("role")
-        if role not in ROLES:
-            raise TemplateError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
+    for i, m in enumerate(openai_messages(messages)):
+        where, role = f"messages[{i}]", m["role"]
         text = tool_result_text(m.get("content"), where) if role in ("tool", "ipython") else \
             content_text(m.get("content"), where)
         calls = []
