@@ -12,7 +12,7 @@ from herd.config import ModelArgs
 from herd.errors import ContextOverflow, HerdError
 from herd.fingerprint import fingerprint
 from herd.formats import Checkpoint, open_checkpoint
-from herd.decoding import TokenLogprob, check_context
+from herd.decoding import TokenLogprob
 from herd.generate import Completion, GenerationStep, generate_steps
 from herd.loader import check_vocabulary, load_model, mask_padding_rows
 from herd.models import resolve
@@ -95,7 +95,6 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown sampling option(s): {sorted(unknown)}; known: {sorted(SAMPLING_FIELDS)}")
         ids = self._prompt_ids(prompt)
-        check_context(len(ids), max_tokens, self.config.max_seq_len)  # here, not at the first next()
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stop_ids = self.stop_ids | set(stop_token_ids or ())
         return generate_steps(

@@ -58,17 +58,17 @@ def generate_steps(
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token (most models want BOS first)")
     check_context(len(prompt_ids), max_tokens, context)
-    return _steps(model, tokenizer, list(prompt_ids), max_tokens, params, stop_ids, stop, logprobs)
-
-
-def _steps(model, tokenizer, prompt_ids, max_tokens, params, stop_ids, stop, logprobs) -> Iterator[GenerationStep]:
-    if max_tokens <= 0:
-        return
+    if max_tokens == 0:
+        return iter(())
     n = len(prompt_ids)
     engine = Engine(model, tokenizer, max_batch=1, context=n + max_tokens, max_queue=1, prefill_budget=n,
                     prefix_caching=False)
-    engine.add_request(Request("generate", prompt_ids, max_tokens, params, frozenset(stop_ids), tuple(stop),
-                               logprobs=logprobs))
+    engine.add_request(Request("generate", list(prompt_ids), max_tokens, params, frozenset(stop_ids), tuple(stop),
+                               logprobs=logprobs))  # checked here (token ids, logit_bias), not at the first next()
+    return _steps(engine)
+
+
+def _steps(engine: Engine) -> Iterator[GenerationStep]:
     while engine.has_work():
         for out in engine.step():
             if out.error is not None:

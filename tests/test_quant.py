@@ -230,8 +230,8 @@ def test_quantized_decode_equals_full_forward(smollm2_q):
     table = [list(range(cache.num_blocks - 1, 0, -1))]  # the last block first
     tokens = torch.tensor([ids])
     with torch.inference_mode():
-        model(tokens, Batch.rows(cache, table, [0], [len(ids)]))
-        step = model(torch.tensor([[out.token_ids[0]]]), Batch.rows(cache, table, [len(ids)], [1]), last_only=True)
+        model(tokens, Batch.rows(cache, table, [0], len(ids)))
+        step = model(torch.tensor([[out.token_ids[0]]]), Batch.rows(cache, table, [len(ids)], 1), last_only=True)
     assert rel_err(torch.log_softmax(step[0, -1], -1), full[1]) < 0.02
 
 
@@ -247,8 +247,7 @@ def _decode_logits(llm, ids, *more):
     cache = PagedKVCache.for_model(llm.config, 16 * per_row * len(rows), block_size=16)
     tables = [[1 + r + len(rows) * b for b in range(per_row)] for r in range(len(rows))]  # rows' blocks interleaved
     with torch.inference_mode():
-        steps = [llm.model(torch.tensor([[r[i]] for r in rows]), Batch.rows(cache, tables, [i] * len(rows),
-                                                                          [1] * len(rows)))[:, 0]
+        steps = [llm.model(torch.tensor([[r[i]] for r in rows]), Batch.rows(cache, tables, [i] * len(rows), 1))[:, 0]
                  for i in range(len(ids))]
     return torch.stack(steps, 1) if more else torch.stack(steps, 1)[0]
 
@@ -265,8 +264,7 @@ def _staggered_decode_logits(llm, a, b, lag):
         for step in range(max(len(a), len(b) + lag)):
             rows = [(r, p) for r, p in ((0, step), (1, step - lag)) if 0 <= p < len((a, b)[r])]
             tokens = torch.tensor([[(a, b)[r][p]] for r, p in rows])
-            logits = llm.model(tokens, Batch.rows(cache, [tables[r] for r, _ in rows], [p for _, p in rows],
-                                                  [1] * len(rows)))[:, 0]
+            logits = llm.model(tokens, Batch.rows(cache, [tables[r] for r, _ in rows], [p for _, p in rows], 1))[:, 0]
             for (r, _), row in zip(rows, logits):
                 out[r].append(row)
     return torch.stack(out[0]), torch.stack(out[1])

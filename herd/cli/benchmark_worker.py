@@ -49,7 +49,7 @@ def run_herd(spec: dict) -> dict:
         tokens = torch.tensor([long_ids])
         t = time.perf_counter()
         with torch.inference_mode():
-            llm.model(tokens, Batch.rows(cache, [list(range(1, cache.num_blocks))], [0], [len(long_ids)]),
+            llm.model(tokens, Batch.rows(cache, [list(range(1, cache.num_blocks))], [0], len(long_ids)),
                       last_only=True)
         prefill.append(len(long_ids) / (time.perf_counter() - t))
     for _ in steps(short, 8):  # warm-up (and compilation, where the decode step is compiled)

@@ -60,8 +60,6 @@ class Engine:
         """Raise ValueError or herd.errors.ContextOverflow for a request that can never run."""
         if not request.prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
-        if request.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {request.max_tokens}")
         vocab = self.runner.vocab_size
         if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in 0..{vocab - 1}")

@@ -51,7 +51,7 @@ class Runner:
             seq, start, end = chunk.seq, chunk.start, chunk.end
             want = seq.request.prompt_logprobs is not None
             self.blocks.grow(seq.blocks, end)
-            batch = Batch.rows(self.cache, [seq.blocks.table], [start], [end - start], self.device)
+            batch = Batch.rows(self.cache, [seq.blocks.table], [start], end - start, self.device)
             logits = self.model(self._tensor([seq.token_ids[start:end]]), batch, last_only=not want)[0]  # [T or 1, V]
             if want:
                 self._prompt_logprobs(seq, start, end, logits)
@@ -62,8 +62,8 @@ class Runner:
             seqs = step.decode
             for s in seqs:
                 self.blocks.grow(s.blocks, len(s.token_ids))
-            batch = Batch.rows(self.cache, [s.blocks.table for s in seqs], [len(s.token_ids) - 1 for s in seqs],
-                               [1] * len(seqs), self.device)
+            batch = Batch.rows(self.cache, [s.blocks.table for s in seqs], [len(s.token_ids) - 1 for s in seqs], 1,
+                               self.device)
             decode = getattr(self.model, "decode_step", None) or self.model  # compiled, where one is attached
             logits = decode(self._tensor([[s.token_ids[-1]] for s in seqs]), batch, last_only=True)[:, -1]  # [B, V]
             for s, row in zip(seqs, logits):

@@ -76,37 +76,27 @@ class Fields:
             raise self.fail(key, "an integer", value)
         return value
 
-    def float(self, key: str, default: Any = REQUIRED) -> Any:
+    def _checked(self, key: str, default: Any, ok, what: str) -> Any:
         value = self._get(key, default)
         if value is None and default is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(key, "a number", value)
-        return float(value)
+        if not ok(value):
+            raise self.fail(key, what, value)
+        return value
+
+    def float(self, key: str, default: Any = REQUIRED) -> Any:
+        value = self._checked(key, default, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
+        return None if value is None else float(value)
 
     def bool(self, key: str, default: Any = REQUIRED) -> Any:
-        value = self._get(key, default)
-        if value is None and default is None:
-            return None
-        if not isinstance(value, bool):
-            raise self.fail(key, "true or false", value)
-        return value
+        return self._checked(key, default, lambda v: isinstance(v, bool), "true or false")
 
     def str(self, key: str, default: Any = REQUIRED) -> Any:
-        value = self._get(key, default)
-        if value is None and default is None:
-            return None
-        if not isinstance(value, str):
-            raise self.fail(key, "a string", value)
-        return value
+        return self._checked(key, default, lambda v: isinstance(v, str), "a string")
 
     def object(self, key: str, default: Any = REQUIRED) -> "Fields | None":
-        value = self._get(key, default)
-        if value is None and default is None:
-            return None
-        if not isinstance(value, dict):
-            raise self.fail(key, "an object", value)
-        return Fields(value, f"{self.where}: {key}", self.error)
+        value = self._checked(key, default, lambda v: isinstance(v, dict), "an object")
+        return None if value is None else Fields(value, f"{self.where}: {key}", self.error)
 
     def int_list(self, key: str, default: Any = REQUIRED) -> Any:
         value = self._get(key, default)

@@ -3,8 +3,8 @@
 PagedKVCache holds, per layer, k and v blocks [num_blocks, n_kv_heads, block_size, head_dim] (vLLM's
 PagedAttention layout). A sequence's keys live in the blocks its block table lists, in order: position p
 is at offset p % block_size of block table[p // block_size]. Which blocks a sequence gets is decided
-outside the model (herd.engine.blocks); block 0 is never handed out, so a table padded with 0 sends
-writes of padding tokens to a block nobody reads. The blocks are allocated with torch.empty, so the
+outside the model (herd.engine.blocks); block 0 is never handed out, so tables of different lengths
+are padded with 0 to one width, and what attention gathers from there is masked. The blocks are allocated with torch.empty, so the
 memory of blocks never written is never touched (the OS maps those pages on first write).
 
 Batch says what one forward computes: each row's token positions, and where its keys and values go.
@@ -15,7 +15,7 @@ sequence's current length is never seen and a freed block needs no clearing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -72,15 +72,14 @@ class Batch:
     """One forward pass: `positions` [B, T] of its tokens and, with a cache, each row's `block_tables`
     [B, max_blocks] (int64; padded with 0) and `max_len`, the longest row's length after this pass.
     `start` is set when every row's positions are start..start+T-1 (plain causal attention may then need
-    no mask). `last` [B]: the index of each row's last real token when rows are padded to one length
-    (padding tokens come after it, at the following positions)."""
+    no mask)."""
 
     positions: torch.Tensor
     cache: PagedKVCache | None = None
     block_tables: torch.Tensor | None = None
     max_len: int = 0
     start: int | None = None
-    last: torch.Tensor | None = None
+    _slots: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def prompt(cls, tokens: int, batch: int = 1, device=None) -> "Batch":
@@ -89,24 +88,18 @@ class Batch:
         return cls(positions, start=0, max_len=tokens)
 
     @classmethod
-    def rows(cls, cache: PagedKVCache, tables: list[list[int]], starts: list[int], lengths: list[int],
+    def rows(cls, cache: PagedKVCache, tables: list[list[int]], starts: list[int], steps: int,
              device=None) -> "Batch":
-        """Row i: lengths[i] tokens at positions starts[i].., its keys in blocks tables[i]; shorter rows are
-        padded to the longest (their padding writes past their own length, or into block 0)."""
-        steps, end = max(lengths), max(s + n for s, n in zip(starts, lengths))
-        width = max(max(len(t) for t in tables), -(-max(s + steps for s in starts) // cache.block_size))
+        """Row i: `steps` tokens at positions starts[i].., its keys in blocks tables[i]."""
+        end = max(starts) + steps
+        width = max(max(len(t) for t in tables), -(-end // cache.block_size))
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
         positions = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.arange(steps, device=device)
-        uniform = all(s == starts[0] for s in starts) and all(n == steps for n in lengths)
-        last = None if all(n == steps for n in lengths) else torch.tensor(lengths, device=device) - 1
-        return cls(positions, cache, block_tables, end if last is None else max(s + steps for s in starts),
-                   starts[0] if uniform else None, last)
+        uniform = all(s == starts[0] for s in starts)
+        return cls(positions, cache, block_tables, end, starts[0] if uniform else None)
 
     def slots(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset) of every token [B, T]."""
-        return self.block_tables.gather(1, self.positions // block_size), self.positions % block_size
-
-    @property
-    def seq_lens(self) -> torch.Tensor:
-        """Each row's length after this pass [B]."""
-        return self.positions[:, -1] + 1
+        """(block, offset) of every token [B, T]; the same for every layer, so computed once."""
+        if self._slots is None:
+            self._slots = (self.block_tables.gather(1, self.positions // block_size), self.positions % block_size)
+        return self._slots
