@@ -130,11 +130,16 @@ class LLM:
 
         return render(messages, self.tokenizer, self.chat_format, tools=tools, add_generation_prompt=True)
 
+    def end_of_turn(self, fmt=None):
+        """What ends a reply in chat format `fmt` (default: the model's): herd.chat.formats.EndOfTurn, with
+        the checkpoint's own end-of-sequence ids."""
+        return (fmt or self.chat_format).end_of_turn(self.tokenizer, self.checkpoint.eos_token_ids)
+
     def _chat_stops(self, kwargs: dict) -> dict:
         """Add the chat format's end-of-turn strings and tokens to the caller's stops."""
-        stop = kwargs.pop("stop", None)
-        stops = ([stop] if isinstance(stop, str) else list(stop or [])) + list(self.chat_format.stop_texts)
-        ids = set(kwargs.pop("stop_token_ids", None) or ()) | set(self.chat_format.stop_token_ids(self.tokenizer))
+        stop, eot = kwargs.pop("stop", None), self.end_of_turn()
+        stops = ([stop] if isinstance(stop, str) else list(stop or [])) + list(eot.texts)
+        ids = set(kwargs.pop("stop_token_ids", None) or ()) | eot.token_ids
         return dict(kwargs, stop=stops, stop_token_ids=ids)
 
     def chat_stream(self, messages: list[dict], tools: list[dict] | None = None, **kwargs) -> Iterator[GenerationStep]:

@@ -176,3 +176,52 @@ def test_an_idle_engine_holds_no_kv_memory(smollm2_q):
     assert grown < 0.02 * engine.kv_cache_bytes, (grown, engine.kv_cache_bytes)
     _run(engine, [_greedy(llm, llm.tokenizer.encode("Hello"), "a", 4)])
     assert _rss() - before < 0.02 * engine.kv_cache_bytes  # one short request touched a few blocks only
+
+
+def test_prefill_groups_keep_padding_under_the_bound():
+    from herd.engine.runner import PAD_WASTE, prefill_groups
+    from herd.engine.scheduler import PrefillChunk
+
+    chunks = [PrefillChunk(None, 0, n) for n in (40, 38, 36, 35, 9, 8, 200)]
+    groups = prefill_groups(chunks)
+    assert sorted(c.end for g in groups for c in g) == sorted(c.end for c in chunks)
+    for g in groups:
+        real = sum(c.end - c.start for c in g)
+        assert max(c.end - c.start for c in g) * len(g) <= (1 + PAD_WASTE) * real
+    assert [len(g) for g in groups] == [1, 4, 2]  # 200 alone; the four ~40s together; the two short ones
+
+
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_prompts_of_several_requests_share_one_forward_and_score_as_alone(path, smollm2, smollm2_q):
+    """Prompt log-probabilities (what an evaluation asks for) of six requests of different lengths, prefilled
+    together in padded forwards, equal each prompt scored alone in one uncached forward (llm.logits)."""
+    import torch
+
+    llm = smollm2 if path == "reference" else smollm2_q
+    prompts = [llm.tokenizer.encode(p + " and so the story goes on.") for p in PROMPTS[:6]]
+    engine = Engine(llm.model, llm.tokenizer, max_batch=8, context=128, prefill_budget=512)
+    forwards = []
+    real_forward = llm.model.forward
+    llm.model.forward = lambda tokens, *a, **k: (forwards.append(tuple(tokens.shape)), real_forward(tokens, *a, **k))[1]
+    try:
+        requests = [Request(f"p{i}", ids, 1, SamplingParams(temperature=0), frozenset(), prompt_logprobs=0)
+                    for i, ids in enumerate(prompts)]
+        for r in requests:
+            engine.add_request(r)
+        got = {}
+        while engine.has_work():
+            for o in engine.step():
+                if o.prompt_logprobs is not None:
+                    got[o.request_id] = o.prompt_logprobs
+    finally:
+        del llm.model.forward
+    prefills = [s for s in forwards if s[1] > 1]
+    assert len(prefills) < len(prompts) and max(s[0] for s in prefills) > 1, forwards
+    tolerance = 1e-4 if path == "reference" else 2e-3
+    for i, ids in enumerate(prompts):
+        expected = torch.log_softmax(llm.logits(ids), dim=-1)
+        scored = got[f"p{i}"]
+        assert scored[0] is None and len(scored) == len(ids)
+        for pos in range(1, len(ids)):
+            assert scored[pos].token_id == ids[pos]
+            assert scored[pos].logprob == pytest.approx(float(expected[pos - 1, ids[pos]]), abs=tolerance)

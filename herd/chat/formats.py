@@ -133,6 +133,15 @@ def _parse_call(call: Any, where: str) -> ToolCall:
     return ToolCall(fn["name"], args)
 
 
+@dataclass(frozen=True)
+class EndOfTurn:
+    """What ends an assistant turn: token ids (never part of the text) and strings (cut from the text,
+    for templates whose end marker is not one token)."""
+
+    token_ids: frozenset[int]
+    texts: tuple[str, ...]
+
+
 class ChatFormat(ABC):
     """How one model family lays out a conversation, and what ends an assistant turn."""
 
@@ -150,14 +159,19 @@ class ChatFormat(ABC):
                     add_generation_prompt: bool = True) -> str:
         """The same prompt as text, control tokens written out (for display and tests)."""
 
-    def stop_token_ids(self, tokenizer: Tokenizer) -> frozenset[int]:
-        """Ids that end an assistant turn: the format's stop texts the vocabulary has, plus the tokenizer's
-        own EOS and stop ids."""
+    def stop_token_ids(self, tokenizer: Tokenizer, eos_ids: Iterable[int] = ()) -> frozenset[int]:
+        """Ids that end an assistant turn: the format's stop texts the vocabulary has, the tokenizer's own
+        EOS and stop ids, and the checkpoint's declared `eos_ids`."""
         ids = {i for i in (tokenizer.special_id(t) for t in self.stop_texts) if i is not None}
         ids |= set(getattr(tokenizer, "stop_ids", ()) or ())
+        ids |= set(eos_ids)
         if tokenizer.eos_id is not None:
             ids.add(tokenizer.eos_id)
         return frozenset(ids)
+
+    def end_of_turn(self, tokenizer: Tokenizer, eos_ids: Iterable[int] = ()) -> EndOfTurn:
+        """The one place that decides where a reply in this format ends (herd.api and the server ask here)."""
+        return EndOfTurn(self.stop_token_ids(tokenizer, eos_ids), tuple(self.stop_texts))
 
 
 class PiecesFormat(ChatFormat):

@@ -1,10 +1,11 @@
 """SchedulerOutput → model forwards → sampled tokens: the only engine file that touches tensors.
 
 The KV cache is paged (herd.model.cache.PagedKVCache): each sequence's keys are in the blocks its
-herd.engine.blocks table lists, allocated as its tokens arrive. Every prefill chunk is its own forward
-[1, T] (batching prompts of different lengths would pad them; on the CPU a prompt's matmuls are already
-compute-bound); all decoding sequences share one forward [B, 1], each row at its own position with its
-own blocks, so rows at different lengths run together (with herd's CPU kernels, as one op per layer).
+herd.engine.blocks table lists, allocated as its tokens arrive. The step's prefill chunks run together,
+[B, T] padded to the longest, in groups whose padding stays under PAD_WASTE of the real tokens (the
+weights are then read once for several prompts: many short prompts, as an evaluation sends, cost about
+what one long one does); all decoding sequences share one forward [B, 1], each row at its own position
+with its own blocks, so rows at different lengths run together (with herd's CPU kernels, as one op per layer).
 Sampling, penalties and logprobs are herd.sampling's and herd.decoding's, the same code the
 single-request generator uses.
 """
@@ -14,11 +15,33 @@ from __future__ import annotations
 import torch
 
 from herd.engine.blocks import BlockManager
-from herd.engine.scheduler import SchedulerOutput, Sequence
+from herd.engine.scheduler import PrefillChunk, SchedulerOutput, Sequence
 from herd.decoding import TokenLogprob, token_logprob
 from herd.model import Batch, PagedKVCache, Transformer
 from herd.sampling import apply_penalties, sample
 from herd.tokenizer import Tokenizer
+
+
+PAD_WASTE = 0.25  # most padding, as a share of the real tokens, a group of prompts may carry
+
+
+def prefill_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+    """The step's prefill chunks in groups that run as one forward each: longest first, a chunk joins the
+    current group while the padding to the group's longest stays within PAD_WASTE."""
+    groups: list[list[PrefillChunk]] = []
+    real = 0
+    for c in sorted(chunks, key=lambda c: c.end - c.start, reverse=True):
+        n = c.end - c.start
+        if groups:
+            group = groups[-1]
+            longest = group[0].end - group[0].start
+            if longest * (len(group) + 1) <= (1 + PAD_WASTE) * (real + n):
+                group.append(c)
+                real += n
+                continue
+        groups.append([c])
+        real = n
+    return groups
 
 
 class Runner:
@@ -47,17 +70,22 @@ class Runner:
         """Run the step's forwards; return (sequence, logits [V]) for every sequence that samples now
         (its prompt just completed, or it is decoding). Prompt logprobs are filled in on the way."""
         ready: list[tuple[Sequence, torch.Tensor]] = []
-        for chunk in step.prefill:
-            seq, start, end = chunk.seq, chunk.start, chunk.end
-            want = seq.request.prompt_logprobs is not None
-            self.blocks.grow(seq.blocks, end)
-            batch = Batch.rows(self.cache, [seq.blocks.table], [start], end - start, self.device)
-            logits = self.model(self._tensor([seq.token_ids[start:end]]), batch, last_only=not want)[0]  # [T or 1, V]
-            if want:
-                self._prompt_logprobs(seq, start, end, logits)
-            self._computed(seq, end)
-            if chunk.completes_prompt and seq.request.max_tokens > 0:
-                ready.append((seq, logits[-1]))
+        for group in prefill_groups(step.prefill):
+            steps = max(c.end - c.start for c in group)
+            for c in group:
+                self.blocks.grow(c.seq.blocks, c.end)
+            batch = Batch.rows(self.cache, [c.seq.blocks.table for c in group], [c.start for c in group], steps,
+                               self.device, lengths=[c.end - c.start for c in group])
+            tokens = [c.seq.token_ids[c.start:c.end] + [0] * (steps - c.end + c.start) for c in group]
+            every = any(c.seq.request.prompt_logprobs is not None for c in group)
+            logits = self.model(self._tensor(tokens), batch, last_only=not every)  # [B, T or 1, V]
+            for row, c in zip(logits, group):
+                seq, n = c.seq, c.end - c.start
+                if seq.request.prompt_logprobs is not None:
+                    self._prompt_logprobs(seq, c.start, c.end, row[:n])
+                self._computed(seq, c.end)
+                if c.completes_prompt and seq.request.max_tokens > 0:
+                    ready.append((seq, row[n - 1] if every else row[-1]))
         if step.decode:
             seqs = step.decode
             for s in seqs:

@@ -56,7 +56,7 @@ class PrefillChunk:
 
 @dataclass
 class SchedulerOutput:
-    prefill: list[PrefillChunk]  # run one forward each, [1, end - start]
+    prefill: list[PrefillChunk]  # run in as few forwards as padding allows (herd.engine.runner)
     decode: list[Sequence]  # run together in one forward, [len(decode), 1]
 
     @property

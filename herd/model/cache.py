@@ -72,13 +72,16 @@ class Batch:
     """One forward pass: `positions` [B, T] of its tokens and, with a cache, each row's `block_tables`
     [B, max_blocks] (int64; padded with 0) and `max_len`, the longest row's length after this pass.
     `start` is set when every row's positions are start..start+T-1 (plain causal attention may then need
-    no mask)."""
+    no mask). `last` [B], when set, is the index of each row's last real token: rows shorter than T are
+    padded at the end (prompts of several requests in one forward), and the padding's keys land past the
+    row's length, where no real token looks."""
 
     positions: torch.Tensor
     cache: PagedKVCache | None = None
     block_tables: torch.Tensor | None = None
     max_len: int = 0
     start: int | None = None
+    last: torch.Tensor | None = None
     _slots: tuple | None = field(default=None, repr=False)
 
     @classmethod
@@ -89,14 +92,18 @@ class Batch:
 
     @classmethod
     def rows(cls, cache: PagedKVCache, tables: list[list[int]], starts: list[int], steps: int,
-             device=None) -> "Batch":
-        """Row i: `steps` tokens at positions starts[i].., its keys in blocks tables[i]."""
+             device=None, lengths: list[int] | None = None) -> "Batch":
+        """Row i: `steps` tokens at positions starts[i].., its keys in blocks tables[i]; with `lengths`,
+        only the first lengths[i] of them are real (the rest is padding)."""
         end = max(starts) + steps
         width = max(max(len(t) for t in tables), -(-end // cache.block_size))
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
         positions = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.arange(steps, device=device)
         uniform = all(s == starts[0] for s in starts)
-        return cls(positions, cache, block_tables, end, starts[0] if uniform else None)
+        last = None
+        if lengths is not None and any(n != steps for n in lengths):
+            last = torch.tensor(lengths, dtype=torch.long, device=device) - 1
+        return cls(positions, cache, block_tables, end, starts[0] if uniform else None, last)
 
     def slots(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(block, offset) of every token [B, T]; the same for every layer, so computed once."""

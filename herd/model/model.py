@@ -211,5 +211,5 @@ class Transformer(nn.Module):
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, ctx, layer_id)
         if last_only:
-            h = h[:, -1:]
+            h = h[:, -1:] if batch.last is None else h[torch.arange(h.shape[0], device=h.device), batch.last, None]
         return self.output(self.norm(h)).float()

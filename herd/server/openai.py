@@ -287,12 +287,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     llm = s.llm
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    stop_ids = frozenset(llm.stop_ids | set(plan.fmt.stop_token_ids(llm.tokenizer)))
+    eot = llm.end_of_turn(plan.fmt)
+    stop_ids = eot.token_ids
     prompt_ids, constraint = await asyncio.to_thread(_chat_inputs, s, body, plan, schema, constrained, stop_ids)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     cid = "chatcmpl-" + uuid.uuid4().hex
     reqs = _requests(s, prompt_ids, max_tokens, body, body.n, cid, stop_ids=stop_ids,
-                     stop=tuple(_stops(body.stop) + list(plan.fmt.stop_texts)),
+                     stop=tuple(_stops(body.stop) + list(eot.texts)),
                      logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint)
     choices = [Choice(i) for i in range(body.n)]
     created = int(time.time())
