@@ -10,7 +10,8 @@ Two plans:
   else a bf16 Linear: Q8_0, Q5_K, Q6_K, F16), q/k/v and gate/up are fused into one matmul each, and the embedding keeps its stored rows.
   Matmuls take bf16 inputs (the only activation dtype the CPU kernels vectorise); the residual stream,
   norms, RoPE, attention (and its KV cache) stay fp32, and logits are returned as fp32.
-On the CPU both end with herd.transforms.cpu_kernels (herd's C++ ops where they apply).
+On the CPU both end with herd.transforms.cpu_kernels (herd's C++ ops where they apply). A quantized model's
+repacked layout is cached (herd.layout_cache), so only the first load of a file pays for the repacking.
 """
 
 from __future__ import annotations
@@ -69,7 +70,12 @@ def load_model(
         if dtype not in (None, torch.bfloat16):
             raise HerdError(f"the quantized CPU kernels compute in bfloat16, not {dtype}; pass quantized=False "
                             "for a dequantized model of that dtype")
-        return _load_quantized(checkpoint, progress)
+        from herd import layout_cache
+
+        def fits(model) -> bool:
+            return isinstance(model, Transformer) and model.args == checkpoint.args
+
+        return layout_cache.load_or_build(checkpoint.path, lambda: _load_quantized(checkpoint, progress), fits)
     dtype = dtype or default_dtype(checkpoint, device)
     model, expected = _skeleton(checkpoint)
     state = {}
