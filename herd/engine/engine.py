@@ -46,7 +46,7 @@ class Engine:
             raise ValueError(f"{num_blocks} KV blocks of {block_size} tokens cannot hold one {self.context}-token sequence")
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(max_batch, max_queue, self.blocks, prefill_budget)
-        self.runner = Runner(model, tokenizer, self.blocks, kv_dtype)
+        self.runner = Runner(model, tokenizer, self.blocks, kv_dtype, max_batch, self.context)
         self.metrics = metrics or Metrics()
         self.metrics.gauges["herd_kv_cache_bytes"] = self.runner.cache.nbytes()
         self.metrics.live = self.gauges

@@ -12,9 +12,12 @@ single-request generator uses.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from herd.engine.blocks import BlockManager
+from herd.engine.graphs import StaticDecode, capturable
 from herd.engine.scheduler import PrefillChunk, SchedulerOutput, Sequence
 from herd.decoding import TokenLogprob, token_logprob
 from herd.model import Batch, PagedKVCache, Transformer
@@ -45,7 +48,8 @@ def prefill_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
 
 
 class Runner:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, blocks: BlockManager, kv_dtype: torch.dtype | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, blocks: BlockManager, kv_dtype: torch.dtype | None = None,
+                 max_batch: int = 8, context: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.blocks = blocks
@@ -55,6 +59,10 @@ class Runner:
         args = model.args
         self.cache = PagedKVCache(args.n_layers, args.n_kv_heads, args.head_dim, blocks.num_blocks, blocks.block_size,
                                   kv_dtype or self.dtype, self.device)
+        self.static = None  # on CUDA, decode steps replay captured graphs (herd.engine.graphs)
+        if self.device.type == "cuda" and os.environ.get("HERD_CUDA_GRAPHS", "1") != "0" and capturable(model):
+            max_blocks = -(-(context or args.max_seq_len) // blocks.block_size)
+            self.static = StaticDecode(model, self.cache, max_batch, max_blocks)
         self.computed_tokens = 0  # tokens whose keys this runner computed (prefix-cache hits are not among them)
 
     def generator(self, seed: int | None) -> torch.Generator:
@@ -92,7 +100,8 @@ class Runner:
                 self.blocks.grow(s.blocks, len(s.token_ids))
             batch = Batch.rows(self.cache, [s.blocks.table for s in seqs], [len(s.token_ids) - 1 for s in seqs], 1,
                                self.device)
-            decode = getattr(self.model, "decode_step", None) or self.model  # compiled, where one is attached
+            # captured graphs (CUDA), or a compiled step where one is attached, or the model itself
+            decode = self.static or getattr(self.model, "decode_step", None) or self.model
             logits = decode(self._tensor([[s.token_ids[-1]] for s in seqs]), batch, last_only=True)[:, -1]  # [B, V]
             for s, row in zip(seqs, logits):
                 self._computed(s, len(s.token_ids))
