@@ -1,5 +1,7 @@
 """herd's CPU kernels (herd/kernels/cpu.cpp) against PyTorch's own ops and gguf-py's dequantization.
 
+Weights whose scales are not fp16 in the file (Q4_K, Q5_K, Q6_K) are kept with fp16 scales: each weight is
+then within 2^-11 of its scale and offset terms of gguf-py's value, which the tests bound exactly.
 The quantized matmuls quantize activations to int16 per block of 32, so they are
 compared with x @ W^T at the tolerance that their rounding allows; everything else must match PyTorch to fp32
 rounding."""
@@ -19,7 +21,8 @@ from gguf import quants
 from herd import kernels
 from herd.quant import GGMLTensor
 from herd.quant.ggml import GGMLType
-from herd.quant.linear import Q4Linear, Q8Linear, QuantEmbedding, q4_from_ggml, q4_from_int4, q8_from_ggml, quantize_int4
+from herd.quant.linear import (Q4Linear, Q8Linear, QuantEmbedding, ggml_q4, ggml_q8, ggml_q8x, q4_from_ggml, q4_from_int4,
+                               q8_from_ggml, quantize_int4)
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"herd kernels unavailable: {kernels.why_not()}")
 
@@ -35,6 +38,17 @@ def gguf_tensor(qtype: Q, w: np.ndarray) -> tuple[GGMLTensor, torch.Tensor]:
     return GGMLTensor(int(qtype), w.shape, blocks.reshape(-1).view(np.uint8), qtype.name), ref
 
 
+def assert_within_fp16_scales(got: torch.Tensor, want: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
+                              m: torch.Tensor) -> None:
+    """got = d*q + m with d and m rounded to fp16 (herd's compact records): |got - want| <= 2^-11 (|d q| + |m|),
+    d and m given per block of K/d.shape[1] and K/m.shape[1] inputs."""
+    k = q.shape[1]
+    d = d.float().repeat_interleave(k // d.shape[1], dim=1)
+    m = m.float().repeat_interleave(k // m.shape[1], dim=1)
+    bound = 2.0**-11 * ((d * q.float()).abs() + m.abs()) * (1 + 1e-6) + 1e-30
+    assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
+
+
 # 70 rows: eight full groups of 8 and a padded one; K = 96 an odd number of blocks; 576 is SmolLM2's width.
 @pytest.mark.parametrize("k", [96, 576])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0])
@@ -46,6 +60,8 @@ def test_quantized_linear_is_the_ggml_matmul(qtype, k, tokens):
     layer = q8_from_ggml([gguf_w]) if eight_bit else q4_from_ggml([gguf_w])
     assert isinstance(layer, Q8Linear if eight_bit else Q4Linear)
     assert torch.equal(layer.dequantize(), ref_w)  # the repacking loses nothing
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_1):  # fp16 scales in the file: the compact records hold them exactly
+        assert layer.packed.shape[-1] == (160 if qtype != Q.Q5_1 else 304)
     x = torch.randn(1, tokens, k)
     want = x @ ref_w.T
     got = layer(x)
@@ -75,9 +91,10 @@ def test_q4_k_is_the_ggml_matmul():
     t = random_ggml(GGMLType.Q4_K, 40, 512, 7)
     ref_w = torch.from_numpy(quants.dequantize(t.data, Q.Q4_K).reshape(40, 512).astype(np.float32))
     layer = q4_from_ggml([t])
-    torch.testing.assert_close(layer.dequantize(), ref_w, rtol=1e-6, atol=1e-6)
+    assert layer.packed.shape[-1] == 160  # scales d*sc rounded to fp16
+    assert_within_fp16_scales(layer.dequantize(), ref_w, *ggml_q4(t))
     x = torch.randn(1, 512)
-    assert rel_err(layer(x), x @ ref_w.T) < 1e-4
+    assert rel_err(layer(x), x @ layer.dequantize().T) < 1e-4  # the kernel computes with what it holds
 
 
 @pytest.mark.parametrize("qtype", [Q.Q5_K, Q.Q6_K])
@@ -90,10 +107,10 @@ def test_q5_k_and_q6_k_are_the_ggml_matmul(qtype, tokens):
     t = random_ggml(GGMLType(int(qtype)), 44, 512, 11)
     ref_w = torch.from_numpy(quants.dequantize(t.data, qtype).reshape(44, 512).astype(np.float32))
     layer = q8_from_ggml([t])
-    assert isinstance(layer, Q8Linear) and layer.packed.shape == (6, 16, 352)
-    torch.testing.assert_close(layer.dequantize(), ref_w, rtol=1e-6, atol=1e-6)
+    assert isinstance(layer, Q8Linear) and layer.packed.shape == (6, 16, 304)
+    assert_within_fp16_scales(layer.dequantize(), ref_w, *ggml_q8(t))
     x = torch.randn(tokens, 512)
-    assert rel_err(layer(x), x @ ref_w.T) < 1e-4
+    assert rel_err(layer(x), x @ layer.dequantize().T) < 1e-4
 
 
 def test_weights_of_mixed_types_fuse_exactly():
@@ -106,12 +123,13 @@ def test_weights_of_mixed_types_fuse_exactly():
              random_ggml(GGMLType.Q8_0, 8, 512, 3), random_ggml(GGMLType.Q4_1, 8, 512, 4)]
     assert can_share_one_module(parts)
     layer = quantized_linear(parts)
-    assert isinstance(layer, Q8Linear) and layer.packed.shape[-1] == 352 and layer.kernel_weights() is not None
+    assert isinstance(layer, Q8Linear) and layer.packed.shape[-1] == 304 and layer.kernel_weights() is not None
     want = torch.cat([torch.from_numpy(quants.dequantize(p.data, Q(p.ggml_type)).reshape(p.shape).astype(np.float32))
                       for p in parts])  # gguf-py's dequantization of each part
-    torch.testing.assert_close(layer.dequantize(), want, rtol=1e-6, atol=1e-6)
+    q, d, m = (torch.cat(x) for x in zip(*(ggml_q8x(p) for p in parts)))
+    assert_within_fp16_scales(layer.dequantize(), want, q, d, m)
     x = torch.randn(2, 512)
-    assert rel_err(layer(x), x @ want.T) < 1e-4
+    assert rel_err(layer(x), x @ layer.dequantize().T) < 1e-4
 
 
 def test_bf16_inputs_and_shapes():
@@ -137,7 +155,9 @@ def test_herd_int4_groups_as_q4():
     w = torch.randn(48, 256)
     q, scales, zeros = quantize_int4(w, 128)
     deq = ((q.float() - 8) * scales.repeat_interleave(128, 1) + zeros.repeat_interleave(128, 1))
-    torch.testing.assert_close(q4_from_int4(q, scales, zeros, 128).dequantize(), deq)
+    d = scales.float().repeat_interleave(4, 1)  # w = d*q + m per block of 32, m = zero - 8*scale
+    assert_within_fp16_scales(q4_from_int4(q, scales, zeros, 128).dequantize(), deq, q, d,
+                              zeros.float().repeat_interleave(4, 1) - 8 * d)
 
 
 @pytest.mark.parametrize("q4", [True, False])
@@ -166,6 +186,20 @@ def test_packed_layout(q4):
     if q4:
         with pytest.raises(RuntimeError, match="0..15"):
             kernels.ops.pack(q | 16, d, m)
+
+
+@pytest.mark.parametrize("q4", [True, False])
+def test_fp16_records_hold_their_scales(q4):
+    """q4h (160 bytes) and q8xh (304): d and m stored as fp16, the weight is d*q + m of those."""
+    n, k = 11, 64
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8) if q4 else torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    d, m = torch.rand(n, k // 32 if q4 else k // 16).half(), torch.rand(n, k // 32).half()
+    packed = kernels.ops.pack(q, d, m)
+    assert packed.shape == (2, 2, 160 if q4 else 304)
+    want = q.float() * d.float().repeat_interleave(k // d.shape[1], 1) + m.float().repeat_interleave(32, 1)
+    assert torch.equal(kernels.ops.dequantize(packed, n), want)
+    x = torch.randn(3, k)
+    assert rel_err(kernels.ops.linear(x, packed, n), x @ want.T) < 1e-4
 
 
 def test_rms_norm():

@@ -15,6 +15,8 @@
 //   q8x (352 bytes): d[8] for elements 0-15, d[8] for 16-31, m[8], then the values as q8. w = d*q + m:
 //       GGML Q5_1, Q5_K (5-bit values, scale and min per 32) and Q6_K (6-bit, scale per 16) exactly, and
 //       any mix of the 4/5/6/8-bit types, so differently typed q/k/v can share one weight.
+//   q4h (160 bytes) and q8xh (304 bytes): q4 and q8x with their scales and offsets in fp16 (F16C converts
+//       them), a sixth and a seventh fewer bytes to read per token: decode reads every weight once per step.
 // After one shift and mask (q4) or sign extension (q8), 32-bit lane r of a vector holds row r's elements
 // (2j, 2j+1) as int16, so one vpmaddwd against the broadcast activation pair (a[2j], a[2j+1]) adds to all
 // 8 rows' sums: 8 outputs per vector, no horizontal reduction, one scale multiply per block for 8 rows
@@ -27,6 +29,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/Half.h>
 #include <omp.h>
 #include <torch/library.h>
 
@@ -49,13 +52,32 @@ constexpr int64_t TILE = 4;   // tokens sharing one unpacked weight vector
 constexpr int64_t Q4_RECORD = 2 * ROWS * 4 + ROWS * QK / 2;  // 192 bytes: d[8], m[8], 128 bytes of nibbles
 constexpr int64_t Q8_RECORD = ROWS * 4 + ROWS * QK;          // 288 bytes: d[8], 256 values
 constexpr int64_t Q8X_RECORD = 3 * ROWS * 4 + ROWS * QK;     // 352 bytes: d[8] twice, m[8], 256 values
+constexpr int64_t Q4H_RECORD = 2 * ROWS * 2 + ROWS * QK / 2;  // 160 bytes: as q4, d and m in fp16
+constexpr int64_t Q8XH_RECORD = 3 * ROWS * 2 + ROWS * QK;     // 304 bytes: as q8x, d and m in fp16
 
 // Where element j (0..31) of row r (0..7) lives in a record's values: byte offset and, for q4, bit shift.
 inline int64_t q4_byte(int64_t r, int64_t j) { return (j / 8) * 32 + 2 * (2 * r + j % 2) + (j % 8) / 4; }
 inline int q4_shift(int64_t j) { return 4 * ((j % 8) / 2 % 2); }
 inline int64_t q8_byte(int64_t r, int64_t j) { return (j / 4) * 32 + 2 * (2 * r + j % 2) + (j % 4) / 2; }
 
-enum class Kind { q4, q8, q8x };
+enum class Kind { q4, q8, q8x, q4h, q8xh };
+
+constexpr int64_t record_size(Kind kind) {
+  switch (kind) {
+    case Kind::q4: return Q4_RECORD;
+    case Kind::q8: return Q8_RECORD;
+    case Kind::q8x: return Q8X_RECORD;
+    case Kind::q4h: return Q4H_RECORD;
+    case Kind::q8xh: return Q8XH_RECORD;
+  }
+  return 0;
+}
+
+inline float half_at(const uint8_t* rec, int64_t i) {
+  uint16_t bits;
+  std::memcpy(&bits, rec + 2 * i, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
 
 // Weight (row r, element j) of a record, dequantized: what the vector kernels compute with, one at a time.
 inline float weight_at(Kind kind, const uint8_t* rec, int64_t r, int64_t j) {
@@ -63,10 +85,15 @@ inline float weight_at(Kind kind, const uint8_t* rec, int64_t r, int64_t j) {
   switch (kind) {
     case Kind::q4:
       return f[r] * static_cast<float>((rec[64 + q4_byte(r, j)] >> q4_shift(j)) & 0x0F) + f[ROWS + r];
+    case Kind::q4h:
+      return half_at(rec, r) * static_cast<float>((rec[32 + q4_byte(r, j)] >> q4_shift(j)) & 0x0F) + half_at(rec, ROWS + r);
     case Kind::q8:
       return f[r] * static_cast<float>(static_cast<int8_t>(rec[32 + q8_byte(r, j)]));
     case Kind::q8x:
       return f[(j / 16) * ROWS + r] * static_cast<float>(static_cast<int8_t>(rec[96 + q8_byte(r, j)])) + f[2 * ROWS + r];
+    case Kind::q8xh:
+      return half_at(rec, (j / 16) * ROWS + r) * static_cast<float>(static_cast<int8_t>(rec[48 + q8_byte(r, j)])) +
+             half_at(rec, 2 * ROWS + r);
   }
   return 0.f;
 }
@@ -137,17 +164,26 @@ inline __m256i pair(const int16_t* a) {  // (a[0], a[1]) in every 32-bit lane
   return _mm256_set1_epi32(v);
 }
 
-template <int T>
+// 8 scales of a record: fp32, or (H) fp16.
+template <bool H>
+inline __m256 scales8(const uint8_t* p) {
+  if constexpr (H) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+}
+
+// H: q4h records (fp16 scales and offsets), else q4.
+template <int T, bool H>
 void q4_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
+  constexpr int64_t record = H ? Q4H_RECORD : Q4_RECORD, values = H ? 32 : 64, scale_bytes = H ? 2 : 4;
   const int64_t k = nb * QK;
   const __m256i low4 = _mm256_set1_epi16(0x000F);
   __m256 acc[T], offset[T];
   for (int i = 0; i < T; ++i) acc[i] = offset[i] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b, rec += Q4_RECORD) {
-    for (int l = 0; l < Q4_RECORD; l += 64) _mm_prefetch(reinterpret_cast<const char*>(rec + PREFETCH + l), _MM_HINT_T0);
+  for (int64_t b = 0; b < nb; ++b, rec += record) {
+    for (int l = 0; l < record; l += 64) _mm_prefetch(reinterpret_cast<const char*>(rec + PREFETCH + l), _MM_HINT_T0);
     __m256i isum[T];
     for (int v = 0; v < 4; ++v) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 64 + 32 * v));
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + values + 32 * v));
       const __m256i w0 = _mm256_and_si256(x, low4), w1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4),
                     w2 = _mm256_and_si256(_mm256_srli_epi16(x, 8), low4), w3 = _mm256_srli_epi16(x, 12);
       for (int i = 0; i < T; ++i) {
@@ -158,8 +194,7 @@ void q4_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
         isum[i] = v ? _mm256_add_epi32(isum[i], s) : s;
       }
     }
-    const float* dm = reinterpret_cast<const float*>(rec);
-    const __m256 d = _mm256_loadu_ps(dm), m = _mm256_loadu_ps(dm + ROWS);
+    const __m256 d = scales8<H>(rec), m = scales8<H>(rec + ROWS * scale_bytes);
     for (int i = 0; i < T; ++i) {
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, _mm256_set1_ps(ad[i * nb + b])), acc[i]);
       offset[i] = _mm256_fmadd_ps(m, _mm256_set1_ps(as[i * nb + b]), offset[i]);
@@ -168,10 +203,11 @@ void q4_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
   for (int i = 0; i < T; ++i) _mm256_storeu_ps(out[i], _mm256_add_ps(acc[i], offset[i]));
 }
 
-// X: q8x records (a scale per 16 and an offset per 32), else q8.
-template <int T, bool X>
+// X: q8x records (a scale per 16 and an offset per 32), else q8; H (with X): q8xh, those in fp16.
+template <int T, bool X, bool H = false>
 void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
-  constexpr int64_t record = X ? Q8X_RECORD : Q8_RECORD, values = X ? 96 : 32;
+  constexpr int64_t record = X ? (H ? Q8XH_RECORD : Q8X_RECORD) : Q8_RECORD, values = X ? (H ? 48 : 96) : 32;
+  constexpr int64_t scale_bytes = H ? 2 : 4;
   const int64_t k = nb * QK;
   __m256 acc[T], offset[T];
   for (int i = 0; i < T; ++i) acc[i] = offset[i] = _mm256_setzero_ps();
@@ -191,14 +227,14 @@ void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
         isum[v / 4][i] = v % 4 ? _mm256_add_epi32(isum[v / 4][i], s) : s;
       }
     }
-    const float* f = reinterpret_cast<const float*>(rec);
-    const __m256 d = _mm256_loadu_ps(f);
+    const __m256 d = scales8<H>(rec);
     for (int i = 0; i < T; ++i) {
       const __m256 scale = _mm256_set1_ps(ad[i * nb + b]);
       if constexpr (X) {
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[0][i]), _mm256_mul_ps(d, scale), acc[i]);
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[1][i]), _mm256_mul_ps(_mm256_loadu_ps(f + ROWS), scale), acc[i]);
-        offset[i] = _mm256_fmadd_ps(_mm256_loadu_ps(f + 2 * ROWS), _mm256_set1_ps(as[i * nb + b]), offset[i]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[1][i]), _mm256_mul_ps(scales8<H>(rec + ROWS * scale_bytes), scale),
+                                 acc[i]);
+        offset[i] = _mm256_fmadd_ps(scales8<H>(rec + 2 * ROWS * scale_bytes), _mm256_set1_ps(as[i * nb + b]), offset[i]);
       } else {
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(isum[0][i], isum[1][i])), _mm256_mul_ps(d, scale),
                                  acc[i]);
@@ -211,7 +247,7 @@ void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
 // Without AVX2: each weight dequantized (weight_at) times the dequantized activation, one at a time.
 template <Kind kind, int T>
 void scalar_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
-  const int64_t k = nb * QK, record = kind == Kind::q4 ? Q4_RECORD : kind == Kind::q8 ? Q8_RECORD : Q8X_RECORD;
+  const int64_t k = nb * QK, record = record_size(kind);
   for (int i = 0; i < T; ++i) std::fill(out[i], out[i] + ROWS, 0.f);
   for (int64_t b = 0; b < nb; ++b, rec += record)
     for (int64_t r = 0; r < ROWS; ++r)
@@ -220,21 +256,23 @@ void scalar_group(const uint8_t* rec, const int16_t* aq, const float* ad, const 
           out[i][r] += weight_at(kind, rec, r, j) * ad[i * nb + b] * static_cast<float>(aq[i * k + b * QK + j]);
 }
 
-template <int T>
+template <int T, bool H>
 void q4_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
-  scalar_group<Kind::q4, T>(rec, aq, ad, as, nb, out);
+  scalar_group<H ? Kind::q4h : Kind::q4, T>(rec, aq, ad, as, nb, out);
 }
 
-template <int T, bool X>
+template <int T, bool X, bool H = false>
 void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
-  scalar_group<X ? Kind::q8x : Kind::q8, T>(rec, aq, ad, as, nb, out);
+  scalar_group<X ? (H ? Kind::q8xh : Kind::q8x) : Kind::q8, T>(rec, aq, ad, as, nb, out);
 }
 #endif
 
-constexpr GroupKernel kernel_table[3][TILE + 1] = {
-    {nullptr, q4_group<1>, q4_group<2>, q4_group<3>, q4_group<4>},
+constexpr GroupKernel kernel_table[5][TILE + 1] = {  // by Kind
+    {nullptr, q4_group<1, false>, q4_group<2, false>, q4_group<3, false>, q4_group<4, false>},
     {nullptr, q8_group<1, false>, q8_group<2, false>, q8_group<3, false>, q8_group<4, false>},
-    {nullptr, q8_group<1, true>, q8_group<2, true>, q8_group<3, true>, q8_group<4, true>}};
+    {nullptr, q8_group<1, true>, q8_group<2, true>, q8_group<3, true>, q8_group<4, true>},
+    {nullptr, q4_group<1, true>, q4_group<2, true>, q4_group<3, true>, q4_group<4, true>},
+    {nullptr, q8_group<1, true, true>, q8_group<2, true, true>, q8_group<3, true, true>, q8_group<4, true, true>}};
 
 // A packed weight: its records and shape. n: the real rows (the last group may be padded).
 struct Packed {
@@ -248,11 +286,12 @@ Packed packed(const at::Tensor& w, int64_t n) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.is_contiguous(),
               "a packed weight is a contiguous uint8 [groups, blocks, record] tensor");
   const int64_t record = w.size(2), groups = w.size(0);
-  TORCH_CHECK(record == Q4_RECORD || record == Q8_RECORD || record == Q8X_RECORD, "records of ", record,
-              " bytes are none of herd's (q4 192, q8 288, q8x 352)");
+  const Kind kind = record == Q4_RECORD ? Kind::q4 : record == Q8_RECORD ? Kind::q8 : record == Q8X_RECORD ? Kind::q8x
+                    : record == Q4H_RECORD ? Kind::q4h : Kind::q8xh;
+  TORCH_CHECK(record == record_size(kind), "records of ", record,
+              " bytes are none of herd's (q4 192, q8 288, q8x 352, q4h 160, q8xh 304)");
   if (n < 0) n = groups * ROWS;
   TORCH_CHECK(n > (groups - 1) * ROWS && n <= groups * ROWS, n, " rows do not fill ", groups, " groups of 8");
-  const Kind kind = record == Q4_RECORD ? Kind::q4 : record == Q8_RECORD ? Kind::q8 : Kind::q8x;
   return {static_cast<const uint8_t*>(w.data_ptr()), groups, w.size(1), n, record, kind};
 }
 
@@ -331,20 +370,23 @@ at::Tensor dequantize_rows(const at::Tensor& w_, const at::Tensor& rows_, int64_
 }
 
 // Pack values q [N, K] and scales into records: uint8 q (0..15), d [N, K/32] and offsets m -> q4; int8 q,
-// d [N, K/32], no m -> q8; int8 q, d [N, K/16] (one per 16) and m [N, K/32] -> q8x.
+// d [N, K/32], no m -> q8; int8 q, d [N, K/16] (one per 16) and m [N, K/32] -> q8x. Scales given in fp16
+// (d and m both) make q4h and q8xh records.
 at::Tensor pack(const at::Tensor& q_, const at::Tensor& d_, const c10::optional<at::Tensor>& m_) {
+  const bool half = d_.scalar_type() == at::kHalf && m_.has_value() && m_->scalar_type() == at::kHalf;
   const at::Tensor q = q_.contiguous(), d = d_.to(at::kFloat).contiguous();
   const at::Tensor m = m_.has_value() ? m_->to(at::kFloat).contiguous() : at::Tensor();
   TORCH_CHECK(q.dim() == 2 && q.size(1) % QK == 0 && (q.scalar_type() == at::kByte || q.scalar_type() == at::kChar),
               "pack wants values [N, K], K a multiple of 32: uint8 (q4) or int8 (q8)");
   const int64_t n = q.size(0), k = q.size(1), nb = k / QK, groups = (n + ROWS - 1) / ROWS;
-  const Kind kind = q.scalar_type() == at::kByte ? Kind::q4 : m.defined() ? Kind::q8x : Kind::q8;
-  const int64_t scales = kind == Kind::q8x ? 2 * nb : nb;
-  TORCH_CHECK(kind != Kind::q4 || m.defined(), "q4 values need offsets m");
+  const Kind kind = q.scalar_type() == at::kByte ? (half ? Kind::q4h : Kind::q4)
+                    : m.defined() ? (half ? Kind::q8xh : Kind::q8x) : Kind::q8;
+  const int64_t scales = kind == Kind::q8x || kind == Kind::q8xh ? 2 * nb : nb;
+  TORCH_CHECK(q.scalar_type() != at::kByte || m.defined(), "q4 values need offsets m");
   TORCH_CHECK(d.dim() == 2 && d.size(0) == n && d.size(1) == scales, "scales must be [N, ", scales, "], got ", d.sizes());
   TORCH_CHECK(!m.defined() || (m.dim() == 2 && m.size(0) == n && m.size(1) == nb), "offsets must be [N, K/32]");
-  if (kind == Kind::q4) TORCH_CHECK(n == 0 || q.max().item<uint8_t>() < 16, "q4 values must be 0..15");
-  const int64_t record = kind == Kind::q4 ? Q4_RECORD : kind == Kind::q8 ? Q8_RECORD : Q8X_RECORD;
+  if (q.scalar_type() == at::kByte) TORCH_CHECK(n == 0 || q.max().item<uint8_t>() < 16, "q4 values must be 0..15");
+  const int64_t record = record_size(kind);
   at::Tensor out = at::zeros({groups, nb, record}, q.options().dtype(at::kByte));  // padding rows: all zero
   uint8_t* op = out.data_ptr<uint8_t>();
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
@@ -356,8 +398,19 @@ at::Tensor pack(const at::Tensor& q_, const at::Tensor& d_, const c10::optional<
         for (int64_t b = 0; b < nb; ++b) {
           uint8_t* rec = op + (g * nb + b) * record;
           float* f = reinterpret_cast<float*>(rec);
+          uint16_t* h = reinterpret_cast<uint16_t*>(rec);
+          auto to_half = [](float x) { return c10::Half(x).x; };
           const uint8_t* src = qp + row * k + b * QK;
           switch (kind) {
+            case Kind::q4h:
+              h[r] = to_half(dp[row * nb + b]), h[ROWS + r] = to_half(mp[row * nb + b]);
+              for (int64_t j = 0; j < QK; ++j) rec[32 + q4_byte(r, j)] |= static_cast<uint8_t>(src[j] << q4_shift(j));
+              break;
+            case Kind::q8xh:
+              h[r] = to_half(dp[row * 2 * nb + 2 * b]), h[ROWS + r] = to_half(dp[row * 2 * nb + 2 * b + 1]);
+              h[2 * ROWS + r] = to_half(mp[row * nb + b]);
+              for (int64_t j = 0; j < QK; ++j) rec[48 + q8_byte(r, j)] = src[j];
+              break;
             case Kind::q4:
               f[r] = dp[row * nb + b], f[ROWS + r] = mp[row * nb + b];
               for (int64_t j = 0; j < QK; ++j) rec[64 + q4_byte(r, j)] |= static_cast<uint8_t>(src[j] << q4_shift(j));
