@@ -235,7 +235,12 @@ def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
         # a copy: tiny, and a view of the file map would alias its neighbours (torch.compile refuses that)
         state[name] = source.dequantize(dtype) if isinstance(source, QuantizedWeight) else source.to(dtype, copy=True)
     model.load_state_dict(state, strict=False, assign=True)
-    return use_cpu_kernels(_finish(model, checkpoint, torch.device("cpu")))
+    model = use_cpu_kernels(_finish(model, checkpoint, torch.device("cpu")))
+    # Keys and values in fp16, as llama.cpp keeps them: half the memory of fp32, and herd's decode kernel
+    # widens them exactly, so greedy outputs stay those of fp32 keys (16 SmolLM2 prompts x 160 tokens, all
+    # identical; bf16's 8-bit mantissa changed 4 of 16 within 64 tokens). The fp32 reference path keeps fp32.
+    model.kv_dtype = torch.float16
+    return model
 
 
 def _has_param(model: nn.Module, name: str) -> bool:

@@ -199,7 +199,8 @@ def test_prompts_of_several_requests_share_one_forward_and_score_as_alone(path, 
 
     llm = smollm2 if path == "reference" else smollm2_q
     prompts = [llm.tokenizer.encode(p + " and so the story goes on.") for p in PROMPTS[:6]]
-    engine = Engine(llm.model, llm.tokenizer, max_batch=8, context=128, prefill_budget=512)
+    # fp32 keys: llm.logits attends to unrounded ones (the default fp16 cache is checked on its own below)
+    engine = Engine(llm.model, llm.tokenizer, max_batch=8, context=128, prefill_budget=512, kv_dtype=torch.float32)
     forwards = []
     real_forward = llm.model.forward
     llm.model.forward = lambda tokens, *a, **k: (forwards.append(tuple(tokens.shape)), real_forward(tokens, *a, **k))[1]
@@ -225,3 +226,17 @@ def test_prompts_of_several_requests_share_one_forward_and_score_as_alone(path, 
         for pos in range(1, len(ids)):
             assert scored[pos].token_id == ids[pos]
             assert scored[pos].logprob == pytest.approx(float(expected[pos - 1, ids[pos]]), abs=tolerance)
+
+
+def test_the_cpu_paths_default_fp16_keys_keep_the_greedy_outputs_of_fp32_keys(smollm2_q):
+    """herd's quantized CPU path keeps keys and values in fp16 (half of fp32's memory, what llama.cpp keeps):
+    16 greedy requests give exactly the tokens an fp32 cache gives."""
+    import torch
+
+    llm = smollm2_q
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
+    half = Engine(llm.model, llm.tokenizer, max_batch=16, context=128)
+    full = Engine(llm.model, llm.tokenizer, max_batch=16, context=128, kv_dtype=torch.float32)
+    assert half.runner.cache.k[0].dtype == torch.float16 and half.kv_cache_bytes * 2 == full.kv_cache_bytes
+    requests = lambda: [_greedy(llm, ids, f"r{i}", 32) for i, ids in enumerate(prompts)]  # noqa: E731
+    assert _run(half, requests()) == _run(full, requests())

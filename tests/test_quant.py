@@ -235,7 +235,7 @@ def test_quantized_decode_equals_full_forward(smollm2_q):
     assert rel_err(torch.log_softmax(step[0, -1], -1), full[1]) < 0.02
 
 
-def _decode_logits(llm, ids, *more):
+def _decode_logits(llm, ids, *more, kv_dtype=torch.float32):
     """Logits for ids fed one token per forward through the KV cache: the decode path generation runs (with
     herd's kernels: quantized activations, one C++ op per block), not the prompt's float GEMMs. With
     `more` sequences of the same length, all rows step together (a batch): [rows, T, vocab]. `lag`: row r
@@ -244,7 +244,7 @@ def _decode_logits(llm, ids, *more):
 
     rows = [ids, *more]
     per_row = -(-len(ids) // 16)
-    cache = PagedKVCache.for_model(llm.config, 16 * per_row * len(rows), block_size=16)
+    cache = PagedKVCache.for_model(llm.config, 16 * per_row * len(rows), block_size=16, dtype=kv_dtype)
     tables = [[1 + r + len(rows) * b for b in range(per_row)] for r in range(len(rows))]  # rows' blocks interleaved
     with torch.inference_mode():
         steps = [llm.model(torch.tensor([[r[i]] for r in rows]), Batch.rows(cache, tables, [i] * len(rows), 1))[:, 0]
@@ -299,3 +299,18 @@ def test_one_op_decode_block_is_the_block(smollm2_q, shakespeare_ids, monkeypatc
     got_a, got_b = _staggered_decode_logits(smollm2_q, ids[:24], ids[24:], lag=7)  # rows at different positions
     torch.testing.assert_close(got_a, fused[:24], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_b, _decode_logits(smollm2_q, ids[24:]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16])
+def test_one_op_decode_reads_16_bit_keys_as_the_block_does(smollm2_q, shakespeare_ids, monkeypatch, kv_dtype):
+    """With a 16-bit KV cache herd::decode_block widens keys and values exactly as TransformerBlock.forward's
+    cache read does (the same stored values), so the two paths agree as closely as with fp32 keys."""
+    import herd.transforms.cpu_kernels as cpu_kernels
+
+    if not kernels.load():
+        pytest.skip(f"herd kernels unavailable: {kernels.why_not()}")
+    ids = shakespeare_ids[:40]
+    fused = _decode_logits(smollm2_q, ids[:20], ids[20:], kv_dtype=kv_dtype)
+    monkeypatch.setattr(cpu_kernels, "ONE_OP_DECODE", False)
+    torch.testing.assert_close(fused, _decode_logits(smollm2_q, ids[:20], ids[20:], kv_dtype=kv_dtype),
+                               rtol=1e-4, atol=1e-4)

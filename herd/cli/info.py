@@ -41,7 +41,9 @@ def show_memory(source, dtype=None):
             sizes[kind] = sizes.get(kind, 0) + n
     llm.generate("Hello", max_tokens=8, temperature=0)
     a = llm.config
-    kv_dtype = llm.model.tok_embeddings.weight.dtype
+    from herd.engine.runner import default_kv_dtype
+
+    kv_dtype = default_kv_dtype(llm.model)
     per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * torch_itemsize(kv_dtype)
     rows = [(k, f"{v / 2**20:,.1f} MiB") for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])]
     rows.append(("mapped embedding rows", f"{mapped / 2**20:,.1f} MiB (file-backed, paged in by lookups)"))

@@ -31,8 +31,9 @@ def add_arguments(parser, name):
     parser.add_argument("--body-timeout", type=float, default=60.0,
                         help="seconds a client has to send a request's body before it gets 408 (default 60)")
     parser.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="KV cache dtype (default: the model's activations, fp32 on the CPU, where herd's "
-                             "one-op decode reads fp32; 16-bit halves KV memory and decodes op by op)")
+                        help="KV cache dtype (default: float16 for quantized models on the CPU, whose greedy "
+                             "outputs it keeps; else the model's activations: float32 on the CPU's reference path, "
+                             "bfloat16 on a GPU)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     add_model_options(parser)
 

@@ -30,7 +30,7 @@ class Engine:
     """`max_batch` sequences run at once, each of at most `context` tokens (prompt + output). The KV cache
     has room for max_batch x context tokens in blocks of `block_size` (`kv_blocks` to choose another
     size), allocated to sequences as their tokens arrive and shared between sequences with a common
-    prefix (`prefix_caching`); `kv_dtype` defaults to the model's activation dtype."""
+    prefix (`prefix_caching`); `kv_dtype` defaults to herd.engine.runner.default_kv_dtype."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, context: int | None = None,
                  max_queue: int = 256, prefill_budget: int = 256, metrics: Metrics | None = None,

@@ -25,6 +25,12 @@ from herd.sampling import apply_penalties, sample
 from herd.tokenizer import Tokenizer
 
 
+def default_kv_dtype(model: Transformer) -> torch.dtype:
+    """What the loader chose for this model's keys and values (`model.kv_dtype`: fp16 on herd's quantized
+    CPU path), else the activations' dtype (fp32 on the CPU reference path, bf16 on a GPU)."""
+    return getattr(model, "kv_dtype", None) or model.tok_embeddings.weight.dtype
+
+
 PAD_WASTE = 0.25  # most padding, as a share of the real tokens, a group of prompts may carry
 
 
@@ -58,7 +64,7 @@ class Runner:
         self.vocab_size = model.args.vocab_size
         args = model.args
         self.cache = PagedKVCache(args.n_layers, args.n_kv_heads, args.head_dim, blocks.num_blocks, blocks.block_size,
-                                  kv_dtype or self.dtype, self.device)
+                                  kv_dtype or default_kv_dtype(model), self.device)
         self.static = None  # on CUDA, decode steps replay captured graphs (herd.engine.graphs)
         if self.device.type == "cuda" and os.environ.get("HERD_CUDA_GRAPHS", "1") != "0" and capturable(model):
             max_blocks = -(-(context or args.max_seq_len) // blocks.block_size)

@@ -29,6 +29,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -523,26 +524,65 @@ void attend(const float* q, int64_t q_stride, int64_t heads, int64_t kv_heads, i
 
 // The same for keys and values in a paged cache [blocks, Hkv, block_size, dim]: row b's position l is at offset
 // l % bs of block table[b * width + l / bs]; row b sees positions 0..lens[b]-1. p: max(lens) floats.
+// E: the cache's element: float, BF16 or F16 (16-bit: half the bytes per token; widened exactly to fp32).
+struct BF16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+
+template <typename E>
 struct Paged {
-  const float *k, *v;
+  const E *k, *v;
   int64_t kv_heads, bs;
   const int64_t* table;
   int64_t width;
   const int64_t* lens;
 };
 
-void attend_paged(const float* q, int64_t q_stride, int64_t heads, int64_t dim, const Paged& c, float scale, float* out,
+inline float widen(float x) { return x; }
+inline float widen(BF16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+inline float widen(F16 v) { return static_cast<float>(c10::Half(v.bits, c10::Half::from_bits())); }
+
+// A cached row as fp32: the 16-bit types are widened first (exactly), so the dot products and sums below
+// are the fp32 path's, operation for operation, whatever the cache holds.
+inline const float* as_fp32(const float* row, int64_t, float*) { return row; }
+inline const float* as_fp32(const BF16* row, int64_t n, float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = widen(row[i]);
+  return out;
+}
+inline const float* as_fp32(const F16* row, int64_t n, float* out) {
+  int64_t i = 0;
+#ifdef HERD_AVX2
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i))));
+#endif
+  for (; i < n; ++i) out[i] = widen(row[i]);
+  return out;
+}
+constexpr int64_t MAX_HEAD_DIM = 512;
+
+template <typename E>
+void attend_paged(const float* q, int64_t q_stride, int64_t heads, int64_t dim, const Paged<E>& c, float scale, float* out,
                   int64_t lo, int64_t hi, float* p) {
   const int64_t group = heads / c.kv_heads, block_floats = c.bs * dim;
+  float wide[MAX_HEAD_DIM];  // one widened 16-bit row
   for (int64_t bh = lo; bh < hi; ++bh) {
     const int64_t b = bh / heads, h = bh % heads, kvh = h / group, len = c.lens[b];
     const float* qr = q + b * q_stride + h * dim;
     const int64_t* blocks = c.table + b * c.width;
     float top = -INFINITY;
     for (int64_t at = 0; at < len; at += c.bs) {
-      const float* kb = c.k + (blocks[at / c.bs] * c.kv_heads + kvh) * block_floats;
+      const E* kb = c.k + (blocks[at / c.bs] * c.kv_heads + kvh) * block_floats;
       for (int64_t j = 0, n = std::min(c.bs, len - at); j < n; ++j) {
-        p[at + j] = dot(qr, kb + j * dim, dim) * scale;
+        p[at + j] = dot(qr, as_fp32(kb + j * dim, dim, wide), dim) * scale;
         top = std::max(top, p[at + j]);
       }
     }
@@ -550,9 +590,9 @@ void attend_paged(const float* q, int64_t q_stride, int64_t heads, int64_t dim, 
     float* o = out + bh * dim;
     std::fill(o, o + dim, 0.f);
     for (int64_t at = 0; at < len; at += c.bs) {
-      const float* vb = c.v + (blocks[at / c.bs] * c.kv_heads + kvh) * block_floats;
+      const E* vb = c.v + (blocks[at / c.bs] * c.kv_heads + kvh) * block_floats;
       for (int64_t j = 0, n = std::min(c.bs, len - at); j < n; ++j) {
-        const float* vr = vb + j * dim;
+        const float* vr = as_fp32(vb + j * dim, dim, wide);
         const float pl = p[at + j] * inv_total;
 #pragma omp simd
         for (int64_t i = 0; i < dim; ++i) o[i] += pl * vr[i];
@@ -651,8 +691,8 @@ struct Scratch {
 // between them (norm, quantizing the activations, SwiGLU) are repeated by every thread on its own copy
 // instead of being shared behind another barrier, so a block costs four barriers.
 // Projections in w: the packed wqkv, wo, w13, w2 (q4 or q8, whole groups of 8 rows). rot: (cos, sin) pairs
-// [B, 1, hd/2, 2]; rope=false for NoPE layers. Caches: fp32 [blocks, Hkv, block_size, hd], contiguous (herd's
-// PagedKVCache); positions int64 [B]; block_tables int64 [B, width], covering each row's position.
+// [B, 1, hd/2, 2]; rope=false for NoPE layers. Caches: fp32 or bf16 [blocks, Hkv, block_size, hd], contiguous
+// (herd's PagedKVCache), or fp16; positions int64 [B]; block_tables int64 [B, width], covering each row's position.
 at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const at::Tensor& ffn_norm, at::TensorList w,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rot_,
                         const at::Tensor& positions_, const at::Tensor& tables_, int64_t heads, int64_t kv_heads,
@@ -668,9 +708,12 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const
   TORCH_CHECK(wqkv.nb * QK == dim && wqkv.n == nh * hd && wo.nb * QK == heads * hd && wo.n == dim &&
                   w13.nb * QK == dim && w13.n % 2 == 0 && w2.nb * QK == f && w2.n == dim,
               "decode_block: the projections' shapes do not fit dim ", dim, ", ", heads, "+2x", kv_heads, " heads of ", hd);
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous() && k_cache.size(1) == kv_heads,
-              "decode_block: the caches must be contiguous fp32 [blocks, Hkv, block_size, hd]");
+  const at::ScalarType kv = k_cache.scalar_type();
+  TORCH_CHECK((kv == at::kFloat || kv == at::kBFloat16 || kv == at::kHalf) && k_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == kv && v_cache.is_contiguous() &&
+                  k_cache.size(1) == kv_heads,
+              "decode_block: the caches must be contiguous fp32, bf16 or fp16 [blocks, Hkv, block_size, hd]");
+  TORCH_CHECK(hd <= MAX_HEAD_DIM, "decode_block: head size ", hd, " is over ", MAX_HEAD_DIM);
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == batch && tables.scalar_type() == at::kLong &&
                   tables.dim() == 2 && tables.size(0) == batch,
               "decode_block: positions must be int64 [B] and block_tables int64 [B, width]");
@@ -704,10 +747,16 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const
   const float *xp = x.data_ptr<float>(), *rp = rope ? rot.data_ptr<float>() : nullptr;
   const float *norm1 = attn_norm.data_ptr<float>(), *norm2 = ffn_norm.data_ptr<float>();
   float *qkv = s.qkv.data(), *att = s.att.data(), *hidden = s.hidden.data(), *gate_up = s.gate_up.data();
-  float *op = out.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  void *kc = k_cache.data_ptr(), *vc = v_cache.data_ptr();
   float* thread_floats = s.floats.data();
   int16_t* thread_ints = s.ints.data();
-  const Paged cache{kc, vc, kv_heads, bs, table, width, lens.data()};
+  const Paged<float> cache32{static_cast<const float*>(kc), static_cast<const float*>(vc), kv_heads, bs, table, width,
+                             lens.data()};
+  const Paged<BF16> cache_bf16{static_cast<const BF16*>(kc), static_cast<const BF16*>(vc), kv_heads, bs, table, width,
+                               lens.data()};
+  const Paged<F16> cache_f16{static_cast<const F16*>(kc), static_cast<const F16*>(vc), kv_heads, bs, table, width,
+                             lens.data()};
 
 #pragma omp parallel num_threads(threads)
   {
@@ -741,12 +790,24 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attn_norm, const
         const bool is_k = e < rotated;
         const int64_t g = (e - (is_k ? heads * hd : rotated)) / hd, i = e % hd;
         const int64_t block = table[b * width + pos[b] / bs], offset = pos[b] % bs;
-        (is_k ? kc : vc)[((block * kv_heads + g) * bs + offset) * hd + i] = row[e];
+        const int64_t at = ((block * kv_heads + g) * bs + offset) * hd + i;
+        void* cache = is_k ? kc : vc;
+        if (kv == at::kBFloat16)
+          static_cast<uint16_t*>(cache)[at] = c10::BFloat16(row[e]).x;  // round to nearest even
+        else if (kv == at::kHalf)
+          static_cast<uint16_t*>(cache)[at] = c10::Half(row[e]).x;
+        else
+          static_cast<float*>(cache)[at] = row[e];
       }
     }
 #pragma omp barrier
-    attend_paged(qkv, nh * hd, heads, hd, cache, scale, att, batch * heads * id / nt, batch * heads * (id + 1) / nt,
-                 scores);
+    const int64_t pair_lo = batch * heads * id / nt, pair_hi = batch * heads * (id + 1) / nt;
+    if (kv == at::kBFloat16)
+      attend_paged(qkv, nh * hd, heads, hd, cache_bf16, scale, att, pair_lo, pair_hi, scores);
+    else if (kv == at::kHalf)
+      attend_paged(qkv, nh * hd, heads, hd, cache_f16, scale, att, pair_lo, pair_hi, scores);
+    else
+      attend_paged(qkv, nh * hd, heads, hd, cache32, scale, att, pair_lo, pair_hi, scores);
 #pragma omp barrier
     // h = x + wo(att)
     std::copy_n(att, batch * heads * hd, input);

@@ -53,8 +53,8 @@ def create_app(llm, *, max_batch: int = 8, context: int | None = None, max_queue
     `max_batch` sequences of at most `context` tokens each (default: the model's context) and a waiting queue of
     `max_queue` requests (default 8 x max_batch) past which requests get 429. Bodies over `max_body_bytes`
     get 413, bodies slower than `body_timeout` seconds 408; `header_timeout` applies when the app is served
-    through herd.server.uvicorn_config. `kv_dtype`: the KV cache's dtype (default the model's activations';
-    herd's one-op CPU decode block reads an fp32 cache, so a 16-bit one halves its memory but decodes op by op)."""
+    through herd.server.uvicorn_config. `kv_dtype`: the KV cache's dtype (default
+    herd.engine.runner.default_kv_dtype: fp16 on the quantized CPU path)."""
     context = context or llm.config.max_seq_len
     engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, context=context,
                     max_queue=max_queue if max_queue is not None else 8 * max_batch,

@@ -71,9 +71,9 @@ class KernelBlock(TransformerBlock):
 
     def forward(self, x, ctx, layer_id: int):
         cache = ctx.cache
-        # One fp32 token per row, each at its own position and blocks: what decode_block computes.
-        if (ONE_OP_DECODE and x.shape[1] == 1 and cache is not None and cache.k[layer_id].dtype == torch.float32
-                and _fp32_inference(x)):
+        # One fp32 token per row, each at its own position and blocks (fp32, bf16 or fp16 keys): what decode_block computes.
+        if (ONE_OP_DECODE and x.shape[1] == 1 and cache is not None
+                and cache.k[layer_id].dtype in (torch.float32, torch.bfloat16, torch.float16) and _fp32_inference(x)):
             rows = ctx.__dict__.get("decode_rows")
             if rows is None:  # once per forward, not per layer: positions [B], (cos, sin) pairs
                 rows = ctx.decode_rows = (ctx.positions[:, 0].contiguous(), torch.view_as_real(ctx.rot))
