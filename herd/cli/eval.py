@@ -146,8 +146,12 @@ def main(args):
     m = report["model"]
     print(f"model: {m.get('name')}  fingerprint: {m.get('fingerprint') or 'unknown (scored through a server)'}")
     if args.out:
+        from herd.eval.plots import write_plots
+
         save(report, args.out)
         print(f"report: {args.out}")
+        for path in write_plots(report, args.out):
+            print(f"plot: {path}")
     if args.html:
         from herd.eval.html import write_html
 

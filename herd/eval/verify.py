@@ -93,7 +93,7 @@ def check_task(task_record: dict, backend, sample: int | None, seed: int, tolera
         if d.get("limit") is None and windows is not None and len(items) != windows:
             v.findings.append(f"{name}: {len(items)} windows in the report, the text has {windows}")
     else:
-        expected_ids = [i.id for i in task.items()]
+        expected_ids = [i.id for i in task.items(backend)]
         missing = [i for i in expected_ids if i not in by_id]
         extra = [i for i in by_id if i not in set(expected_ids)]
         for i in missing[:20]:

@@ -5,9 +5,13 @@ from __future__ import annotations
 from herd.eval.data import DataError
 from herd.eval.tasks.base import Bar, Item, Task, TaskResult
 from herd.eval.tasks.multiple_choice import ArithmeticChoice, MultipleChoice
+from herd.eval.tasks.gsm8k import GSM8K
 from herd.eval.tasks.perplexity import Perplexity
+from herd.eval.tasks.reasoning import Reasoning
+from herd.eval.tasks.retrieval import Retrieval
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Perplexity, MultipleChoice, ArithmeticChoice)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Perplexity, MultipleChoice, ArithmeticChoice, GSM8K, Retrieval,
+                                                    Reasoning)}
 
 
 def register(task: type[Task]) -> type[Task]:

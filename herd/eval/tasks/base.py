@@ -64,7 +64,8 @@ class Task:
                 out[name] = {"path": str(path), "sha256": sha256_file(path)}
         return out
 
-    def items(self) -> list[Item]:
+    def items(self, backend=None) -> list[Item]:
+        """The task's items; tasks whose items are measured in tokens (haystack lengths) need the backend."""
         raise NotImplementedError
 
     def score(self, backend, items: list[Item], bar: Bar) -> list[dict]:
@@ -74,7 +75,7 @@ class Task:
         raise NotImplementedError
 
     def run(self, backend, bar: Bar | None = None, only: set[str] | None = None) -> TaskResult:
-        items = self.items()
+        items = self.items(backend)
         if only is not None:
             items = [i for i in items if i.id in only]
         return self.aggregate(self.score(backend, items, bar or Bar()))

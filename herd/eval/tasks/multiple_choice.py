@@ -88,7 +88,7 @@ class MultipleChoice(ChoiceScoring, Task):
     data: str | None = None
     limit: int | None = None
 
-    def items(self) -> list[Item]:
+    def items(self, backend=None) -> list[Item]:
         path = require_file(self.data, self.name)
         rows = read_jsonl(path, {"context": str, "choices": list, "label": int})
         items = []
@@ -115,7 +115,7 @@ class ArithmeticChoice(ChoiceScoring, Task):
     limit: int | None = None
     digits: int = 2
 
-    def items(self) -> list[Item]:
+    def items(self, backend=None) -> list[Item]:
         rng = random.Random(f"mc-arithmetic:{self.seed}:{self.digits}")
         lo, hi = 10 ** (self.digits - 1), 10 ** self.digits - 1
         items = []

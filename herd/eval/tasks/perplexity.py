@@ -70,7 +70,7 @@ class Perplexity(Task):
         self.context = context
         return rolling_windows(backend.encode(self.text(), bos=False), backend.prefix_token_id, context)
 
-    def items(self) -> list[Item]:
+    def items(self, backend=None) -> list[Item]:
         raise TypeError("perplexity items depend on the tokenizer: use run()")
 
     def run(self, backend, bar: Bar | None = None, only: set[str] | None = None) -> TaskResult:
