@@ -15,7 +15,7 @@ import sys
 
 from herd.cli import add_model_options, load_with_progress, model_options, non_negative_int, positive_int
 
-SUBCOMMANDS = ("verify", "compare", "sign", "keygen")
+SUBCOMMANDS = ("verify", "compare", "sign", "keygen", "contamination")
 
 
 def add_arguments(parser, name):
@@ -83,6 +83,18 @@ def _subparser(which: str) -> argparse.ArgumentParser:
         p.add_argument("report")
         p.add_argument("--key", required=True, help="PEM private key (herd eval keygen makes one)")
         p.add_argument("--out", default=None, help="default: overwrite the report")
+    elif which == "contamination":
+        p.description = "13-gram overlap with a corpus, and Min-K% / Min-K%++ under the model, per item"
+        p.add_argument("source", nargs="?", default=None, help="the model (default smollm2-135m)")
+        p.add_argument("--task", required=True, help="mc, mc-arithmetic or gsm8k")
+        p.add_argument("--data", default=None)
+        p.add_argument("--corpus", default=None, help="a text file or a directory of them (streamed)")
+        p.add_argument("--limit", type=positive_int, default=None)
+        p.add_argument("--top", type=positive_int, default=20, help="rows shown (default 20)")
+        p.add_argument("--ngram", type=positive_int, default=13)
+        p.add_argument("--k", type=float, default=0.2, help="the fraction of least likely tokens (default 0.2)")
+        p.add_argument("--out", default=None, help="write every item's numbers as JSON")
+        add_model_options(p)
     elif which == "keygen":
         p.description = "write a new Ed25519 key pair: KEY (private, mode 600) and KEY.pub"
         p.add_argument("key")
@@ -213,4 +225,22 @@ def _keygen(args):
 
     private, public = generate_key(args.key)
     print(f"private key: {private} (keep it)\npublic key: {public} (publish it)")
+    return 0
+
+
+def _contamination(args):
+    import json
+    from dataclasses import asdict
+
+    from herd.eval.contamination import contamination, table
+    from herd.eval.tasks import make_task
+
+    task = make_task(args.task, data=args.data, limit=args.limit)
+    llm = load_with_progress(args.source, args.device, args.dtype, **model_options(args))
+    rows = contamination(llm, task, args.corpus, args.ngram, args.k)
+    print(table(rows, args.top))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"task": task.definition(), "corpus": args.corpus, "ngram": args.ngram, "k": args.k,
+                       "model_fingerprint": llm.fingerprint, "items": [asdict(r) for r in rows]}, f, indent=1)
     return 0

@@ -76,7 +76,8 @@ class GSM8K(GenerativeTask):
         rows = read_jsonl(require_file(self.data, self.name), {"question": str, "answer": str})
         rows = rows[:self.limit] if self.limit is not None else rows
         self._shots = self.shot_rows()
-        return [Item(f"line-{r['_line']}", {"question": r["question"], "target": target_of(r["answer"])}) for r in rows]
+        return [Item(f"line-{r['_line']}", {"question": r["question"], "target": target_of(r["answer"]),
+                                            "solution": r["answer"]}) for r in rows]
 
     def prompt(self, item: Item, cot: bool):
         q = item.data["question"]
