@@ -89,15 +89,18 @@ def test_multiple_choice_logliks_equal_hf_transformers(tiny, mc_file):
 
 
 def hf_rolling(model, tok, text: str, window: int) -> list[float]:
-    """lm-eval's loglikelihood_rolling with context_len 1: disjoint windows, each token predicted once."""
+    """lm-eval's own windows (its get_rolling_token_windows with context_len 1, then make_disjoint_window)
+    scored on HF logits: each token predicted once."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
     tokens = tok(text, add_special_tokens=False)["input_ids"]
     out = []
-    for start in range(0, len(tokens), window):
-        predicted = tokens[start:start + window]
-        inp = ([tok.bos_token_id] if start == 0 else [tokens[start - 1]]) + predicted[:-1]
+    for ctx, predicted in map(make_disjoint_window, get_rolling_token_windows(tokens, tok.bos_token_id, window, 1)):
+        inp = (ctx + predicted)[:-1]
+        assert len(inp) <= window
         with torch.no_grad():
             logprobs = model(torch.tensor([inp])).logits[0].float().log_softmax(-1)
-        out.append(float(sum(logprobs[i, t] for i, t in enumerate(predicted))))
+        out.append(float(sum(logprobs[len(ctx) - 1 + i, t] for i, t in enumerate(predicted))))
     return out
 
 

@@ -49,6 +49,10 @@ def add_arguments(parser, name):
     g.add_argument("--needles", type=positive_int, default=None, help="retrieval: needles per haystack")
     g.add_argument("--filler", default=None, help="retrieval: a text file to build haystacks from")
     g.add_argument("--steps", default=None, help="reasoning: problem depths, e.g. 1,2,4,8")
+    parser.add_argument("--lm-eval", default=None, metavar="TASKS",
+                        help="run lm-evaluation-harness tasks (comma-separated) on herd (needs lm-eval installed)")
+    parser.add_argument("--lm-eval-include", default=None, metavar="DIR", help="lm-eval task YAMLs of your own")
+    parser.add_argument("--shots-lm-eval", type=non_negative_int, default=None, help=argparse.SUPPRESS)
     s = parser.add_argument_group("server")
     s.add_argument("--server", default=None, metavar="URL", help="score through an OpenAI-compatible endpoint")
     s.add_argument("--model", default=None, help="the model id to send to the server (default: its first)")
@@ -126,7 +130,7 @@ def main(args):
     if args.server and args.source:
         print("herd eval: give a SOURCE or --server, not both", file=sys.stderr)
         return 2
-    specs = args.task or ["mc-arithmetic"]
+    specs = args.task or ([] if args.lm_eval else ["mc-arithmetic"])
     options = dict(seed=args.seed, limit=args.limit, context=args.context, shots=args.shots, train=args.train,
                    chat=args.chat, max_tokens=args.max_tokens, self_consistency=args.self_consistency,
                    sc_temperature=args.sc_temperature, lengths=_numbers(args.lengths, int),
@@ -148,6 +152,16 @@ def main(args):
     settings = {"batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
                 **{k: v for k, v in options.items() if v is not None}}
     report = run_tasks(backend, tasks, args.seed, source=source, progress=sys.stderr.isatty(), settings=settings)
+    if args.lm_eval:
+        if args.server:
+            print("herd eval: --lm-eval runs in-process (use lm-eval's own local-completions for a server)",
+                  file=sys.stderr)
+            return 2
+        from herd.eval.lm_eval_adapter import report_tasks, run_lm_eval
+
+        results = run_lm_eval(backend.llm, args.lm_eval.split(","), limit=args.limit, batch_size=args.batch_size,
+                              seed=args.seed, include_path=args.lm_eval_include, num_fewshot=args.shots)
+        report["tasks"] += report_tasks(results)
     if args.name:
         report["model"]["name"] = args.name
     for task in report["tasks"]:

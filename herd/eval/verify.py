@@ -70,6 +70,9 @@ def check_task(task_record: dict, backend, sample: int | None, seed: int, tolera
                data: dict[str, str], v: Verdict) -> None:
     d = task_record["definition"]
     name = d["task"]
+    if d.get("kind") == "lm-eval":
+        v.checked.append(f"{name}: scored by lm-eval; re-run it with herd eval --lm-eval to compare (not re-scored)")
+        return
     overrides = {"data": data[name]} if name in data else {}
     task = task_from_definition(d, **overrides)
     for field_name, rec in (task_record.get("data") or {}).items():

@@ -2,7 +2,8 @@
 (`loglikelihood_rolling`, e.g. wikitext): the text is tokenized whole without BOS and cut into disjoint
 windows of `context` tokens read by the model; the first window is read after the prefix token (BOS, else
 EOS) and every later one after the last token of the window before (lm-eval's
-get_rolling_token_windows with context_len 1), so each token is predicted exactly once.
+get_rolling_token_windows with context_len 1; its last, shorter window reads back to a full window), so
+each token is predicted exactly once.
 
 word_perplexity = exp(-LL / words) with lm-eval's word count (len(re.split(r"\\s+", text))),
 byte_perplexity = exp(-LL / UTF-8 bytes), bits_per_byte = -LL / bytes / ln 2. Windows are the items; the
@@ -26,13 +27,19 @@ def count_words(text: str) -> int:
 
 
 def rolling_windows(tokens: list[int], prefix: int, context: int) -> list[tuple[list[int], list[int]]]:
-    """(context ids, predicted ids) per window: one token of context, then up to `context` predicted
-    tokens, so the model reads `context` tokens per window."""
-    windows, start = [], 0
-    while start < len(tokens):
-        predicted = tokens[start:start + context]
-        windows.append(([prefix] if start == 0 else [tokens[start - 1]], predicted))
-        start += context
+    """(context ids, predicted ids) per window, as lm-eval's get_rolling_token_windows(context_len=1) followed
+    by make_disjoint_window: the first window reads the prefix token and predicts `context` tokens; each
+    full window after it reads one token before its own; the last, shorter one reads as many earlier
+    tokens as make it `context` long. The model reads `context` tokens per window."""
+    if not tokens:
+        return []
+    first = min(context, len(tokens))
+    windows, predicted = [([prefix], tokens[:first])], first
+    while predicted < len(tokens):
+        n = min(len(tokens) - predicted, context)
+        end = predicted + n
+        windows.append((tokens[max(end - context - 1, 0):end - n], tokens[end - n:end]))
+        predicted = end
     return windows
 
 
