@@ -142,13 +142,21 @@ def test_in_process_equals_herd_serve_with_echo(tiny, mc_file, tmp_path):
     assert "unknown" in report["model"]["note"]
 
 
-def test_batch_size_does_not_move_loglikelihoods(tiny, mc_file):
-    """Each prompt is prefilled alone in one forward, so batch 1 and batch 16 give the same bits."""
+def test_what_batch_size_moves(tiny, mc_file):
+    """Engine scoring (each prompt prefilled alone in its own forward): batch 1 and 16 give the same bits.
+    Batched scoring (rows padded into one [B, T] forward): the matrix products' shapes change with the
+    batch, so values differ in the last bits, within the bound the report states, and no decision moves."""
     _, _, _, llm = tiny
     task = make_task("mc", data=str(mc_file))
-    one = task.run(EngineBackend(llm, batch_size=1)).items
-    sixteen = task.run(EngineBackend(llm, batch_size=16)).items
+    one = task.run(EngineBackend(llm, batch_size=1, scoring="engine")).items
+    sixteen = task.run(EngineBackend(llm, batch_size=16, scoring="engine")).items
     assert json.dumps(one) == json.dumps(sixteen)
+    b1 = task.run(EngineBackend(llm, batch_size=1)).items
+    b16 = task.run(EngineBackend(llm, batch_size=16)).items
+    for a, b, c in zip(b1, b16, one):
+        assert a["answer"] == b["answer"] == c["answer"] and a["answer_norm"] == b["answer_norm"]
+        for x, y, z in zip(a["output"], b["output"], c["output"]):
+            assert abs(x - y) <= 1e-6 * max(1.0, abs(x)) and abs(x - z) <= 1e-6 * max(1.0, abs(x))
 
 
 def test_same_seed_same_bytes_and_report_fields(tiny, mc_file):

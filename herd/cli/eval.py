@@ -33,6 +33,9 @@ def add_arguments(parser, name):
     parser.add_argument("--html", default=None, help="write an HTML report here")
     parser.add_argument("--name", default=None, help="the model's name in the report (default: from the file)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences run together (default 16)")
+    parser.add_argument("--scoring", choices=["batched", "engine"], default="batched",
+                        help="log-likelihoods as padded [B, T] forwards (fast) or one engine prefill per prompt "
+                             "(bit-identical at any batch size)")
     parser.add_argument("--context", type=positive_int, default=None,
                         help="perplexity window in tokens (default: the model's context less one)")
     g = parser.add_argument_group("generative tasks")
@@ -148,8 +151,8 @@ def main(args):
         from herd.eval.backends import EngineBackend
 
         llm = load_with_progress(args.source, args.device, args.dtype, **model_options(args))
-        backend, source = EngineBackend(llm, args.batch_size), args.source or "smollm2-135m"
-    settings = {"batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
+        backend, source = EngineBackend(llm, args.batch_size, args.scoring), args.source or "smollm2-135m"
+    settings = {"batch_size": args.batch_size, "dtype": args.dtype, "device": args.device, "scoring": args.scoring,
                 **{k: v for k, v in options.items() if v is not None}}
     report = run_tasks(backend, tasks, args.seed, source=source, progress=sys.stderr.isatty(), settings=settings)
     if args.lm_eval:
@@ -196,7 +199,7 @@ def _load_backend(args, report):
     # the report's load options unless overridden: float32 on a quantized file is another arithmetic path
     dtype = args.dtype or report.get("settings", {}).get("dtype")
     llm = load_with_progress(args.source, args.device, dtype, **model_options(args))
-    return EngineBackend(llm, batch)
+    return EngineBackend(llm, batch, report.get("runtime", {}).get("scoring", "batched"))
 
 
 def _verify(args):
