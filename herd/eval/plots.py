@@ -16,7 +16,7 @@ def _pyplot():
 
 def heatmap_png(table: dict, title: str) -> bytes:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(table["depths"]), 1.0 + 0.6 * len(table["lengths"])))
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 0.9 * len(table["depths"])), 1.4 + 0.6 * len(table["lengths"])))
     im = ax.imshow(table["cells"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(table["depths"])), [f"{d:g}" for d in table["depths"]])
     ax.set_yticks(range(len(table["lengths"])), [str(n) for n in table["lengths"]])

@@ -77,10 +77,13 @@ def runtime_record(llm, backend: str, batch_size: int, url: str | None = None) -
     record = {"backend": backend, "batch_size": batch_size, "versions": versions()}
     if llm is not None:
         weight = llm.model.tok_embeddings.weight
+        swapped = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in llm.model.modules()
+                          if type(m).__module__.startswith(("herd.transforms", "herd.quant"))})
+        quantized = any(name.startswith("herd.quant") for name in swapped)
         record.update(device=str(llm.device), dtype=str(weight.dtype).removeprefix("torch."),
-                      threads=torch.get_num_threads(),
-                      transforms=sorted({type(m).__name__ for m in llm.model.modules()
-                                         if type(m).__module__.startswith("herd.transforms")}))
+                      # herd's quantized CPU linears take bf16 activations (herd.loader)
+                      matmul_dtype="bfloat16" if quantized else str(weight.dtype).removeprefix("torch."),
+                      weights_quantized=quantized, threads=torch.get_num_threads(), modules=swapped)
     if url is not None:
         record["server_url"] = url
     return record
