@@ -134,6 +134,15 @@ def test_in_process_equals_herd_serve_with_echo(tiny, mc_file, tmp_path):
         backend = ServerBackend(srv.url, batch_size=3)
         remote = [t.run(backend) for t in tasks]
         report = herd.eval.run.run_tasks(backend, tasks[:1], seed=0, source=srv.url)
+        from herd.cli import main
+
+        out = tmp_path / "served.json"
+        assert main(["eval", "--server", srv.url, "--task", f"mc={mc_file}", "--task", "reasoning", "--steps", "1",
+                     "--limit", "4", "--out", str(out)]) == 0
+        served = load(out)
+        assert served["model"]["fingerprint"] is None and served["runtime"]["server_url"] == srv.url
+        local_reasoning = make_task("reasoning", steps=[1], limit=4).run(EngineBackend(llm, batch_size=8))
+        assert [r["output"] for r in served["tasks"][1]["items"]] == [r["output"] for r in local_reasoning.items]
     for a, b in zip(local, remote):
         flat = lambda items: [x for r in items for x in (r["output"] if isinstance(r["output"], list) else [r["output"]])]  # noqa: E731
         assert flat(a.items) == pytest.approx(flat(b.items), abs=1e-5)

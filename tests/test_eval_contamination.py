@@ -59,3 +59,19 @@ def test_min_k_equals_hf_logits(tmp_path):
         assert r.min_k == pytest.approx(float(tgt.sort().values[:k].mean()), abs=1e-4)
         assert r.min_k_pp == pytest.approx(float(((tgt - mu) / sd).sort().values[:k].mean()), abs=1e-4)
         assert r.overlap is None
+
+
+def test_contamination_cli(tmp_path, capsys):
+    from herd.cli import main
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(i) + "\n" for i in ITEMS))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(ITEMS[1]["context"] + " tonight\n")
+    out = tmp_path / "c.json"
+    path = build.reference("llama3").gguf("F32")
+    assert main(["eval", "contamination", str(path), "--task", "mc", "--data", str(data), "--corpus", str(corpus),
+                 "--dtype", "float32", "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].startswith("line-2") and "1.000" in table[1]  # the item in the corpus comes first
+    assert json.loads(out.read_text())["items"][0]["overlap"] == 1.0

@@ -311,26 +311,33 @@ class ServerBackend:
                 progress(len(chunk))
         return results
 
+    def _generate_one(self, g: GenerateRequest) -> GenerateResult:
+        common = {"model": self.model, "max_tokens": g.max_tokens, "temperature": g.temperature}
+        if g.seed is not None:
+            common["seed"] = g.seed
+        if g.stop:
+            common["stop"] = list(g.stop)[:4]  # OpenAI accepts up to 4 stop strings
+        if g.messages is not None:
+            r = self._call("POST", "/v1/chat/completions", dict(common, messages=g.messages))
+            text, shown = r["choices"][0]["message"].get("content") or "", g.messages
+        else:
+            r = self._call("POST", "/v1/completions", dict(common, prompt=g.prompt))
+            text, shown = r["choices"][0]["text"], g.prompt
+        usage = r.get("usage") or {}
+        return GenerateResult(text, sha256_json(shown), usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+
     def generate(self, requests: Sequence[GenerateRequest], progress: Progress | None = None) -> list[GenerateResult]:
-        results = []
-        for i, g in enumerate(requests):
-            common = {"model": self.model, "max_tokens": g.max_tokens, "temperature": g.temperature}
-            if g.seed is not None:
-                common["seed"] = g.seed
-            if g.stop:
-                common["stop"] = list(g.stop)[:4]  # OpenAI accepts up to 4 stop strings
-            if g.messages is not None:
-                r = self._call("POST", "/v1/chat/completions", dict(common, messages=g.messages))
-                text, shown = r["choices"][0]["message"].get("content") or "", g.messages
-            else:
-                r = self._call("POST", "/v1/completions", dict(common, prompt=g.prompt))
-                text, shown = r["choices"][0]["text"], g.prompt
-            usage = r.get("usage") or {}
-            results.append(GenerateResult(text, sha256_json(shown), usage.get("prompt_tokens", 0),
-                                          usage.get("completion_tokens", 0)))
+        """`batch_size` requests in flight at once, so the server can batch them."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(g):
+            result = self._generate_one(g)
             if progress:
                 progress(1)
-        return results
+            return result
+
+        with ThreadPoolExecutor(self.batch_size) as pool:
+            return list(pool.map(one, requests))
 
     def model_record(self, source) -> dict:
         from herd.eval.provenance import unknown_model_record

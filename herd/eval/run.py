@@ -83,6 +83,11 @@ def evaluate(model=None, tasks=("mc-arithmetic",), *, server: str | None = None,
     context, shots, chat, max_tokens, ... and the seed."""
     backend = backend_for(model, server, batch_size, api_key, served_model, **(load_options or {}))
     built = [t if isinstance(t, Task) else make_task(t, seed=seed, **task_options) for t in tasks]
-    source = model if isinstance(model, str) or model is None else getattr(model, "checkpoint", None) and str(model.checkpoint.path)
-    return run_tasks(backend, built, seed, source=source if server is None else server, progress=progress,
+    if server is not None:
+        source = server
+    elif isinstance(model, (str, type(None))) or hasattr(model, "__fspath__"):
+        source = str(model) if model is not None else None
+    else:
+        source = str(model.checkpoint.path)
+    return run_tasks(backend, built, seed, source=source, progress=progress,
                      settings={"batch_size": batch_size, **{k: v for k, v in task_options.items() if v is not None}})

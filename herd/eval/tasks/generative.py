@@ -47,6 +47,12 @@ def majority(answers: list[str | None]) -> str | None:
     return next(a for a in answers if a is not None and counted[a] == best)
 
 
+def _settings(r: GenerateRequest) -> dict:
+    return {"max_tokens": r.max_tokens, "temperature": r.temperature, "stop": list(r.stop),
+            "chat_template": r.messages is not None, "seeded": r.seed is not None,
+            "plus": "the model's end-of-turn tokens, and the chat format's with chat_template"}
+
+
 @dataclass
 class GenerativeTask(Task):
     """Subclasses define items(), prompt(item, cot), extractors and optionally tables()."""
@@ -82,6 +88,8 @@ class GenerativeTask(Task):
                 requests.append(self.request(item, cot=True, temperature=temperature,
                                              seed=self.seed * 1_000_003 + n * 1009 + j))
         bar.start(len(requests))
+        self._applied = {"greedy": _settings(requests[0]) if items else None,
+                         "self_consistency": _settings(requests[len(items)]) if k and items else None}
         results = backend.generate(requests, bar.advance)
         greedy, samples = results[:len(items)], results[len(items):]
         records = []
@@ -115,6 +123,7 @@ class GenerativeTask(Task):
             compute.update(self_consistency_samples=k, sc_temperature=self.sc_temperature if getattr(
                 self, "sc_temperature", None) is not None else 0.7,
                 self_consistency_completion_tokens=sum(r["self_consistency"]["completion_tokens"] for r in records))
+        compute["generation"] = getattr(self, "_applied", None)  # the settings sent with every request
         return TaskResult(records, metrics, self.tables(records), compute)
 
     def tables(self, records: list[dict]) -> dict:

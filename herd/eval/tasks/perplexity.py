@@ -95,7 +95,7 @@ class Perplexity(Task):
             records.append({"id": item_id, "prompt_sha256": sha256_json(ctx + predicted), "tokens": len(predicted),
                             "bytes": len(backend.decode(predicted).encode("utf-8")), "output": r.logprob,
                             "answer": None, "target": None, "score": {"loglik": r.logprob}})
-        result = self.aggregate(records, whole=len(records) == n_windows)
+        result = self.aggregate(records, whole=self.limit is None and only is None)
         result.compute["windows_in_text"] = n_windows
         return result
 
