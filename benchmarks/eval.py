@@ -123,7 +123,8 @@ def main(argv=None):
     print(f"{path.name}: {args.items} multiple-choice items ({len(pairs)} requests), perplexity over "
           f"{len(text)} characters in windows of {args.context} tokens; batch {args.batch_size}, {threads} threads, "
           f"{platform.processor() or platform.machine()}, medians of {args.runs} runs")
-    print(f"{'':<12} {'MC s':>8} {'speed-up':>9} {'acc':>7} {'PPL s':>8} {'speed-up':>9} {'bits/byte':>10} {'max |dLL|':>10}")
+    heads = ("MC s", "speed-up", "acc", "PPL s", "speed-up", "bits/byte", "max |dLL|")
+    print(f"{'':<12} " + " ".join(f"{h:>{w}}" for h, w in zip(heads, (8, 9, 7, 8, 9, 10, 10))))
     for name, s in summary.items():
         print(f"{name:<12} {s['mc_seconds']:>8.2f} {base['mc_seconds'] / s['mc_seconds']:>8.2f}x {s['acc']:>7.3f} "
               f"{s['ppl_seconds']:>8.2f} {base['ppl_seconds'] / s['ppl_seconds']:>8.2f}x {s['bits_per_byte']:>10.4f} "

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 
 import pytest
 import torch
@@ -144,7 +143,9 @@ def test_in_process_equals_herd_serve_with_echo(tiny, mc_file, tmp_path):
         local_reasoning = make_task("reasoning", steps=[1], limit=4).run(EngineBackend(llm, batch_size=8))
         assert [r["output"] for r in served["tasks"][1]["items"]] == [r["output"] for r in local_reasoning.items]
     for a, b in zip(local, remote):
-        flat = lambda items: [x for r in items for x in (r["output"] if isinstance(r["output"], list) else [r["output"]])]  # noqa: E731
+        def flat(items):
+            return [x for r in items for x in (r["output"] if isinstance(r["output"], list) else [r["output"]])]
+
         assert flat(a.items) == pytest.approx(flat(b.items), abs=1e-5)
         assert [r["prompt_sha256"] for r in a.items] == [r["prompt_sha256"] for r in b.items]
     assert report["model"]["weights_known"] is False and report["model"]["fingerprint"] is None

@@ -151,7 +151,8 @@ def test_reasoning_oracle_scores_one_and_a_guesser_chance():
     assert perfect.metrics["answer"]["value"] == 1.0
     assert set(perfect.tables["accuracy by depth"]["rows"]) == {"1", "2", "4", "8", "16"}
     rng = random.Random(1)
-    guessed = make_task("reasoning", steps=[1, 2, 4], per_depth=60).run(Scripted(lambda p, r: f" {rng.randint(10, 99)}"))
+    guesser = Scripted(lambda p, r: f" {rng.randint(10, 99)}")
+    guessed = make_task("reasoning", steps=[1, 2, 4], per_depth=60).run(guesser)
     assert guessed.metrics["answer"]["value"] < 0.06
     plots = task_plots({"definition": task.definition(), "tables": perfect.tables})
     assert plots["reasoning-by-depth"].startswith(b"\x89PNG")

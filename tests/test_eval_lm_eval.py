@@ -59,7 +59,8 @@ def test_herd_eval_lm_eval_cli_binds_the_fingerprint(models, tmp_path, capsys):
     (tmp_path / "herdmc.yaml").write_text(
         "task: herdmc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
+        "    higher_is_better: true\n")
     out = tmp_path / "r.json"
     assert main(["eval", str(path), "--dtype", "float32", "--lm-eval", "herdmc", "--lm-eval-include", str(tmp_path),
                  "--out", str(out)]) == 0

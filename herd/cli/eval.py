@@ -47,11 +47,14 @@ def add_arguments(parser, name):
     g.add_argument("--self-consistency", type=positive_int, default=None, metavar="K",
                    help="reasoning mode: also sample K chain-of-thought answers per item and take the majority")
     g.add_argument("--sc-temperature", type=float, default=None, help="temperature of those samples (0.7)")
-    g.add_argument("--lengths", default=None, help="retrieval: haystack lengths in tokens, e.g. 256,512,1024")
-    g.add_argument("--depths", default=None, help="retrieval: needle depths in 0..1, e.g. 0,0.5,1")
+    g.add_argument("--lengths", type=number_list(int), default=None,
+                   help="retrieval: haystack lengths in tokens, e.g. 256,512,1024")
+    g.add_argument("--depths", type=number_list(float), default=None,
+                   help="retrieval: needle depths in 0..1, e.g. 0,0.5,1")
     g.add_argument("--needles", type=positive_int, default=None, help="retrieval: needles per haystack")
     g.add_argument("--filler", default=None, help="retrieval: a text file to build haystacks from")
-    g.add_argument("--steps", default=None, help="reasoning: problem depths, e.g. 1,2,4,8")
+    g.add_argument("--steps", type=number_list(int), default=None,
+                   help="reasoning: problem depths, e.g. 1,2,4,8")
     parser.add_argument("--lm-eval", default=None, metavar="TASKS",
                         help="run lm-evaluation-harness tasks (comma-separated) on herd (needs lm-eval installed)")
     parser.add_argument("--lm-eval-include", default=None, metavar="DIR", help="lm-eval task YAMLs of your own")
@@ -118,14 +121,24 @@ def parse_command(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
     return args
 
 
-def _numbers(text: str | None, kind=float):
-    return None if text is None else [kind(x) for x in text.split(",") if x.strip()]
+def number_list(kind):
+    """argparse type: "1,2,4" -> [1, 2, 4]."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                             f"{'whole numbers' if kind is int else 'numbers'}") from None
+        if not values:
+            raise argparse.ArgumentTypeError("the list is empty")
+        return values
+
+    return parse
 
 
 def main(args):
     if args.sub is not None:
         return globals()[f"_{args.sub}"](args)
-    import herd.eval
     from herd.eval.report import format_score, save
     from herd.eval.run import backend_for, run_tasks
     from herd.eval.tasks import make_task
@@ -136,9 +149,8 @@ def main(args):
     specs = args.task or ([] if args.lm_eval else ["mc-arithmetic"])
     options = dict(seed=args.seed, limit=args.limit, context=args.context, shots=args.shots, train=args.train,
                    chat=args.chat, max_tokens=args.max_tokens, self_consistency=args.self_consistency,
-                   sc_temperature=args.sc_temperature, lengths=_numbers(args.lengths, int),
-                   depths=_numbers(args.depths), needles=args.needles, filler=args.filler,
-                   steps=_numbers(args.steps, int))
+                   sc_temperature=args.sc_temperature, lengths=args.lengths,
+                   depths=args.depths, needles=args.needles, filler=args.filler, steps=args.steps)
     tasks = []
     for spec in specs:
         name, _, data = spec.partition("=")
@@ -169,7 +181,8 @@ def main(args):
         report["model"]["name"] = args.name
     for task in report["tasks"]:
         for metric, s in sorted(task["metrics"].items()):
-            print(f"{task['definition']['task']:<16} {metric:<16} {format_score(s['value'], s['stderr'])}  (n={s['n']})")
+            name = task["definition"]["task"]
+            print(f"{name:<16} {metric:<16} {format_score(s['value'], s['stderr'])}  (n={s['n']})")
         for title, table in task.get("tables", {}).items():
             print(f"{task['definition']['task']}: {title}\n{table['text'] if isinstance(table, dict) else table}")
     m = report["model"]
@@ -197,7 +210,10 @@ def _load_backend(args, report):
     if args.server:
         return backend_for(server=args.server, batch_size=batch, api_key=args.api_key, served_model=args.model)
     # the report's load options unless overridden: float32 on a quantized file is another arithmetic path
+    runtime = report.get("runtime", {})
     dtype = args.dtype or report.get("settings", {}).get("dtype")
+    if dtype is None and runtime.get("weights_quantized") is False and runtime.get("dtype") == "float32":
+        dtype = "float32"  # scored on the dequantized float32 path (a quantized file loads quantized by default)
     llm = load_with_progress(args.source, args.device, dtype, **model_options(args))
     return EngineBackend(llm, batch, report.get("runtime", {}).get("scoring", "batched"))
 

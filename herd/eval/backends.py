@@ -17,7 +17,6 @@ different batch sizes (see DETERMINISM).
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -324,7 +323,8 @@ class ServerBackend:
             r = self._call("POST", "/v1/completions", dict(common, prompt=g.prompt))
             text, shown = r["choices"][0]["text"], g.prompt
         usage = r.get("usage") or {}
-        return GenerateResult(text, sha256_json(shown), usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        return GenerateResult(text, sha256_json(shown), usage.get("prompt_tokens", 0),
+                              usage.get("completion_tokens", 0))
 
     def generate(self, requests: Sequence[GenerateRequest], progress: Progress | None = None) -> list[GenerateResult]:
         """`batch_size` requests in flight at once, so the server can batch them."""

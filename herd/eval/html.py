@@ -43,8 +43,10 @@ def render(report: dict) -> str:
         for title, table in task.get("tables", {}).items():
             parts.append(f"<h3>{html.escape(title)}</h3><pre>{html.escape(table.get('text', ''))}</pre>")
         for title, png in task_plots(task).items():
-            parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
-        parts.append(f"<details><summary>definition, data, compute</summary><pre>{html.escape(json.dumps({k: task[k] for k in ('definition', 'data', 'compute')}, indent=1))}</pre></details>")
+            data = base64.b64encode(png).decode()
+            parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+        facts = json.dumps({k: task[k] for k in ("definition", "data", "compute")}, indent=1)
+        parts.append(f"<details><summary>definition, data, compute</summary><pre>{html.escape(facts)}</pre></details>")
     return "\n".join(parts)
 
 

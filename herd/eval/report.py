@@ -41,8 +41,8 @@ def load(path: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not a JSON report ({e})") from None
     if not isinstance(report, dict) or report.get("format") != FORMAT:
-        raise DataError(f"{path}: not a herd eval report (format {report.get('format') if isinstance(report, dict) else None!r}, "
-                        f"expected {FORMAT!r})")
+        found = report.get("format") if isinstance(report, dict) else None
+        raise DataError(f"{path}: not a herd eval report (format {found!r}, expected {FORMAT!r})")
     return report
 
 

@@ -90,7 +90,7 @@ def check_task(task_record: dict, backend, sample: int | None, seed: int, tolera
     by_id = {r["id"]: r for r in items}
     if len(by_id) != len(items):
         v.findings.append(f"{name}: item ids repeat")
-    if name == "perplexity":
+    if task.kind == "perplexity":  # its items are the text's windows, counted when it was scored
         expected_ids = None
         windows = task_record.get("compute", {}).get("windows_in_text")
         if d.get("limit") is None and windows is not None and len(items) != windows:
@@ -114,7 +114,10 @@ def check_task(task_record: dict, backend, sample: int | None, seed: int, tolera
                               f"{r['value']} (n={r['n']})")
     # re-score a seeded sample
     ids = sorted(by_id)
-    chosen = ids if sample is None else sorted(random.Random(f"verify:{seed}:{name}").sample(ids, min(sample, len(ids))))
+    if sample is None:
+        chosen = ids
+    else:
+        chosen = sorted(random.Random(f"verify:{seed}:{name}").sample(ids, min(sample, len(ids))))
     if not chosen:
         return
     fresh = {r["id"]: r for r in task.run(backend, only=set(chosen)).items}
@@ -127,7 +130,8 @@ def check_task(task_record: dict, backend, sample: int | None, seed: int, tolera
             continue
         for f in task.exact_fields:
             if f in old and old.get(f) != new.get(f):
-                v.findings.append(f"{name}: item {i}: {f} is {_short(old.get(f))} in the report, {_short(new.get(f))} now")
+                v.findings.append(f"{name}: item {i}: {f} is {_short(old.get(f))} in the report, "
+                                  f"{_short(new.get(f))} now")
                 bad += 1
         for f in task.close_fields:
             if f in old and not _close(old.get(f), new.get(f), tolerance):

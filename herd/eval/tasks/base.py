@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from herd.eval.data import DataError, sha256_file
 
@@ -93,5 +93,3 @@ def require_file(path, task: str, what: str = "--data PATH") -> Path:
         raise DataError(f"task {task!r}: data file {str(p)!r} does not exist")
     return p
 
-
-Factory = Callable[..., Task]

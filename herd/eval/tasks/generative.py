@@ -105,8 +105,8 @@ class GenerativeTask(Task):
                 mine = samples[n * k:(n + 1) * k]
                 votes = [self.extract(s.text)[self.extractors[-1]] for s in mine]
                 voted = majority(votes)
-                record["self_consistency"] = {"outputs": [s.text for s in mine], "answers": votes,
-                                              "majority": voted, "completion_tokens": sum(s.completion_tokens for s in mine),
+                record["self_consistency"] = {"outputs": [s.text for s in mine], "answers": votes, "majority": voted,
+                                              "completion_tokens": sum(s.completion_tokens for s in mine),
                                               "prompt_sha256": sha256_text("".join(s.prompt_sha256 for s in mine))}
                 record["score"]["self_consistency"] = float(voted == target)
             records.append(record)
@@ -115,7 +115,8 @@ class GenerativeTask(Task):
     facets: ClassVar[tuple[str, ...]] = ()  # item fields copied to records and tabulated (length, depth ...)
 
     def aggregate(self, records: list[dict]) -> TaskResult:
-        names = list(self.extractors) + (["self_consistency"] if records and "self_consistency" in records[0]["score"] else [])
+        voted = bool(records) and "self_consistency" in records[0]["score"]
+        names = list(self.extractors) + (["self_consistency"] if voted else [])
         metrics = {name: mean_score([r["score"][name] for r in records]) for name in names}
         compute = {"requests": len(records), "greedy_completion_tokens": sum(r["completion_tokens"] for r in records)}
         if "self_consistency" in names:
