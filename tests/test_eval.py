@@ -128,6 +128,7 @@ def test_in_process_equals_herd_serve_with_echo(tiny, mc_file, tmp_path):
     text.write_text(TEXT[:600], encoding="utf-8")
     tasks = [make_task("mc", data=str(mc_file)), make_task("perplexity", data=str(text), context=40)]
     local = [t.run(EngineBackend(llm, batch_size=8)) for t in tasks]
+    engine = [t.run(EngineBackend(llm, batch_size=8, scoring="engine")) for t in tasks]
     app = create_app(llm, max_batch=8, context=256, model_id="tiny")
     with ServerThread(app) as srv:
         backend = ServerBackend(srv.url, batch_size=3)
@@ -147,6 +148,8 @@ def test_in_process_equals_herd_serve_with_echo(tiny, mc_file, tmp_path):
             return [x for r in items for x in (r["output"] if isinstance(r["output"], list) else [r["output"]])]
 
         assert flat(a.items) == pytest.approx(flat(b.items), abs=1e-5)
+    for a, b in zip(engine, remote):  # herd serve prefills each prompt alone, as engine scoring does: same bits
+        assert [r["output"] for r in a.items] == [r["output"] for r in b.items]
         assert [r["prompt_sha256"] for r in a.items] == [r["prompt_sha256"] for r in b.items]
     assert report["model"]["weights_known"] is False and report["model"]["fingerprint"] is None
     assert "unknown" in report["model"]["note"]

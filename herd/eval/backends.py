@@ -34,7 +34,7 @@ DETERMINISM = {
                      "differ between batch sizes in the last bits (float32: within 1e-6 relative, measured by "
                      "tests/test_eval.py), which moves a decision only between choices that tie that closely; "
                      "engine scoring (--scoring engine): every prompt is prefilled alone in one forward of its "
-                     "own tokens, bit-identical at any batch size",
+                     "own tokens, bit-identical at any batch size and to herd serve's echo of the same model",
     "generate": "the decode step runs the batch's sequences as one [B, 1] forward; matrix products of "
                 "different B may round the last bits differently, which can flip a greedy choice only where "
                 "two tokens' logits tie within that rounding (about 1e-6 relative in float32, 1e-2 in "
