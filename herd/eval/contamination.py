@@ -16,6 +16,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
+from herd.errors import ContextOverflow
 from herd.eval.data import iter_corpus_lines
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -67,7 +68,7 @@ def min_k(llm, text: str, k: float = 0.2) -> tuple[float, float]:
     if len(ids) < 2:
         return float("nan"), float("nan")
     if len(ids) > llm.config.max_seq_len:
-        ids = ids[:llm.config.max_seq_len]  # the statistic is of a prefix; the report records the count
+        raise ContextOverflow(f"an item of {len(ids)} tokens exceeds the model's context of {llm.config.max_seq_len}")
     logprobs = torch.log_softmax(llm.logits(ids).double(), dim=-1)[:-1]
     target = torch.tensor(ids[1:])
     token_lp = logprobs.gather(1, target[:, None])[:, 0]
