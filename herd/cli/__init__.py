@@ -14,6 +14,7 @@ COMMANDS = {
     "serve": ("herd.cli.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "quantize": ("herd.cli.quantize", "write an HF or Meta checkpoint as int4 (q4) or int8 (q8) weights"),
     "bench": ("herd.cli.bench", "decode/prefill speed, first-token time and memory vs llama.cpp and HF"),
+    "eval": ("herd.cli.eval", "score a model on tasks; verify, compare and sign the reports"),
 }
 
 
@@ -82,7 +83,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     own arguments are parsed intermixed (argparse cannot do that across subparsers, so the command is
     picked here and its parser run on the rest)."""
     if argv and argv[0] in parser.commands:
-        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        if hasattr(module, "parse_command"):  # a command with commands of its own (`herd eval verify ...`)
+            args = module.parse_command(parser.commands[argv[0]], argv[1:])
+        else:
+            args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
         args.command, args.version = argv[0], False
         return args
     return parser.parse_args(argv)
