@@ -33,8 +33,10 @@ DETERMINISM = {
                      "which rows share a forward changes the shapes of the matrix products, so log-likelihoods "
                      "differ between batch sizes in the last bits (float32: within 1e-6 relative, measured by "
                      "tests/test_eval.py), which moves a decision only between choices that tie that closely; "
-                     "engine scoring (--scoring engine): every prompt is prefilled alone in one forward of its "
-                     "own tokens, bit-identical at any batch size and to herd serve's echo of the same model",
+                     "engine scoring (--scoring engine): the engine prefills the prompts of one step together, "
+                     "right-padded into groups of similar length (herd.engine.runner.prefill_groups), so the "
+                     "same bound holds: which prompts share a forward depends on the batch size and on arrival "
+                     "order, as it does in herd serve",
     "generate": "the decode step runs the batch's sequences as one [B, 1] forward; matrix products of "
                 "different B may round the last bits differently, which can flip a greedy choice only where "
                 "two tokens' logits tie within that rounding (about 1e-6 relative in float32, 1e-2 in "
@@ -75,8 +77,8 @@ class EngineBackend:
     """A loaded herd.LLM in this process. Log-likelihoods: `scoring="batched"` (default) runs up to
     `batch_size` requests, longest first and right-padded, as one [B, T] forward of herd.LLM.logits (causal
     attention: padding after a row's last token cannot change its earlier positions); `scoring="engine"`
-    submits every request to herd's engine as a prompt-only request with prompt logprobs (each prompt its
-    own forward). Generation always runs on the engine."""
+    submits every request to herd's engine as a prompt-only request with prompt logprobs (the engine's
+    batched prefill, as herd serve runs it). Generation always runs on the engine."""
 
     kind = "in-process"
     logits_budget = 1 << 28  # most float32 logits one batched forward may return (1 GiB)
