@@ -14,7 +14,7 @@ from herd.fingerprint import fingerprint
 from herd.formats import Checkpoint, open_checkpoint
 from herd.decoding import TokenLogprob
 from herd.generate import Completion, GenerationStep, generate_steps
-from herd.loader import check_vocabulary, load_model, mask_padding_rows
+from herd.loader import apply_adapter, check_vocabulary, load_model, mask_padding_rows
 from herd.models import resolve
 from herd.model import Transformer
 from herd.sampling import SamplingParams
@@ -34,6 +34,7 @@ class LLM:
         self.checkpoint = checkpoint
         self.model = model
         self._tokenizer = tokenizer
+        self.adapter: dict | None = None  # settings of a LoRA adapter applied at load (herd.load(adapter=...))
 
     @property
     def config(self) -> ModelArgs:
@@ -159,6 +160,7 @@ def load(
     quantized: bool | None = None,
     compile: bool | None = None,
     threads: int | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> LLM:
     """Load a model: a GGUF file, an HF directory (config.json + safetensors), a Meta checkpoint
     directory (params.json + consolidated.NN.pth), a directory written by `herd quantize`, or a known
@@ -168,7 +170,9 @@ def load(
     Q4_0/Q4_1/Q4_K/Q8_0/..., `herd quantize` output) stays quantized and computes in bfloat16 unless
     `dtype` is float32 (the exact dequantized path) or `quantized=False`; `quantized=True` insists.
     `compile`: torch.compile the decode step (None: herd.runtime decides; needs a C++ compiler).
-    `threads`: CPU threads for PyTorch (default: the number of physical cores)."""
+    `threads`: CPU threads for PyTorch (default: the number of physical cores).
+    `adapter`: a PEFT-format LoRA adapter directory (herd's `finetune` output or HF peft's) applied over
+    the base, which then loads dense (a quantized file is dequantized); `llm.adapter` holds its settings."""
     from herd.runtime import compile_decode, set_threads
 
     set_threads(threads)
@@ -180,8 +184,15 @@ def load(
     tokenizer = load_tokenizer(checkpoint.tokenizer) if checkpoint.tokenizer is not None else None
     if tokenizer is not None:
         check_vocabulary(checkpoint, tokenizer)
+    if adapter is not None:
+        if quantized:
+            raise HerdError("an adapter applies over a dense base: load it with quantized=False")
+        quantized = False
     model = load_model(checkpoint, device=device, dtype=dtype, progress=progress, quantized=quantized)
+    settings = apply_adapter(model, adapter, checkpoint.args) if adapter is not None else None
     if tokenizer is not None:
         mask_padding_rows(model, tokenizer.vocab_size)
     compile_decode(model, compile)
-    return LLM(checkpoint, model, tokenizer)
+    llm = LLM(checkpoint, model, tokenizer)
+    llm.adapter = settings
+    return llm

@@ -1,0 +1,122 @@
+"""Writing what fine-tuning made: the adapter in PEFT's format, and any loadable model (an adapter merged
+in or not) as an HF directory or a GGUF file, each with its lineage record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from herd.errors import HerdError
+from herd.fingerprint import fingerprint
+from herd.formats.hf_writer import LINEAGE_FILE, read_lineage
+from herd.quant import GGMLTensor
+from herd.transforms.lora import lora_state_dict, merge_lora
+
+FORMATS = ("hf", "gguf")
+
+
+def canonical_state(model, args) -> dict[str, torch.Tensor]:
+    """The model's weights under herd's canonical names (a padded-vocab output and LoRA wrappers unwrapped;
+    a tied output appears once, as the embedding)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        name = name.replace("output.inner.", "output.")
+        if name == "output.weight" and args.tie_embeddings:
+            continue
+        out[name] = t
+    return out
+
+
+def adapter_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    return fingerprint({k: v.float().contiguous() for k, v in tensors.items()})
+
+
+def write_adapter_dir(out, model, args, rank: int, alpha: float, dropout: float, lineage: dict | None,
+                      base_name: str | None = None) -> Path:
+    from herd.formats.peft import write_adapter
+
+    out = write_adapter(out, lora_state_dict(model), args, rank, alpha, dropout, base_name)
+    if lineage is not None:
+        (Path(out) / LINEAGE_FILE).write_text(json.dumps({"format": "herd-lineage", "lineage": lineage}, indent=2))
+    return Path(out)
+
+
+def _rope_divisors(args):
+    from dataclasses import replace
+
+    from herd.model.rope import inverse_frequencies
+
+    if args.rope_scaling is None or args.rope_scaling.kind != "llama3":
+        return None
+    plain = inverse_frequencies(replace(args, rope_scaling=None)).double()
+    return (plain / inverse_frequencies(args).double()).float().numpy()
+
+
+def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str = "F16",
+                 hf_dtype: torch.dtype | None = None) -> tuple[Path, str]:
+    """Write `llm`'s model (LoRA merged in first) as `to` ("hf" or "gguf"); returns (path, new fingerprint).
+    The fingerprint is of the tensors exactly as written, so `herd info OUT` shows the same value; the
+    lineage record, when given, gets it as "fingerprint"."""
+    if to not in FORMATS:
+        raise HerdError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+    ck = llm.checkpoint
+    merge_lora(llm.model)
+    tensors = canonical_state(llm.model, ck.args)
+    if to == "hf":
+        from herd.formats.hf_writer import write_hf
+
+        stored = {k: (v.to(hf_dtype) if hf_dtype else v).detach().cpu().contiguous() for k, v in tensors.items()}
+        new_fp = fingerprint(stored)
+        if lineage is not None:
+            lineage = {**lineage, "fingerprint": new_fp}
+        path = write_hf(out, ck.args, stored, ck.tokenizer, ck.chat_template, ck.eos_token_ids, lineage)
+        return path, new_fp
+    import gguf
+
+    from herd.formats.gguf_writer import write_gguf
+    from herd.quant.ggml import GGMLType
+
+    # the bytes gguf-py will write, fingerprinted as herd reads them back
+    stored = {}
+    for k, v in tensors.items():
+        arr = v.detach().float().cpu().numpy()
+        qtype = gguf.GGMLQuantizationType.F32 if arr.ndim <= 1 or k.endswith("norm.weight") else \
+            getattr(gguf.GGMLQuantizationType, gguf_type)
+        try:
+            data = gguf.quants.quantize(arr, qtype)
+        except gguf.QuantError:
+            qtype = gguf.GGMLQuantizationType.F16
+            data = gguf.quants.quantize(arr, qtype)
+        if GGMLType(int(qtype)) in (GGMLType.F32, GGMLType.F16):  # herd reads float types as torch tensors
+            stored[k] = torch.from_numpy(data.copy()).reshape(arr.shape)
+        else:
+            stored[k] = GGMLTensor(int(qtype), tuple(arr.shape), data.view("uint8").reshape(-1), k)
+    new_fp = fingerprint(stored)
+    if lineage is not None:
+        lineage = {**lineage, "fingerprint": new_fp}
+    path = write_gguf(out, ck.args, tensors, ck.tokenizer, name=str(ck.metadata.get("general.name", "herd export")),
+                      out_type=gguf_type, chat_template=ck.chat_template, lineage=lineage,
+                      rope_divisors=_rope_divisors(ck.args))
+    return path, new_fp
+
+
+def source_lineage(llm, adapter: str | Path | None) -> dict:
+    """The lineage of an export: the adapter's own record when it has one (base, data, hyperparameters),
+    else a record naming the source (and adapter) it was converted from."""
+    from herd.finetune.lineage import make_lineage
+
+    base = {"path": str(llm.checkpoint.path), "format": llm.checkpoint.format, "fingerprint": llm.fingerprint}
+    if adapter is not None:
+        recorded = read_lineage(adapter)
+        if recorded is not None:
+            return {**recorded, "exported_from": {**base, "adapter": str(adapter)}}
+        return make_lineage(base, "adapter (no lineage record)", {"adapter": str(adapter), **(llm.adapter or {})}, None)
+    recorded = read_lineage(llm.checkpoint.path) or llm.checkpoint.metadata.get("herd.lineage")
+    if recorded:
+        return {**recorded, "exported_from": base}
+    return make_lineage(base, "conversion", {}, None)
+
+
+__all__ = ["export_model", "write_adapter_dir", "canonical_state", "adapter_fingerprint", "source_lineage", "FORMATS"]
