@@ -30,9 +30,10 @@ ALLOWED = {
     "engine": {"model", "sampling", "tokenizer", "errors", "decoding", "chat"},
     "api": {"chat", "config", "errors", "fingerprint", "formats", "decoding", "generate", "loader", "model",
             "models", "runtime", "sampling", "tokenizer"},
+    "finetune": {"chat", "config", "errors", "fingerprint", "formats", "model", "quant", "tokenizer", "transforms"},
     "server": {"api", "engine", "chat", "errors", "sampling", "tokenizer"},
     "cli": set(TOP_LEVEL) - {"cli", "__main__"},
-    "__init__": {"api", "sampling", "errors"},
+    "__init__": {"api", "sampling", "errors", "finetune"},
     "__main__": {"cli"},
 }
 # Known violations, each with the issue that removes it (none now; listed here so nothing creeps in unseen).

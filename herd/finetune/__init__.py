@@ -86,12 +86,13 @@ def _dataset_info(ds) -> dict:
 
 
 def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bool | str | Path = False,
-             progress: bool = True, device=None, **options) -> FinetuneResult:
+             progress: bool = True, device=None, stop_at: int | None = None, **options) -> FinetuneResult:
     """Fine-tune `source` (anything herd.load takes) on `data` and write the result into `out` (see the module
     doc). `options` are TrainConfig fields (steps, epochs, batch_size, grad_accum, lr, warmup_steps, max_len,
     lora_rank, lora_alpha, lora_dropout, lora_targets, dtype, activation_checkpointing, seed, eval_every,
     save_every, ...). `resume`: True continues from the latest checkpoint under out/checkpoints, a path from
-    that checkpoint."""
+    that checkpoint. `stop_at`: end after that step with a checkpoint, as an interrupted run would (the
+    schedule stays that of the whole run); the adapter or model written is the one of that step."""
     import torch
 
     from herd.finetune.data import file_sha256, load_dataset, pack
@@ -155,7 +156,7 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
             on_step(record)
             report(record)
 
-        trainer.run(on_step=step_and_report, checkpoint_dir=out / "checkpoints")
+        trainer.run(until=stop_at, on_step=step_and_report, checkpoint_dir=out / "checkpoints")
     if trainer.eval_items and (not trainer.history["eval"] or trainer.history["eval"][-1]["step"] != trainer.step):
         trainer.evaluate()
         on_step({"step": trainer.step, "eval_loss": trainer.history["eval"][-1]["loss"]})

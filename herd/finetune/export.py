@@ -112,11 +112,13 @@ def source_lineage(llm, adapter: str | Path | None) -> dict:
         recorded = read_lineage(adapter)
         if recorded is not None:
             return {**recorded, "exported_from": {**base, "adapter": str(adapter)}}
-        return make_lineage(base, "adapter (no lineage record)", {"adapter": str(adapter), **(llm.adapter or {})}, None)
+        record = make_lineage(base, "adapter (no lineage record)", {"adapter": str(adapter), **(llm.adapter or {})},
+                              None)
+        return {**record, "exported_from": {**base, "adapter": str(adapter)}}
     recorded = read_lineage(llm.checkpoint.path) or llm.checkpoint.metadata.get("herd.lineage")
     if recorded:
         return {**recorded, "exported_from": base}
-    return make_lineage(base, "conversion", {}, None)
+    return {**make_lineage(base, "conversion", {}, None), "exported_from": base}
 
 
 __all__ = ["export_model", "write_adapter_dir", "canonical_state", "adapter_fingerprint", "source_lineage", "FORMATS"]

@@ -1,0 +1,405 @@
+"""Fine-tuning against independent references: one LoRA step equals HF transformers + HF peft (loss and every
+LoRA gradient), one full step equals transformers (every gradient), QLoRA over a GGUF base equals HF + peft on
+gguf-py's dequantization, the DPO loss equals TRL's sigmoid formula on transformers' log-probabilities; HF peft
+loads herd's adapter, transformers loads herd's merged export, both giving herd's logits; a resumed run equals
+an uninterrupted one; packing keeps examples apart (each gives transformers' logits for it alone)."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import herd
+from herd.errors import DataError
+from herd.finetune.data import Example, Row, collate, load_dataset, pack
+from herd.finetune.forward import logits as packed_logits
+from herd.finetune.forward import loss_sum, sequence_logprobs
+from herd.formats.hf import permute_for_interleaved
+from herd.transforms.lora import TARGETS, add_lora, lora_modules
+from tests.fixtures import build as B
+
+GEN = "llama3"
+SPEC = B.SPECS[GEN]
+ALL = list(TARGETS)
+HF_NAMES = [TARGETS[t][1].split(".")[1] for t in ALL]
+TOL = 1e-5
+
+
+def hf_module(peft_model, herd_name: str):
+    _, layer, attr = herd_name.split(".", 2)
+    short = next(k for k, (h, _) in TARGETS.items() if h == attr)
+    return short, peft_model.base_model.model.model.layers[int(layer)].get_submodule(TARGETS[short][1])
+
+
+def heads(short):
+    return SPEC.n_heads if short == "q" else SPEC.n_kv_heads
+
+
+def to_herd_rows(t, short):
+    """HF q/k output rows (rotate_half) in herd's interleaved order."""
+    return permute_for_interleaved(t, heads(short)) if short in ("q", "k") else t
+
+
+def peft_pair(hf_model, llm, rank=4, alpha=8.0, seed=1):
+    """HF peft and herd LoRA over the same base, with the same random (non-zero) A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    add_lora(llm.model, ALL, rank=rank, alpha=alpha)
+    peft_model = get_peft_model(hf_model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=HF_NAMES,
+                                                     lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, m in lora_modules(llm.model).items():
+            short, pm = hf_module(peft_model, name)
+            a = torch.randn(pm.lora_A["default"].weight.shape, generator=g) * 0.1
+            b = torch.randn(pm.lora_B["default"].weight.shape, generator=g) * 0.1
+            pm.lora_A["default"].weight.copy_(a)
+            pm.lora_B["default"].weight.copy_(b)
+            m.lora_A.copy_(a)
+            m.lora_B.copy_(to_herd_rows(b, short))
+    return peft_model
+
+
+def batch_and_labels(length=24, prompt=5):
+    ids = B.tokens(GEN, batch=2, length=length)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    rows = []
+    for r in range(2):
+        row = Row()
+        row.add(Example(ids[r].tolist(), [False] * prompt + [True] * (length - prompt)))
+        rows.append(row)
+    return ids, labels, collate(rows)
+
+
+def close(a, b, tol=TOL):
+    scale = max(1.0, b.abs().max().item())
+    return (a - b).abs().max().item() <= tol * scale
+
+
+def test_one_lora_step_matches_peft():
+    ref = B.reference(GEN)
+    llm = herd.load(ref.hf_dir, device="cpu", dtype="float32")
+    peft_model = peft_pair(copy.deepcopy(ref.model), llm)
+    ids, labels, batch = batch_and_labels()
+    want = peft_model(input_ids=ids, labels=labels)
+    want.loss.backward()
+    got = loss_sum(llm.model, batch) / batch.n_targets
+    got.backward()
+    assert batch.n_targets == int((labels[:, 1:] != -100).sum())
+    assert abs(got.item() - want.loss.item()) < 1e-5, (got.item(), want.loss.item())
+    for name, m in lora_modules(llm.model).items():
+        short, pm = hf_module(peft_model, name)
+        assert close(m.lora_A.grad, pm.lora_A["default"].weight.grad), name
+        assert close(m.lora_B.grad, to_herd_rows(pm.lora_B["default"].weight.grad, short)), name
+    assert all(p.grad is None for n, p in llm.model.named_parameters() if "lora_" not in n)  # base frozen
+
+
+def test_one_full_step_matches_transformers():
+    from herd.finetune import TrainConfig, prepare_model
+
+    ref = B.reference(GEN)
+    hf = copy.deepcopy(ref.model).train()
+    llm = herd.load(ref.hf_dir, device="cpu", dtype="float32")
+    prepare_model(llm, TrainConfig(method="full"))
+    ids, labels, batch = batch_and_labels()
+    want = hf(input_ids=ids, labels=labels)
+    want.loss.backward()
+    got = loss_sum(llm.model, batch) / batch.n_targets
+    got.backward()
+    assert abs(got.item() - want.loss.item()) < 1e-5
+    grads = {n: p.grad for n, p in hf.named_parameters()}
+    params = dict(llm.model.named_parameters())
+    assert close(params["tok_embeddings.weight"].grad, grads["model.embed_tokens.weight"])
+    assert close(params["output.weight"].grad, grads["lm_head.weight"])
+    assert close(params["norm.weight"].grad, grads["model.norm.weight"])
+    for i in range(SPEC.n_layers):
+        for short in ALL:
+            herd_attr, hf_attr = TARGETS[short]
+            want_grad = grads[f"model.layers.{i}.{hf_attr}.weight"]
+            assert close(params[f"layers.{i}.{herd_attr}.weight"].grad, to_herd_rows(want_grad, short)), (i, short)
+        assert close(params[f"layers.{i}.attention_norm.weight"].grad, grads[f"model.layers.{i}.input_layernorm.weight"])
+
+
+def test_packed_examples_do_not_attend_across_boundaries():
+    ref = B.reference(GEN)
+    llm = herd.load(ref.hf_dir, device="cpu", dtype="float32")
+    a, b = B.tokens(GEN, length=9, seed=3), B.tokens(GEN, length=13, seed=4)
+    rows = pack([Example(a.tolist(), [True] * 9), Example(b.tolist(), [True] * 13)], max_len=32)
+    assert len(rows) == 1 and rows[0].positions == list(range(9)) + list(range(13))
+    with torch.no_grad():
+        got = packed_logits(llm.model, collate(rows))[0]
+    assert close(got[:9], ref.logits(a), 1e-4) and close(got[9:], ref.logits(b), 1e-4)
+
+
+def test_qlora_step_over_gguf_matches_peft_on_gguf_py_dequantized_weights():
+    """The base stays GGML Q8_0 blocks (dequantized band by band); the reference is HF + peft on the weights
+    gguf-py dequantizes from the same file."""
+    from herd.transforms.qlora import BlockDequantLinear
+
+    ref = B.reference(GEN)
+    path = ref.gguf("Q8_0")
+    hf = B.model_with_state_dict(GEN, B.hf_state_dict_from_gguf(path, GEN))
+    llm = herd.load(path, device="cpu", quantized="trainable")
+    assert isinstance(llm.model.layers[0].attention.wq, BlockDequantLinear)
+    assert not any(p.numel() > SPEC.dim for p in llm.model.parameters())  # only norms are float tensors
+    peft_model = peft_pair(hf, llm)
+    ids, labels, batch = batch_and_labels()
+    want = peft_model(input_ids=ids, labels=labels)
+    want.loss.backward()
+    got = loss_sum(llm.model, batch) / batch.n_targets
+    got.backward()
+    assert abs(got.item() - want.loss.item()) < 1e-5
+    for name, m in lora_modules(llm.model).items():
+        short, pm = hf_module(peft_model, name)
+        assert close(m.lora_A.grad, pm.lora_A["default"].weight.grad), name
+        assert close(m.lora_B.grad, to_herd_rows(pm.lora_B["default"].weight.grad, short)), name
+
+
+def test_dpo_loss_matches_trl_formula():
+    """TRL's sigmoid DPO loss, -logsigmoid(beta * ((pc - pr) - (rc - rr))), on log-probabilities transformers
+    computes for the same completions; the reference values are herd's own model before training."""
+    from herd.finetune import TrainConfig, prepare_model
+    from herd.finetune.dpo import DPOTrainer, Pair
+
+    ref = B.reference(GEN)
+    llm = herd.load(ref.hf_dir, device="cpu", dtype="float32")
+    config = TrainConfig(method="dpo", batch_size=2, dpo_beta=0.3, lora_rank=4)
+    torch.manual_seed(0)
+    prepare_model(llm, config)
+    pairs, seqs = [], []
+    for i in range(2):
+        prompt = B.tokens(GEN, length=6, seed=10 + i).tolist()
+        chosen, rejected = B.tokens(GEN, length=5, seed=20 + i).tolist(), B.tokens(GEN, length=7, seed=30 + i).tolist()
+        rows = []
+        for tail in (chosen, rejected):
+            row = Row()
+            row.add(Example(prompt + tail, [False] * 6 + [True] * len(tail)))
+            rows.append(row)
+            seqs.append((prompt, tail))
+        pairs.append(Pair(*rows))
+    trainer = DPOTrainer(llm.model, config, pairs)
+    with torch.no_grad():  # move the policy away from the reference
+        for m in lora_modules(llm.model).values():
+            m.lora_B.normal_(0, 0.05)
+
+    def hf_logp(model, prompt, tail):
+        ids = torch.tensor([prompt + tail])
+        logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        return logp[torch.arange(len(prompt) - 1, ids.shape[1] - 1), torch.tensor(tail)].sum()
+
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(ref.model)
+    with torch.no_grad():
+        ref_logps = [hf_logp(base, p, t) for p, t in seqs]
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=config.lora_alpha, target_modules=HF_NAMES))
+    with torch.no_grad():
+        for name, m in lora_modules(llm.model).items():
+            short, pm = hf_module(policy, name)
+            pm.lora_A["default"].weight.copy_(m.lora_A)
+            pm.lora_B["default"].weight.copy_(_to_hf_rows(m.lora_B, short))
+        pol = [hf_logp(policy, p, t) for p, t in seqs]
+    beta = config.dpo_beta
+    want = torch.stack([-F.logsigmoid(beta * ((pol[2 * i] - pol[2 * i + 1]) - (ref_logps[2 * i] - ref_logps[2 * i + 1])))
+                        for i in range(2)]).mean()
+    for i, pair in enumerate(pairs):
+        assert abs(pair.ref_chosen - ref_logps[2 * i].item()) < 1e-4
+    batch = trainer.make_batch(pairs)
+    got = trainer.loss(batch) / trainer.count(batch)
+    assert abs(got.item() - want.item()) < 1e-5, (got.item(), want.item())
+
+
+def _to_hf_rows(t, short):
+    from herd.formats.hf import permute_for_rotate_half
+
+    return permute_for_rotate_half(t, heads(short)) if short in ("q", "k") else t
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def prompt_completion_data(path, n=12):
+    return write_jsonl(path, [{"prompt": f"the cat {i} sat", "completion": " on the mat" * (1 + i % 3)}
+                              for i in range(n)])
+
+
+def test_data_errors_name_file_and_line(tmp_path, smollm2):
+    tok, fmt = smollm2.tokenizer, smollm2.chat_format
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_dataset(bad, tok, fmt, 64)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "c"}])
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: a text record"):
+        load_dataset(mixed, tok, fmt, 64)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "a", "completion": "b"},
+                                                 {"prompt": "a", "completion": "word " * 50}])
+    with pytest.raises(DataError, match=r"long\.jsonl:2: \d+ tokens, longer than --max-len 16"):
+        load_dataset(long, tok, fmt, 16)
+    ds = load_dataset(long, tok, fmt, 16, truncate=True)
+    assert ds.truncated == 1 and max(len(e.ids) for e in ds.examples) == 16
+
+
+def test_chat_loss_is_on_assistant_turns_only(tmp_path, smollm2):
+    tok, fmt = smollm2.tokenizer, smollm2.chat_format
+    conv = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"},
+            {"role": "user", "content": "Again."}, {"role": "assistant", "content": "Hello again."}]
+    ds = load_dataset(write_jsonl(tmp_path / "chat.jsonl", [{"messages": conv}]), tok, fmt, 256)
+    (e,) = ds.examples
+    assert e.ids == smollm2.tokenizer.encode(fmt.render_text(conv, add_generation_prompt=False), special=True) or \
+        e.ids[:3] == smollm2.chat_prompt(conv[:1])[:3]
+    spans, current = [], []
+    for t, trained in zip(e.ids, e.train):
+        if trained:
+            current.append(t)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    if current:
+        spans.append(tok.decode(current))
+    assert [s.strip() for s in spans] == ["Hi there!<|im_end|>", "Hello again.<|im_end|>"], spans
+
+
+# ---- runs, resume, export ------------------------------------------------------------------------------------
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    from safetensors.torch import load_file
+
+    gguf = B.reference(GEN).gguf("F32")
+    data = prompt_completion_data(tmp_path / "train.jsonl")
+    opts = dict(steps=4, batch_size=2, grad_accum=2, lr=1e-2, lora_dropout=0.1, warmup_steps=1, seed=7,
+                progress=False, max_len=64)
+    whole = herd.finetune(str(gguf), data, tmp_path / "whole", **opts)
+    herd.finetune(str(gguf), data, tmp_path / "part", save_every=2, stop_at=2, **opts)
+    # a new process would start here: only the files in part/ carry the state
+    resumed = herd.finetune(str(gguf), data, tmp_path / "part", resume=True, **opts)
+    assert resumed.steps == whole.steps == 4
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "part" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.train_loss == resumed.train_loss
+    assert (tmp_path / "whole" / "loss.png").stat().st_size > 1000
+
+
+def test_finetune_cli_writes_adapter_log_curve_and_lineage(tmp_path, capsys):
+    from herd.cli import main
+
+    gguf = B.reference(GEN).gguf("F32")
+    data = prompt_completion_data(tmp_path / "train.jsonl")
+    rc = main(["finetune", str(gguf), "--data", str(data), "--eval-data", str(data), "--out", str(tmp_path / "run"),
+               "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--lora-targets", "q,v", "--eval-every", "1",
+               "--activation-checkpointing"])
+    assert rc == 0
+    run = tmp_path / "run"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in log if "eval_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    lineage = json.loads((run / "adapter" / "herd.json").read_text())["lineage"]
+    import hashlib
+
+    assert lineage["data"]["train"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert lineage["base"]["fingerprint"] == herd.load(str(gguf), dtype="float32").fingerprint
+    assert lineage["hyperparameters"]["lora_targets"] == ["q", "v"] or lineage["hyperparameters"]["lora_targets"] == ("q", "v")
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    capsys.readouterr()
+    assert main(["info", str(run / "adapter")]) in (0, None)
+    shown = capsys.readouterr().out
+    assert lineage["base"]["fingerprint"] in shown and lineage["data"]["train"]["sha256"] in shown
+
+
+def trained_adapter(tmp_path, ref):
+    """A herd adapter with random non-zero weights over the tiny HF model, written in PEFT's format."""
+    from herd.finetune.export import write_adapter_dir
+
+    llm = herd.load(ref.hf_dir, device="cpu", dtype="float32")
+    torch.manual_seed(3)
+    add_lora(llm.model, ALL, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for m in lora_modules(llm.model).values():
+            m.lora_B.normal_(0, 0.1)
+    return write_adapter_dir(tmp_path / "adapter", llm.model, llm.config, 4, 8.0, 0.0, None), llm
+
+
+def test_hf_peft_loads_herd_adapter_with_herds_logits(tmp_path):
+    from peft import PeftModel
+
+    ref = B.reference(GEN)
+    adapter, trained = trained_adapter(tmp_path, ref)
+    ids = B.tokens(GEN)
+    loaded = herd.load(ref.hf_dir, device="cpu", dtype="float32", adapter=adapter)
+    got = loaded.logits(ids)
+    assert close(got, trained.logits(ids), 1e-6)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(ref.model), str(adapter)).eval()
+    with torch.no_grad():
+        want = peft_model(input_ids=ids[None]).logits[0]
+    assert close(got, want, 1e-4)
+    assert not close(got, ref.logits(ids), 1e-3)  # the adapter does change the model
+
+
+def test_merged_hf_export_loads_in_transformers_with_herds_logits(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from herd.cli import main
+
+    ref = B.reference(GEN)
+    adapter, trained = trained_adapter(tmp_path, ref)
+    out = tmp_path / "merged"
+    assert main(["export", str(ref.hf_dir), "--adapter", str(adapter), "--to", "hf", str(out)]) in (0, None)
+    ids = B.tokens(GEN)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(input_ids=ids[None]).logits[0]
+    assert close(trained.logits(ids), want, 1e-4)
+    back = herd.load(out, device="cpu", dtype="float32")
+    lineage = json.loads((out / "herd.json").read_text())["lineage"]
+    assert lineage["fingerprint"] == back.fingerprint
+    assert lineage["exported_from"]["fingerprint"] == herd.load(ref.hf_dir, dtype="float32").fingerprint
+    capsys.readouterr()
+    main(["info", str(out)])
+    assert back.fingerprint in capsys.readouterr().out
+
+
+def llm_base_logits(path, ids):
+    return herd.load(path, dtype="float32").logits(ids)
+
+
+def test_gguf_export_of_smollm2_with_adapter_keeps_greedy_tokens(tmp_path, smollm2_path):
+    """LoRA over the real Q4_1 SmolLM2, merged and written as GGUF F16 by herd export: herd loads it back and
+    decodes the same greedy tokens as the base with the adapter applied."""
+    from herd.finetune.export import write_adapter_dir
+    from herd.cli import main
+
+    llm = herd.load(smollm2_path, device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    add_lora(llm.model, ["q", "v", "down"], rank=4, alpha=8.0)
+    with torch.no_grad():
+        for m in lora_modules(llm.model).values():
+            m.lora_B.normal_(0, 0.02)
+    adapter = write_adapter_dir(tmp_path / "adapter", llm.model, llm.config, 4, 8.0, 0.0, None)
+    out = tmp_path / "merged.gguf"
+    assert main(["export", str(smollm2_path), "--adapter", str(adapter), "--to", "gguf", str(out)]) in (0, None)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with_adapter = herd.load(smollm2_path, dtype="float32", adapter=adapter)
+    want = with_adapter.chat(messages, max_tokens=12, temperature=0).token_ids
+    exported = herd.load(out, dtype="float32")
+    assert exported.chat(messages, max_tokens=12, temperature=0).token_ids == want
+    ids = with_adapter.chat_prompt(messages)
+    merged_shift = (exported.logits(ids) - llm_base_logits(smollm2_path, ids)).abs().max().item()
+    f16_error = (exported.logits(ids) - with_adapter.logits(ids)).abs().max().item()
+    assert f16_error < 0.1 * merged_shift, (f16_error, merged_shift)  # the adapter is in the merged weights
+    lineage = json.loads(exported.checkpoint.metadata["general.herd.lineage"])
+    assert lineage["fingerprint"] == exported.fingerprint
