@@ -306,7 +306,7 @@ def test_finetune_cli_writes_adapter_log_curve_and_lineage(tmp_path, capsys):
     run = tmp_path / "run"
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
-    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert len(evals) == 4 and evals[-1] < evals[0]  # step 0, then every step
     lineage = json.loads((run / "adapter" / "herd.json").read_text())["lineage"]
     import hashlib
 
@@ -403,3 +403,31 @@ def test_gguf_export_of_smollm2_with_adapter_keeps_greedy_tokens(tmp_path, smoll
     assert f16_error < 0.1 * merged_shift, (f16_error, merged_shift)  # the adapter is in the merged weights
     lineage = json.loads(exported.checkpoint.metadata["general.herd.lineage"])
     assert lineage["fingerprint"] == exported.fingerprint
+
+
+def test_smollm2_lora_learns_an_answer_tag(tmp_path, smollm2_path):
+    """A short LoRA run on SmolLM2 (chat data, answers wrapped in a tag the model does not use): eval loss falls
+    and greedy answers to held-out questions follow the tag."""
+    import random
+    import re
+
+    def record(a, b):
+        return {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                             {"role": "assistant", "content": f"<ans>{a + b}</ans>"}]}
+
+    pairs = [(a, b) for a in range(1, 30) for b in range(1, 30)]
+    random.Random(0).shuffle(pairs)
+    train = write_jsonl(tmp_path / "train.jsonl", [record(*p) for p in pairs[:256]])
+    dev = write_jsonl(tmp_path / "dev.jsonl", [record(*p) for p in pairs[256:272]])
+    result = herd.finetune(str(smollm2_path), train, tmp_path / "run", eval_data=dev, steps=15, batch_size=4,
+                           lr=3e-3, lora_targets="q,v,o,down", eval_every=5, max_len=64, warmup_steps=2,
+                           progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in log if "eval_loss" in r]
+    assert evals[-1] < evals[0] / 3, evals
+    tuned = herd.load(str(smollm2_path), adapter=result.adapter)
+    base = herd.load(str(smollm2_path))
+    questions = [[{"role": "user", "content": f"What is {a} plus {b}?"}] for a, b in pairs[300:304]]
+    tagged = [tuned.chat(q, max_tokens=12, temperature=0).text for q in questions]
+    assert all(re.fullmatch(r"<ans>\d+</ans>", t.strip()) for t in tagged), tagged
+    assert not any("<ans>" in base.chat(q, max_tokens=24, temperature=0).text for q in questions)

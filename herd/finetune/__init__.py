@@ -151,6 +151,10 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
             log.write(json.dumps(record) + "\n")
             log.flush()
 
+    if not resume and trainer.eval_items:  # the starting point of the eval curve
+        first = trainer.evaluate()  # on every process: the sums are all-reduced
+        if log is not None:
+            log.write(json.dumps({"step": 0, "eval_loss": first}) + "\n")
     with _progress(progress and rank == 0, trainer) as report:
         def step_and_report(record):
             on_step(record)
