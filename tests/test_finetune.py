@@ -431,3 +431,30 @@ def test_smollm2_lora_learns_an_answer_tag(tmp_path, smollm2_path):
     tagged = [tuned.chat(q, max_tokens=12, temperature=0).text for q in questions]
     assert all(re.fullmatch(r"<ans>\d+</ans>", t.strip()) for t in tagged), tagged
     assert not any("<ans>" in base.chat(q, max_tokens=24, temperature=0).text for q in questions)
+
+
+def test_two_processes_under_torchrun_equal_one_with_the_same_global_batch(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo), 2 rows per process, against one process with 4 rows: the same
+    adapter after 3 steps (up to summation order)."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    gguf = B.reference(GEN).gguf("F32")
+    data = prompt_completion_data(tmp_path / "train.jsonl", n=16)
+    common = ["finetune", str(gguf), "--data", str(data), "--steps", "3", "--lr", "1e-2", "--grad-accum", "2",
+              "--threads", "1", "--seed", "5", "--no-packing"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "herd", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    from herd.cli import main
+
+    assert main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")]) in (0, None)
+    a = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max((b[k] - 0).abs().max().item() for k in b if "lora_B" in k) > 1e-3  # it did train

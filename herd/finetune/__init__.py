@@ -194,6 +194,7 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
             lineage["fingerprint"] = new_fp
     if dist:
         dist.barrier()
+        dist.destroy_process_group()
     train_losses = [r["loss"] for r in trainer.history["train"]]
     evals = [r["loss"] for r in trainer.history["eval"]]
     return FinetuneResult(out, adapter_dir, model_dir, trainer.step, train_losses[-1] if train_losses else None,
