@@ -133,7 +133,7 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
         rows = pack(train_ds.examples, config.max_len, config.packing)
         eval_rows = pack(eval_ds.examples, config.max_len, config.packing) if eval_ds else None
         train_info, eval_info = _dataset_info(train_ds), (_dataset_info(eval_ds) if eval_ds else None)
-        trainer = Trainer(llm.model, config, rows, eval_rows, pad_id, device)
+        trainer = Trainer(llm.model, config, rows, eval_rows, pad_id, device, shard=config.method == "full")
     if train_info.get("truncated") and rank == 0:
         print(f"herd finetune: {train_info['truncated']} example(s) cut to --max-len {config.max_len} (--truncate)")
 
@@ -181,16 +181,23 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
             lineage["fingerprint_of"] = "adapter (A and B, float32)"
             adapter_dir = write_adapter_dir(out / "adapter", llm.model, llm.config, config.lora_rank,
                                             config.lora_alpha, config.lora_dropout, lineage, str(llm.checkpoint.path))
-        else:
-            from herd.finetune.export import export_model
+    if not config.uses_lora:
+        from herd.finetune.export import export_model
 
-            llm.model.eval().requires_grad_(False)
+        state = None
+        if trainer.objective is not None:  # FSDP: the whole tensors, gathered on rank 0
+            from herd.finetune.distributed import full_state
+
+            state = {k.removeprefix("model."): v for k, v in full_state(trainer.objective, trainer.optimizer)[0].items()}
+        if rank == 0:
+            llm.model.eval()
             gguf_tokenizer = llm.checkpoint.tokenizer is not None and llm.checkpoint.tokenizer.kind == "gguf"
             model_dir = out / "model"
             target = model_dir / "model.gguf" if gguf_tokenizer else model_dir
             if gguf_tokenizer:
                 model_dir.mkdir(parents=True, exist_ok=True)
-            _, new_fp = export_model(llm, "gguf" if gguf_tokenizer else "hf", target, lineage, gguf_type="F32")
+            _, new_fp = export_model(llm, "gguf" if gguf_tokenizer else "hf", target, lineage, gguf_type="F32",
+                                     state=state)
             lineage["fingerprint"] = new_fp
     if dist:
         dist.barrier()

@@ -17,11 +17,11 @@ from herd.transforms.lora import lora_state_dict, merge_lora
 FORMATS = ("hf", "gguf")
 
 
-def canonical_state(model, args) -> dict[str, torch.Tensor]:
-    """The model's weights under herd's canonical names (a padded-vocab output and LoRA wrappers unwrapped;
-    a tied output appears once, as the embedding)."""
+def canonical_state(model, args, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights (or `state`, its state dict) under herd's canonical names (a padded-vocab output
+    unwrapped; a tied output appears once, as the embedding)."""
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state is None else state).items():
         name = name.replace("output.inner.", "output.")
         if name == "output.weight" and args.tie_embeddings:
             continue
@@ -55,19 +55,20 @@ def _rope_divisors(args):
 
 
 def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str = "F16",
-                 hf_dtype: torch.dtype | None = None) -> tuple[Path, str]:
+                 hf_dtype: torch.dtype | None = None, state: dict | None = None) -> tuple[Path, str]:
     """Write `llm`'s model (LoRA merged in first) as `to` ("hf" or "gguf"); returns (path, new fingerprint).
     The fingerprint is of the tensors exactly as written, so `herd info OUT` shows the same value; the
-    lineage record, when given, gets it as "fingerprint"."""
+    lineage record, when given, gets it as "fingerprint". `state`: the weights to write instead of the
+    model's own (whole tensors gathered from FSDP shards)."""
     if to not in FORMATS:
         raise HerdError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
     ck = llm.checkpoint
     merge_lora(llm.model)
-    tensors = canonical_state(llm.model, ck.args)
+    tensors = canonical_state(llm.model, ck.args, state)
     if to == "hf":
         from herd.formats.hf_writer import write_hf
 
-        stored = {k: (v.to(hf_dtype) if hf_dtype else v).detach().cpu().contiguous() for k, v in tensors.items()}
+        stored = {k: (v.to(hf_dtype) if hf_dtype else v).detach().cpu().contiguous().clone() for k, v in tensors.items()}
         new_fp = fingerprint(stored)
         if lineage is not None:
             lineage = {**lineage, "fingerprint": new_fp}

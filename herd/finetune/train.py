@@ -47,12 +47,19 @@ class Trainer:
     """Supervised fine-tuning on packed rows; DPOTrainer (herd.finetune.dpo) changes the items and the loss."""
 
     def __init__(self, model, config: TrainConfig, items: list, eval_items: list | None = None, pad_id: int = 0,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, shard: bool = False):
+        """`shard`: under torch.distributed, split parameters, gradients and optimizer state over the processes
+        with FSDP2 (herd.finetune.distributed; full fine-tuning); otherwise every process holds the model."""
         self.model, self.config, self.items, self.eval_items = model, config, items, eval_items or []
         self.pad_id = pad_id
         self.device = device or torch.device("cpu")
         dist = _dist()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+        self.objective = None
+        if shard and dist:
+            from herd.finetune.distributed import shard_for_training
+
+            self.objective = shard_for_training(model, lambda m, b: self.loss_of(m, b))
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named_params:
             raise ValueError("nothing to train: no parameter requires a gradient")
@@ -97,9 +104,14 @@ class Trainer:
     def batch_tokens(self, batch) -> int:
         return int((batch.segments >= 0).sum())
 
-    def loss(self, batch) -> torch.Tensor:
+    def loss_of(self, model, batch) -> torch.Tensor:
         """The summed loss of one micro-batch."""
-        return loss_sum(self.model, batch, self.config.activation_checkpointing)
+        return loss_sum(model, batch, self.config.activation_checkpointing)
+
+    def loss(self, batch) -> torch.Tensor:
+        if self.objective is not None:
+            return self.objective(batch)
+        return self.loss_of(self.model, batch)
 
     # ---- one step -----------------------------------------------------------------------------------
     def autocast(self):
@@ -115,14 +127,17 @@ class Trainer:
             dist.all_reduce(count)
         total = torch.zeros(())
         self.model.train()
+        # FSDP averages gradients over processes: scaled by their number, the average is the global sum
+        scale = self.world if self.objective is not None else 1
         for batch in batches:
             with self.autocast():
                 loss = self.loss(batch) / max(count.item(), 1.0)
-            loss.backward()
+            (loss * scale).backward()
             total += loss.detach().float().cpu()
             self.tokens_seen += self.batch_tokens(batch) * self.world
         if dist:
             dist.all_reduce(total)
+        if dist and self.objective is None:
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -135,7 +150,9 @@ class Trainer:
         loss = self.backward(batches)
         grad_norm = None
         if c.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
+            from herd.finetune.distributed import as_local
+
+            grad_norm = float(as_local(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -168,9 +185,16 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def state(self) -> dict:
+        """Everything a resumed run needs (under FSDP a collective: whole tensors gathered on rank 0)."""
+        if self.objective is not None:
+            from herd.finetune.distributed import full_state
+
+            trainable, optimizer = full_state(self.objective, self.optimizer)
+        else:
+            trainable, optimizer = {n: p.detach().clone() for n, p in self.named_params}, self.optimizer.state_dict()
         return {
-            "trainable": {n: p.detach().clone() for n, p in self.named_params},
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "rng": torch.get_rng_state(),
@@ -182,12 +206,19 @@ class Trainer:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        state = self.state()  # on every process: under FSDP it gathers
         if self.rank == 0:
-            torch.save(self.state(), path / "trainer.pt")
+            torch.save(state, path / "trainer.pt")
         return path
 
     def load(self, path: str | Path) -> None:
         state = torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=True)
+        if self.objective is not None:
+            from herd.finetune.distributed import load_full_state
+
+            load_full_state(self.objective, self.optimizer, state["trainable"], state["optimizer"])
+            self._restore_counters(state)
+            return
         names = dict(self.named_params)
         if set(state["trainable"]) != set(names):
             raise ValueError(f"{path}: the checkpoint trains other parameters than this run")
@@ -195,6 +226,9 @@ class Trainer:
             for n, value in state["trainable"].items():
                 names[n].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_counters(state)
+
+    def _restore_counters(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"])
