@@ -48,7 +48,17 @@ class LLM:
 
     @cached_property
     def fingerprint(self) -> str:
-        """SHA-256 over the canonical tensors: the same for the same weights in any format or sharding."""
+        """SHA-256 over the canonical tensors: the same for the same weights in any format or sharding. With an
+        adapter applied, the SHA-256 of the base's fingerprint and the adapter file's SHA-256 (other weights,
+        another fingerprint); `base_fingerprint` is the base's alone."""
+        if self.adapter is None:
+            return self.base_fingerprint
+        import hashlib
+
+        return hashlib.sha256(f"{self.base_fingerprint}+lora:{self.adapter['sha256']}".encode()).hexdigest()
+
+    @cached_property
+    def base_fingerprint(self) -> str:
         return fingerprint(self.checkpoint.tensors)
 
     @property

@@ -276,6 +276,10 @@ def apply_adapter(model: Transformer, adapter: str | Path, args) -> dict:
         raise HerdError(f"{adapter}: the model has no module {missing[:3]} for the adapter's weights")
     load_lora_weights(model, tensors)
     model.requires_grad_(False)
+    import hashlib
+
+    settings["path"] = str(adapter)
+    settings["sha256"] = hashlib.sha256((Path(adapter) / "adapter_model.safetensors").read_bytes()).hexdigest()
     return settings
 
 

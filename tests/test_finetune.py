@@ -348,6 +348,8 @@ def test_hf_peft_loads_herd_adapter_with_herds_logits(tmp_path):
         want = peft_model(input_ids=ids[None]).logits[0]
     assert close(got, want, 1e-4)
     assert not close(got, ref.logits(ids), 1e-3)  # the adapter does change the model
+    base = herd.load(ref.hf_dir, device="cpu", dtype="float32")
+    assert loaded.base_fingerprint == base.fingerprint and loaded.fingerprint != base.fingerprint
 
 
 def test_merged_hf_export_loads_in_transformers_with_herds_logits(tmp_path, capsys):
@@ -468,3 +470,35 @@ def test_two_processes_under_torchrun_equal_one_with_the_same_global_batch(tmp_p
     assert a.keys() == b.keys()
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
     assert max((b[k].float() - start[k].float()).abs().max().item() for k in moved) > 1e-4  # it did train
+
+
+@pytest.mark.parametrize("method", ["qlora", "dpo", "full"])
+def test_each_method_runs_from_the_command_line(tmp_path, method):
+    """QLoRA in bf16 with activation checkpointing over a Q8_0 GGUF, DPO on preference pairs, full fine-tuning
+    on a plain-text file: each trains (loss falls) and writes what herd loads back."""
+    from herd.cli import main
+
+    ref = B.reference(GEN)
+    source = ref.gguf("Q8_0" if method == "qlora" else "F32")
+    if method == "dpo":
+        data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"the cat {i}", "chosen": " sat on the mat",
+                                                       "rejected": " ran off"} for i in range(8)])
+    elif method == "full":
+        data = tmp_path / "text.txt"
+        data.write_text("the cat sat on the mat and the dog ate the hat. " * 40)
+    else:
+        data = prompt_completion_data(tmp_path / "train.jsonl")
+    extra = {"qlora": ["--dtype", "bfloat16", "--activation-checkpointing", "--lr", "1e-2"],
+             "dpo": ["--lr", "1e-2", "--dpo-beta", "0.5"], "full": ["--lr", "1e-3", "--max-len", "32"]}[method]
+    assert main(["finetune", str(source), "--data", str(data), "--method", method, "--steps", "6",
+                 "--batch-size", "4", "--out", str(tmp_path / "run"), *extra]) in (0, None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0], losses
+    if method == "full":
+        tuned = herd.load(tmp_path / "run" / "model", dtype="float32")
+        assert tuned.fingerprint != herd.load(source, dtype="float32").fingerprint
+        assert json.loads(tuned.checkpoint.metadata["general.herd.lineage"])["fingerprint"] == tuned.fingerprint
+    else:
+        tuned = herd.load(source, dtype="float32", adapter=tmp_path / "run" / "adapter")
+        assert tuned.adapter["rank"] == 8

@@ -168,7 +168,7 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
     if log is not None:
         log.close()
 
-    base = {"path": str(llm.checkpoint.path), "format": llm.checkpoint.format, "fingerprint": llm.fingerprint}
+    base = {"path": str(llm.checkpoint.path), "format": llm.checkpoint.format, "fingerprint": llm.base_fingerprint}
     lineage = make_lineage(base, config.method, config.to_dict(), train_info, eval_info, trainer.step)
     adapter_dir = model_dir = None
     if rank == 0:

@@ -108,7 +108,7 @@ def source_lineage(llm, adapter: str | Path | None) -> dict:
     else a record naming the source (and adapter) it was converted from."""
     from herd.finetune.lineage import make_lineage
 
-    base = {"path": str(llm.checkpoint.path), "format": llm.checkpoint.format, "fingerprint": llm.fingerprint}
+    base = {"path": str(llm.checkpoint.path), "format": llm.checkpoint.format, "fingerprint": llm.base_fingerprint}
     if adapter is not None:
         recorded = read_lineage(adapter)
         if recorded is not None:
