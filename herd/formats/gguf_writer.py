@@ -1,8 +1,9 @@
 """Writing a GGUF file (arch "llama") with gguf-py, as llama.cpp's convert_hf_to_gguf.py lays it out: the
 metadata keys it writes, tensors under GGUF names in Meta's interleaved q/k order (herd's own), norms and
 1-D tensors in F32, matrices in F16 or Q8_0 (rows not a multiple of 32 fall back to F16, as the converter
-does), llama3-style RoPE scaling as the `rope_freqs` divisors. The tokenizer is the source's own GGUF
-tokenizer keys, copied; a lineage record goes in `general.herd.lineage` (JSON text).
+does), llama3-style RoPE scaling as the `rope_freqs` divisors. The tokenizer comes as GGUF keys: a GGUF
+source's own, or an HF tokenizer.json converted by the caller (herd.finetune.export.gguf_tokenizer_keys);
+a lineage record goes in `general.herd.lineage` (JSON text).
 
 gguf-py is optional (`pip install gguf`); only this writer needs it."""
 
@@ -64,8 +65,8 @@ def write_gguf(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor
     if out_type not in OUT_TYPES:
         raise ValueError(f"GGUF export type must be one of {', '.join(OUT_TYPES)}, got {out_type!r}")
     if tokenizer is None or not tokenizer.gguf_metadata:
-        raise FormatError("GGUF export needs the source's tokenizer as GGUF keys (export from a GGUF source, or "
-                          "export to hf instead)")
+        raise FormatError("GGUF export needs the tokenizer as GGUF keys (a GGUF source's, or a converted "
+                          "tokenizer.json)")
     out = Path(out)
     if out.exists():
         raise FormatError(f"{out}: exists; choose a new file name")
