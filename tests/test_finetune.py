@@ -535,3 +535,29 @@ def test_hf_model_with_tokenizer_json_exports_to_gguf(tmp_path):
     with torch.no_grad():
         reference = model(input_ids=ids[None]).logits[0]
     assert close(llm.logits(ids), reference, 1e-4)
+
+
+def test_merged_meta_export_reads_back_with_the_fixtures_independent_converter(tmp_path):
+    """`--to meta` on Llama 3.2 (tied, llama3 RoPE scaling): the fixture's own Meta → HF converter
+    (tests/fixtures/build.py) gives transformers the weights, whose logits equal herd's with the adapter."""
+    from herd.cli import main
+
+    gen = "llama3_2"
+    ref = B.reference(gen, meta_compatible=True)
+    llm = herd.load(ref.hf_dir, device="cpu", dtype="float32")
+    torch.manual_seed(4)
+    add_lora(llm.model, ["q", "k", "down"], rank=4, alpha=8.0)
+    with torch.no_grad():
+        for m in lora_modules(llm.model).values():
+            m.lora_B.normal_(0, 0.1)
+    from herd.finetune.export import write_adapter_dir
+
+    adapter = write_adapter_dir(tmp_path / "adapter", llm.model, llm.config, 4, 8.0, 0.0, None)
+    out = tmp_path / "meta"
+    assert main(["export", str(ref.hf_dir), "--adapter", str(adapter), "--to", "meta", str(out)]) in (0, None)
+    hf = B.model_with_state_dict(gen, B.hf_state_dict_from_meta(out, gen), meta_compatible=True)
+    ids = B.tokens(gen)
+    want = B.hf_logits(hf, ids)
+    assert close(llm.logits(ids), want, 1e-4)
+    back = herd.load(out, dtype="float32")
+    assert close(back.logits(ids), want, 1e-4) and back.config == llm.config

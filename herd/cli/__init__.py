@@ -14,7 +14,7 @@ COMMANDS = {
     "serve": ("herd.cli.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "quantize": ("herd.cli.quantize", "write an HF or Meta checkpoint as int4 (q4) or int8 (q8) weights"),
     "finetune": ("herd.cli.finetune", "fine-tune a model: LoRA, QLoRA, full or DPO"),
-    "export": ("herd.cli.export", "merge an adapter and write a model as an HF directory or a GGUF file"),
+    "export": ("herd.cli.export", "merge an adapter and write a model as an HF or Meta directory or a GGUF file"),
     "bench": ("herd.cli.bench", "decode/prefill speed, first-token time and memory vs llama.cpp and HF"),
 }
 

@@ -14,7 +14,7 @@ from herd.formats.hf_writer import LINEAGE_FILE, read_lineage
 from herd.quant import GGMLTensor
 from herd.transforms.lora import lora_state_dict, merge_lora
 
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "meta")
 
 
 def canonical_state(model, args, state: dict | None = None) -> dict[str, torch.Tensor]:
@@ -127,6 +127,14 @@ def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str 
     ck = llm.checkpoint
     merge_lora(llm.model)
     tensors = canonical_state(llm.model, ck.args, state)
+    if to == "meta":
+        from herd.formats.meta_writer import write_meta
+
+        stored = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        new_fp = fingerprint(stored)
+        if lineage is not None:
+            lineage = {**lineage, "fingerprint": new_fp}
+        return write_meta(out, ck.args, stored, ck.tokenizer, lineage), new_fp
     if to == "hf":
         from herd.formats.hf_writer import write_hf
 
