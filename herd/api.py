@@ -178,7 +178,8 @@ def load(
 
     `dtype` may be a torch dtype or "float32"/"bfloat16"/"float16". On the CPU a quantized file (GGUF
     Q4_0/Q4_1/Q4_K/Q8_0/..., `herd quantize` output) stays quantized and computes in bfloat16 unless
-    `dtype` is float32 (the exact dequantized path) or `quantized=False`; `quantized=True` insists.
+    `dtype` is float32 (the exact dequantized path) or `quantized=False`; `quantized=True` insists;
+    `quantized="trainable"` keeps the stored weights under modules that backpropagate (QLoRA's base).
     `compile`: torch.compile the decode step (None: herd.runtime decides; needs a C++ compiler).
     `threads`: CPU threads for PyTorch (default: the number of physical cores).
     `adapter`: a PEFT-format LoRA adapter directory (herd's `finetune` output or HF peft's) applied over

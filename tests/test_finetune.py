@@ -163,8 +163,9 @@ def test_qlora_step_over_gguf_matches_peft_on_gguf_py_dequantized_weights():
 
 
 def test_dpo_loss_matches_trl_formula():
-    """TRL's sigmoid DPO loss, -logsigmoid(beta * ((pc - pr) - (rc - rr))), on log-probabilities transformers
-    computes for the same completions; the reference values are herd's own model before training."""
+    """TRL's sigmoid DPO loss, -logsigmoid(beta * ((pc - pr) - (rc - rr))) averaged over pairs, on log-probabilities
+    TRL's selective_log_softmax takes from transformers' logits (HF + peft for the policy, the plain HF model for
+    the reference); herd's reference values are its own model before training."""
     from herd.finetune import TrainConfig, prepare_model
     from herd.finetune.dpo import DPOTrainer, Pair
 
@@ -189,10 +190,12 @@ def test_dpo_loss_matches_trl_formula():
         for m in lora_modules(llm.model).values():
             m.lora_B.normal_(0, 0.05)
 
+    from trl.trainer.utils import selective_log_softmax  # TRL's per-token log-probabilities
+
     def hf_logp(model, prompt, tail):
         ids = torch.tensor([prompt + tail])
-        logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-        return logp[torch.arange(len(prompt) - 1, ids.shape[1] - 1), torch.tensor(tail)].sum()
+        logits = model(input_ids=ids).logits[:, len(prompt) - 1:-1].float()
+        return selective_log_softmax(logits, torch.tensor([tail])).sum()
 
     from peft import LoraConfig, get_peft_model
 
@@ -405,6 +408,25 @@ def test_gguf_export_of_smollm2_with_adapter_keeps_greedy_tokens(tmp_path, smoll
     assert f16_error < 0.1 * merged_shift, (f16_error, merged_shift)  # the adapter is in the merged weights
     lineage = json.loads(exported.checkpoint.metadata["general.herd.lineage"])
     assert lineage["fingerprint"] == exported.fingerprint
+    llama_cpp_greedy(out, ids, want)
+
+
+def llama_cpp_greedy(path, prompt_ids, want):
+    """llama.cpp (llama-cpp-python) decodes the same greedy tokens from the exported file, where it is installed
+    (it is not part of the dev set-up: building it takes longer than the whole suite)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return
+    from llama_cpp import Llama
+
+    model = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+    got = []
+    for token in model.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        got.append(token)
+        if len(got) == len(want):
+            break
+    assert got == want
 
 
 def test_smollm2_lora_learns_an_answer_tag(tmp_path, smollm2_path):

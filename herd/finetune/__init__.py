@@ -95,7 +95,7 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
     schedule stays that of the whole run); the adapter or model written is the one of that step."""
     import torch
 
-    from herd.finetune.data import file_sha256, load_dataset, pack
+    from herd.finetune.data import check_fits, file_sha256, load_dataset, pack
     from herd.finetune.lineage import make_lineage
     from herd.finetune.train import Trainer
 
@@ -132,6 +132,7 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
         eval_ds = load_dataset(eval_data, tokenizer, chat_format, config.max_len, config.truncate) if eval_data else None
         rows = pack(train_ds.examples, config.max_len, config.packing)
         eval_rows = pack(eval_ds.examples, config.max_len, config.packing) if eval_ds else None
+        check_fits(rows, data, llm.config.max_seq_len)
         train_info, eval_info = _dataset_info(train_ds), (_dataset_info(eval_ds) if eval_ds else None)
         trainer = Trainer(llm.model, config, rows, eval_rows, pad_id, device, shard=config.method == "full")
     if train_info.get("truncated") and rank == 0:

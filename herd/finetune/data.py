@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from herd.errors import DataError, HerdError
+from herd.errors import DataError
 
 IGNORE = -100  # target of a position that is not trained (PyTorch's cross_entropy ignore_index)
 
@@ -265,8 +265,9 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
 def check_fits(rows: list[Row], path, context: int) -> None:
     longest = max(len(r.ids) for r in rows)
     if longest > context:
-        raise HerdError(f"{path}: a sequence of {longest} tokens exceeds the model's context of {context}")
+        raise DataError(f"{path}: a sequence of {longest} tokens exceeds the model's context of {context} "
+                        "(lower --max-len)")
 
 
 __all__ = ["IGNORE", "Example", "Dataset", "Row", "TensorBatch", "load_dataset", "read_records", "pack", "collate",
-           "epoch_order", "file_sha256", "chat_example", "prompt_completion_example", "text_examples"]
+           "epoch_order", "check_fits", "file_sha256", "chat_example", "prompt_completion_example", "text_examples"]
