@@ -23,6 +23,10 @@ def __getattr__(name):
         from herd.api import LLM
 
         return LLM
+    if name == "finetune":  # the package, callable: herd.finetune(source, data, out, ...)
+        import herd.finetune
+
+        return herd.finetune
     if name == "SamplingParams":
         from herd.sampling import SamplingParams
 
@@ -30,4 +34,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["load", "LLM", "SamplingParams", "__version__"]
+__all__ = ["load", "finetune", "LLM", "SamplingParams", "__version__"]

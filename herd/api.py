@@ -14,7 +14,7 @@ from herd.fingerprint import fingerprint
 from herd.formats import Checkpoint, open_checkpoint
 from herd.decoding import TokenLogprob
 from herd.generate import Completion, GenerationStep, generate_steps
-from herd.loader import check_vocabulary, load_model, mask_padding_rows
+from herd.loader import apply_adapter, check_vocabulary, load_model, mask_padding_rows
 from herd.models import resolve
 from herd.model import Transformer
 from herd.sampling import SamplingParams
@@ -34,6 +34,7 @@ class LLM:
         self.checkpoint = checkpoint
         self.model = model
         self._tokenizer = tokenizer
+        self.adapter: dict | None = None  # settings of a LoRA adapter applied at load (herd.load(adapter=...))
 
     @property
     def config(self) -> ModelArgs:
@@ -47,7 +48,17 @@ class LLM:
 
     @cached_property
     def fingerprint(self) -> str:
-        """SHA-256 over the canonical tensors: the same for the same weights in any format or sharding."""
+        """SHA-256 over the canonical tensors: the same for the same weights in any format or sharding. With an
+        adapter applied, the SHA-256 of the base's fingerprint and the adapter file's SHA-256 (other weights,
+        another fingerprint); `base_fingerprint` is the base's alone."""
+        if self.adapter is None:
+            return self.base_fingerprint
+        import hashlib
+
+        return hashlib.sha256(f"{self.base_fingerprint}+lora:{self.adapter['sha256']}".encode()).hexdigest()
+
+    @cached_property
+    def base_fingerprint(self) -> str:
         return fingerprint(self.checkpoint.tensors)
 
     @property
@@ -164,6 +175,7 @@ def load(
     quantized: bool | None = None,
     compile: bool | None = None,
     threads: int | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> LLM:
     """Load a model: a GGUF file, an HF directory (config.json + safetensors), a Meta checkpoint
     directory (params.json + consolidated.NN.pth), a directory written by `herd quantize`, or a known
@@ -171,9 +183,12 @@ def load(
 
     `dtype` may be a torch dtype or "float32"/"bfloat16"/"float16". On the CPU a quantized file (GGUF
     Q4_0/Q4_1/Q4_K/Q8_0/..., `herd quantize` output) stays quantized and computes in bfloat16 unless
-    `dtype` is float32 (the exact dequantized path) or `quantized=False`; `quantized=True` insists.
+    `dtype` is float32 (the exact dequantized path) or `quantized=False`; `quantized=True` insists;
+    `quantized="trainable"` keeps the stored weights under modules that backpropagate (QLoRA's base).
     `compile`: torch.compile the decode step (None: herd.runtime decides; needs a C++ compiler).
-    `threads`: CPU threads for PyTorch (default: the number of physical cores)."""
+    `threads`: CPU threads for PyTorch (default: the number of physical cores).
+    `adapter`: a PEFT-format LoRA adapter directory (herd's `finetune` output or HF peft's) applied over
+    the base, which then loads dense (a quantized file is dequantized); `llm.adapter` holds its settings."""
     from herd.runtime import compile_decode, set_threads
 
     set_threads(threads)
@@ -185,8 +200,15 @@ def load(
     tokenizer = load_tokenizer(checkpoint.tokenizer) if checkpoint.tokenizer is not None else None
     if tokenizer is not None:
         check_vocabulary(checkpoint, tokenizer)
+    if adapter is not None:
+        if quantized:
+            raise HerdError("an adapter applies over a dense base: load it with quantized=False")
+        quantized = False
     model = load_model(checkpoint, device=device, dtype=dtype, progress=progress, quantized=quantized)
+    settings = apply_adapter(model, adapter, checkpoint.args) if adapter is not None else None
     if tokenizer is not None:
         mask_padding_rows(model, tokenizer.vocab_size)
     compile_decode(model, compile)
-    return LLM(checkpoint, model, tokenizer)
+    llm = LLM(checkpoint, model, tokenizer)
+    llm.adapter = settings
+    return llm

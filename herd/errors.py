@@ -51,3 +51,8 @@ class ModelNotFound(HerdError):
 
 class TemplateError(HerdError):
     """A chat template failed to render, or tried something the sandbox forbids."""
+
+
+class DataError(HerdError):
+    """A training or evaluation data file holds a line that is not what its format needs, or an example
+    that does not fit; the message names the file and line."""

@@ -17,6 +17,7 @@ repacked layout is cached (herd.layout_cache), so only the first load of a file 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -60,8 +61,13 @@ def load_model(
     progress: Callable[[int, int], None] | None = None,
     quantized: bool | None = None,
 ) -> Transformer:
-    """`quantized`: None chooses (see use_quantized); True insists on the quantized CPU path; False dequantizes."""
+    """`quantized`: None chooses (see use_quantized); True insists on the quantized CPU path; False dequantizes;
+    "trainable" keeps weights as stored under modules that backpropagate (QLoRA: load_trainable_quantized)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if quantized == "trainable":
+        if device.type != "cpu":
+            raise HerdError(f"the trainable quantized base runs on the CPU only, not {device}")
+        return load_trainable_quantized(checkpoint, dtype or torch.float32)
     if quantized is None:
         quantized = use_quantized(checkpoint, device, dtype)
     if quantized:
@@ -250,3 +256,70 @@ def _has_param(model: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return attr in module._parameters and module._parameters[attr] is not None and module._parameters[attr].is_meta
+
+
+# ---- adapters ----------------------------------------------------------------------------------------------
+
+
+def apply_adapter(model: Transformer, adapter: str | Path, args) -> dict:
+    """Wrap the model's projections named by a PEFT LoRA adapter directory and load its A and B
+    (herd.transforms.lora; herd.formats.peft reads the files), over a base of any format loaded dense.
+    Returns the adapter's settings."""
+    from herd.formats.peft import read_adapter
+    from herd.transforms.lora import LoRALinear, load_lora_weights
+    from herd.transforms import replace_modules
+
+    settings, tensors = read_adapter(adapter, args)
+    wanted = set(settings["modules"])
+    if any(n.endswith((".wqkv", ".w13")) or type(m).__name__ == "KernelBlock" for n, m in model.named_modules()):
+        # the quantized plan fuses q/k/v and gate/up and runs whole decoder blocks as one op
+        raise HerdError(f"{adapter}: an adapter needs the base loaded with separate projections: "
+                        "load with quantized=False")
+
+    def build(name: str, module):
+        if name in wanted:
+            return LoRALinear(module, settings["rank"], settings["alpha"], 0.0)
+        return None
+
+    replaced = replace_modules(model, build)
+    if replaced != len(wanted):
+        missing = sorted(wanted - {n for n, m in model.named_modules() if isinstance(m, LoRALinear)})
+        raise HerdError(f"{adapter}: the model has no module {missing[:3]} for the adapter's weights")
+    load_lora_weights(model, tensors)
+    model.requires_grad_(False)
+    import hashlib
+
+    settings["path"] = str(adapter)
+    settings["sha256"] = hashlib.sha256((Path(adapter) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    return settings
+
+
+def load_trainable_quantized(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The plan for QLoRA: every linear a BlockDequantLinear over its stored weight (herd.transforms.qlora),
+    the embedding looked up row by row from its stored form (a tied output reads the same blocks), and
+    only norms (and Llama 4's stacked experts) in `dtype`. Nothing is fused, so LoRA can wrap any projection."""
+    from herd.quant.linear import QuantEmbedding
+    from herd.transforms import replace_modules
+    from herd.transforms.qlora import BlockDequantLinear
+
+    model, expected = _skeleton(checkpoint)
+    tensors, tied = checkpoint.tensors, checkpoint.args.tie_embeddings
+
+    def build(name: str, module: nn.Module):
+        if isinstance(module, nn.Linear) and module.weight.is_meta:
+            return BlockDequantLinear(tensors["tok_embeddings.weight" if name == "output" and tied else f"{name}.weight"],
+                                      dtype)
+        return None
+
+    replace_modules(model, build)
+    model.tok_embeddings = QuantEmbedding(tensors["tok_embeddings.weight"], dtype)
+    if isinstance(model.tok_embeddings.q, torch.Tensor) and model.tok_embeddings.dense:
+        model.tok_embeddings.q = tensors["tok_embeddings.weight"].to(dtype)  # a float table: no bf16 rounding
+    state = {}
+    for name in expected:
+        if name.startswith("tok_embeddings.") or not _has_param(model, name):
+            continue
+        source = tensors[name]
+        state[name] = source.dequantize(dtype) if isinstance(source, QuantizedWeight) else source.to(dtype, copy=True)
+    model.load_state_dict(state, strict=False, assign=True)
+    return _finish(model, checkpoint, torch.device("cpu"))

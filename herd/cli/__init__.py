@@ -13,6 +13,8 @@ COMMANDS = {
     "list": ("herd.cli.info", "list the models herd can load here by name"),
     "serve": ("herd.cli.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "quantize": ("herd.cli.quantize", "write an HF or Meta checkpoint as int4 (q4) or int8 (q8) weights"),
+    "finetune": ("herd.cli.finetune", "fine-tune a model: LoRA, QLoRA, full or DPO"),
+    "export": ("herd.cli.export", "merge an adapter and write a model as an HF or Meta directory or a GGUF file"),
     "bench": ("herd.cli.bench", "decode/prefill speed, first-token time and memory vs llama.cpp and HF"),
     "eval": ("herd.cli.eval", "score a model on tasks; verify, compare and sign the reports"),
 }
@@ -64,6 +66,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: physical cores)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="torch.compile the decode step (auto: where herd measured it faster)")
+    parser.add_argument("--adapter", default=None,
+                        help="a PEFT-format LoRA adapter directory to apply (the base then loads dense)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def model_options(args: argparse.Namespace) -> dict:
     options = {"threads": getattr(args, "threads", None)}
+    if getattr(args, "adapter", None):
+        options["adapter"] = args.adapter
     compile_ = getattr(args, "compile", "auto")
     if compile_ != "auto":
         options["compile"] = compile_ == "on"

@@ -74,7 +74,11 @@ def show_info(source):
     from herd.formats import open_checkpoint
     from herd.models import resolve
 
+    from herd.formats.peft import is_adapter_dir
+
     path = resolve(source)
+    if is_adapter_dir(path):
+        return show_adapter(path)
     ck = open_checkpoint(path)
     a = ck.args
     total, active = parameter_counts(a)
@@ -99,7 +103,56 @@ def show_info(source):
         ("chat format", "template from the file" if ck.chat_template else f"built-in (Llama {ck.generation})"),
         ("fingerprint", fingerprint(ck.tensors)),
     ]
+    rows += lineage_rows(path, ck)
     console = Console(soft_wrap=True)  # never cut a path or the fingerprint to the terminal's width
+    for key, value in rows:
+        console.print(f"[bold]{key:<15}[/bold] {value}", highlight=False)
+
+
+def lineage_rows(path, ck=None) -> list[tuple[str, str]]:
+    """What a fine-tuned export or adapter came from (its herd.json or GGUF general.herd.lineage)."""
+    import json
+
+    from herd.formats.hf_writer import read_lineage
+
+    record = read_lineage(path) if path.is_dir() else None
+    if record is None and ck is not None and isinstance(ck.metadata.get("general.herd.lineage"), str):
+        try:
+            record = json.loads(ck.metadata["general.herd.lineage"])
+        except json.JSONDecodeError:
+            record = None
+    if not record:
+        return []
+    base = record.get("base") or {}
+    train = (record.get("data") or {}).get("train") or {}
+    hp = record.get("hyperparameters") or {}
+    versions = record.get("versions") or {}
+    rows = [("lineage", f"{record.get('method')} of {base.get('path')} ({base.get('format')})"),
+            ("  base", str(base.get("fingerprint"))),
+            ("  new", str(record.get("fingerprint")))]
+    if train:
+        rows.append(("  data", f"{train.get('path')} sha256 {train.get('sha256')}"))
+    if hp:
+        keys = ("steps", "batch_size", "grad_accum", "lr", "lora_rank", "lora_alpha", "lora_targets", "max_len",
+                "dtype", "seed")
+        rows.append(("  settings", ", ".join(f"{k}={hp[k]}" for k in keys if hp.get(k) is not None)
+                     + f"; {record.get('steps')} steps done"))
+    rows.append(("  made with", ", ".join(f"{k} {v}" for k, v in versions.items()) + f", {record.get('created')}"))
+    return rows
+
+
+def show_adapter(path):
+    from rich.console import Console
+
+    from herd.formats.fields import read_json
+
+    cfg = read_json(path / "adapter_config.json")
+    rows = [("path", str(path)), ("format", "PEFT LoRA adapter"),
+            ("rank / alpha", f"{cfg.get('r')} / {cfg.get('lora_alpha')}"),
+            ("targets", ", ".join(cfg.get("target_modules") or [])),
+            ("base", str(cfg.get("base_model_name_or_path")))]
+    rows += lineage_rows(path)
+    console = Console(soft_wrap=True)
     for key, value in rows:
         console.print(f"[bold]{key:<15}[/bold] {value}", highlight=False)
 

@@ -36,7 +36,8 @@ _KEEP = ("norm.weight", ".router.weight")  # small or routing-critical: stored a
 
 
 def is_herdq_dir(path: Path) -> bool:
-    return (path / MARKER).is_file()
+    # HF and Meta exports carry a herd.json lineage record beside their config.json / params.json
+    return (path / MARKER).is_file() and not (path / "config.json").is_file() and not (path / "params.json").is_file()
 
 
 def _args_from_dict(d: dict) -> ModelArgs:

@@ -160,6 +160,12 @@ def permute_for_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def permute_for_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of permute_for_interleaved: Meta interleaved row order → HF rotate_half (for writing HF)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 LAYER_MAP = {
     "self_attn.q_proj.weight": "attention.wq.weight",
     "self_attn.k_proj.weight": "attention.wk.weight",

@@ -1,0 +1,273 @@
+"""Training data: JSONL or text files → token ids with a loss mask → rows of packed sequences.
+
+Formats, told apart by the first record's keys (every line must be of the same kind):
+- chat: {"messages": [...]} rendered with the model's own chat format; loss on the assistant turns only
+  (each assistant message's tokens, its end-of-turn token included, as the format renders them);
+- prompt/completion: {"prompt": ..., "completion": ...}; BOS + prompt + completion + EOS, loss on the
+  completion and EOS;
+- text: {"text": ...} lines, or a .txt file (one document): loss on every token; a document longer than a
+  sequence is cut into sequences (that is what packing text means, nothing is dropped);
+- preference: {"prompt", "chosen", "rejected"} for DPO (herd.finetune.dpo).
+
+Packing puts examples one after another into rows of at most `max_len` tokens; every example keeps its
+own positions (0, 1, ...) and segment id, and the training forward masks attention to the example's own
+segment (herd.finetune.forward), so nothing attends across an example boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from herd.errors import DataError
+
+IGNORE = -100  # target of a position that is not trained (PyTorch's cross_entropy ignore_index)
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    train: list[bool]  # train[t]: token t is a target (predicted from the tokens before it)
+    where: str = ""  # file:line, for messages
+
+
+@dataclass
+class Dataset:
+    examples: list[Example]
+    kind: str
+    path: Path
+    sha256: str
+    truncated: int = 0  # examples cut to max_len (only with truncate=True)
+    records: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.ids) for e in self.examples)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+KINDS = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",),
+         "preference": ("prompt", "chosen", "rejected")}
+
+
+def record_kind(record: dict) -> str | None:
+    keys = set(record)
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "preference"
+    if "messages" in keys:
+        return "chat"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def read_records(path: str | Path) -> tuple[list[tuple[str, dict]], str]:
+    """[(file:line, record)] of a JSONL file, all of one kind, and the kind. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    records, kind = [], None
+    with open(path, encoding="utf-8") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        this = record_kind(record)
+        if this is None:
+            raise DataError(f"{where}: a record needs \"messages\", \"prompt\" + \"completion\", \"text\", or "
+                            f"\"prompt\" + \"chosen\" + \"rejected\"; it has {sorted(record)[:6]}")
+        if kind is None:
+            kind = this
+        elif this != kind:
+            raise DataError(f"{where}: a {this} record in a file of {kind} records (line 1 decides the kind)")
+        records.append((where, record))
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records, kind
+
+
+def _string(record: dict, key: str, where: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field \"{key}\" must be a string, got {type(value).__name__}")
+    return value
+
+
+def chat_example(messages, tokenizer, chat_format, where: str) -> Example:
+    """Rendered once per assistant turn: the conversation up to that turn with the assistant header, then
+    through it; the tokens in between are that turn's (trained) tokens. The format must render each prefix
+    as a prefix of the whole, which every built-in format and ordinary template does."""
+    from herd.chat import render
+    from herd.errors import TemplateError
+
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: \"messages\" must be a non-empty list")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message, so nothing to learn")
+    try:
+        full = render(messages, tokenizer, chat_format, add_generation_prompt=False)
+        train = [False] * len(full)
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            before = render(messages[:i], tokenizer, chat_format, add_generation_prompt=True) if i else []
+            through = render(messages[: i + 1], tokenizer, chat_format, add_generation_prompt=False)
+            if full[: len(through)] != through or through[: len(before)] != before:
+                raise DataError(f"{where}: the chat format does not render message {i} as a prefix of the "
+                                "whole conversation, so its tokens cannot be told apart")
+            for t in range(len(before), len(through)):
+                train[t] = True
+    except TemplateError as e:
+        raise DataError(f"{where}: {e}") from None
+    return Example(full, train, where)
+
+
+def prompt_completion_example(prompt: str, completion: str, tokenizer, where: str) -> Example:
+    head = tokenizer.encode(prompt, bos=True) if tokenizer.bos_id is not None else tokenizer.encode(prompt)
+    tail = tokenizer.encode(completion, bos=False)
+    if tokenizer.eos_id is not None:
+        tail.append(tokenizer.eos_id)
+    if not tail:
+        raise DataError(f"{where}: empty completion")
+    return Example(head + tail, [False] * len(head) + [True] * len(tail), where)
+
+
+def text_examples(text: str, tokenizer, max_len: int, where: str) -> list[Example]:
+    ids = tokenizer.encode(text, bos=tokenizer.bos_id is not None)
+    if tokenizer.eos_id is not None:
+        ids.append(tokenizer.eos_id)
+    return [Example(ids[a:a + max_len], [True] * len(ids[a:a + max_len]), where)
+            for a in range(0, len(ids), max_len) if len(ids[a:a + max_len]) > 1]
+
+
+def load_dataset(path: str | Path, tokenizer, chat_format, max_len: int, truncate: bool = False) -> Dataset:
+    """The examples of a data file for supervised fine-tuning (chat, prompt/completion or text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    sha = file_sha256(path)
+    if path.suffix == ".txt":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        examples = text_examples(text, tokenizer, max_len, str(path))
+        return Dataset(examples, "text", path, sha, records=1)
+    records, kind = read_records(path)
+    if kind == "preference":
+        raise DataError(f"{path}: preference records (prompt/chosen/rejected) are for --method dpo")
+    examples, truncated = [], 0
+    for where, record in records:
+        if kind == "text":
+            examples += text_examples(_string(record, "text", where), tokenizer, max_len, where)
+            continue
+        if kind == "chat":
+            example = chat_example(record["messages"], tokenizer, chat_format, where)
+        else:
+            example = prompt_completion_example(_string(record, "prompt", where), _string(record, "completion", where),
+                                                tokenizer, where)
+        if len(example.ids) > max_len:
+            if not truncate:
+                raise DataError(f"{where}: {len(example.ids)} tokens, longer than --max-len {max_len} "
+                                "(raise --max-len, or pass --truncate to cut such examples)")
+            example = Example(example.ids[:max_len], example.train[:max_len], where)
+            truncated += 1
+        if not any(example.train[1:]):
+            raise DataError(f"{where}: no trained token" + (" left after truncation" if truncated else ""))
+        examples.append(example)
+    return Dataset(examples, kind, path, sha, truncated, len(records))
+
+
+@dataclass
+class Row:
+    """One packed sequence: examples one after another, each with its own positions and segment."""
+
+    ids: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)  # targets[t]: the token to predict at t, or IGNORE
+    positions: list[int] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)
+
+    def add(self, example: Example) -> None:
+        segment = self.segments[-1] + 1 if self.segments else 0
+        n = len(example.ids)
+        self.ids += example.ids
+        self.targets += [example.ids[t + 1] if example.train[t + 1] else IGNORE for t in range(n - 1)] + [IGNORE]
+        self.positions += list(range(n))
+        self.segments += [segment] * n
+
+
+def pack(examples: list[Example], max_len: int, packing: bool = True) -> list[Row]:
+    """Examples in order into rows of at most max_len tokens (one example per row without packing)."""
+    rows: list[Row] = []
+    for e in examples:
+        if not packing or not rows or len(rows[-1].ids) + len(e.ids) > max_len:
+            rows.append(Row())
+        rows[-1].add(e)
+    return rows
+
+
+@dataclass
+class TensorBatch:
+    tokens: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, T], IGNORE where nothing is trained
+    positions: torch.Tensor
+    segments: torch.Tensor  # -1 on padding
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+    def to(self, device) -> "TensorBatch":
+        return TensorBatch(*(t.to(device) for t in (self.tokens, self.targets, self.positions, self.segments)))
+
+
+def collate(rows: list[Row], pad_id: int = 0) -> TensorBatch:
+    """Rows padded on the right to the longest; padding is its own segment (-1) and never a target."""
+    width = max(len(r.ids) for r in rows)
+
+    def padded(values, fill):
+        return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
+
+    return TensorBatch(padded([r.ids for r in rows], pad_id), padded([r.targets for r in rows], IGNORE),
+                       padded([r.positions for r in rows], 0), padded([r.segments for r in rows], -1))
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    """The rows' order in one epoch: a permutation that depends only on (seed, epoch), so a resumed run
+    sees the same order."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_rows, generator=g).tolist()
+
+
+def check_fits(rows: list[Row], path, context: int) -> None:
+    longest = max(len(r.ids) for r in rows)
+    if longest > context:
+        raise DataError(f"{path}: a sequence of {longest} tokens exceeds the model's context of {context} "
+                        "(lower --max-len)")
+
+
+__all__ = ["IGNORE", "Example", "Dataset", "Row", "TensorBatch", "load_dataset", "read_records", "pack", "collate",
+           "epoch_order", "check_fits", "file_sha256", "chat_example", "prompt_completion_example", "text_examples"]

@@ -1,0 +1,201 @@
+"""Writing what fine-tuning made: the adapter in PEFT's format, and any loadable model (an adapter merged
+in or not) as an HF directory or a GGUF file, each with its lineage record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from herd.errors import HerdError
+from herd.fingerprint import fingerprint
+from herd.formats.hf_writer import LINEAGE_FILE, read_lineage
+from herd.quant import GGMLTensor
+from herd.transforms.lora import lora_state_dict, merge_lora
+
+FORMATS = ("hf", "gguf", "meta")
+
+
+def canonical_state(model, args, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights (or `state`, its state dict) under herd's canonical names (a padded-vocab output
+    unwrapped; a tied output appears once, as the embedding)."""
+    out = {}
+    for name, t in (model.state_dict() if state is None else state).items():
+        name = name.replace("output.inner.", "output.")
+        if name == "output.weight" and args.tie_embeddings:
+            continue
+        out[name] = t
+    return out
+
+
+def adapter_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    return fingerprint({k: v.float().contiguous() for k, v in tensors.items()})
+
+
+def write_adapter_dir(out, model, args, rank: int, alpha: float, dropout: float, lineage: dict | None,
+                      base_name: str | None = None) -> Path:
+    from herd.formats.peft import write_adapter
+
+    out = write_adapter(out, lora_state_dict(model), args, rank, alpha, dropout, base_name)
+    if lineage is not None:
+        (Path(out) / LINEAGE_FILE).write_text(json.dumps({"format": "herd-lineage", "lineage": lineage}, indent=2))
+    return Path(out)
+
+
+def _rope_divisors(args):
+    from dataclasses import replace
+
+    from herd.model.rope import inverse_frequencies
+
+    if args.rope_scaling is None or args.rope_scaling.kind != "llama3":
+        return None
+    plain = inverse_frequencies(replace(args, rope_scaling=None)).double()
+    return (plain / inverse_frequencies(args).double()).float().numpy()
+
+
+def gguf_tokenizer_keys(tokenizer, vocab_size: int, eos_token_ids=()) -> dict:
+    """An HF tokenizer.json (byte-level BPE: Llama 3, Llama 4, SmolLM ...) as GGUF `tokenizer.ggml.*` keys, laid
+    out as llama.cpp's converter does (get_vocab_base): one token per embedding row, added special tokens
+    CONTROL, other added tokens USER_DEFINED, ids without a token `[PADn]` UNUSED; the merges as "a b"; the
+    pre-tokenizer named by its split regex (herd.tokenizer's table of llama.cpp names)."""
+    from herd.errors import FormatError
+    from herd.tokenizer.gguf_vocab import PRE_TOKENIZERS
+
+    if tokenizer is None or tokenizer.kind != "hf_json":
+        kind = tokenizer.kind if tokenizer is not None else "none"
+        raise FormatError(f"GGUF export needs a GGUF tokenizer or an HF tokenizer.json; this model's is {kind}")
+    data = json.loads(Path(tokenizer.path).read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise FormatError(f"{tokenizer.path}: a {model.get('type')} tokenizer.json; GGUF export converts byte-level BPE")
+    by_id = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in data.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in added:
+            tokens.append(added[i]["content"])
+            types.append(3 if added[i].get("special") else 4)  # CONTROL, USER_DEFINED
+        elif i in by_id:
+            tokens.append(by_id[i])
+            types.append(1)  # NORMAL
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(5)  # UNUSED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    patterns = [n.get("pattern", {}).get("Regex") for n in _walk(data.get("pre_tokenizer"))]
+    names = ["llama-bpe", "llama4", *PRE_TOKENIZERS]  # the names llama.cpp's converter writes, first
+    pre = next((n for n in names if PRE_TOKENIZERS[n][1] and PRE_TOKENIZERS[n][1] in patterns), "gpt-2")
+    config = tokenizer.config or {}
+
+    def token_id(key):
+        value = config.get(key)
+        text = value.get("content") if isinstance(value, dict) else value
+        return model["vocab"].get(text, next((i for i, a in added.items() if a["content"] == text), None))
+
+    keys = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+    bos, eos = token_id("bos_token"), token_id("eos_token")
+    if eos is None and eos_token_ids:
+        eos = list(eos_token_ids)[0]
+    if bos is not None:
+        keys["tokenizer.ggml.bos_token_id"] = bos
+        keys["tokenizer.ggml.add_bos_token"] = bool(config.get("add_bos_token", pre in ("llama-bpe", "llama4")))
+    if eos is not None:
+        keys["tokenizer.ggml.eos_token_id"] = eos
+    return keys
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str = "F16",
+                 hf_dtype: torch.dtype | None = None, state: dict | None = None) -> tuple[Path, str]:
+    """Write `llm`'s model (LoRA merged in first) as `to` ("hf" or "gguf"); returns (path, new fingerprint).
+    The fingerprint is of the tensors exactly as written, so `herd info OUT` shows the same value; the
+    lineage record, when given, gets it as "fingerprint". `state`: the weights to write instead of the
+    model's own (whole tensors gathered from FSDP shards)."""
+    if to not in FORMATS:
+        raise HerdError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+    ck = llm.checkpoint
+    merge_lora(llm.model)
+    tensors = canonical_state(llm.model, ck.args, state)
+    if to == "meta":
+        from herd.formats.meta_writer import write_meta
+
+        stored = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        new_fp = fingerprint(stored)
+        if lineage is not None:
+            lineage = {**lineage, "fingerprint": new_fp}
+        return write_meta(out, ck.args, stored, ck.tokenizer, lineage), new_fp
+    if to == "hf":
+        from herd.formats.hf_writer import write_hf
+
+        stored = {k: (v.to(hf_dtype) if hf_dtype else v).detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        new_fp = fingerprint(stored)
+        if lineage is not None:
+            lineage = {**lineage, "fingerprint": new_fp}
+        path = write_hf(out, ck.args, stored, ck.tokenizer, ck.chat_template, ck.eos_token_ids, lineage)
+        return path, new_fp
+    import gguf
+
+    from herd.formats.gguf_writer import write_gguf
+    from herd.quant.ggml import GGMLType
+
+    # the bytes gguf-py will write, fingerprinted as herd reads them back
+    stored = {}
+    for k, v in tensors.items():
+        arr = v.detach().float().cpu().numpy()
+        qtype = gguf.GGMLQuantizationType.F32 if arr.ndim <= 1 or k.endswith("norm.weight") else \
+            getattr(gguf.GGMLQuantizationType, gguf_type)
+        try:
+            data = gguf.quants.quantize(arr, qtype)
+        except gguf.QuantError:
+            qtype = gguf.GGMLQuantizationType.F16
+            data = gguf.quants.quantize(arr, qtype)
+        if GGMLType(int(qtype)) in (GGMLType.F32, GGMLType.F16):  # herd reads float types as torch tensors
+            stored[k] = torch.from_numpy(data.copy()).reshape(arr.shape)
+        else:
+            stored[k] = GGMLTensor(int(qtype), tuple(arr.shape), data.view("uint8").reshape(-1), k)
+    new_fp = fingerprint(stored)
+    if lineage is not None:
+        lineage = {**lineage, "fingerprint": new_fp}
+    tokenizer = ck.tokenizer
+    if tokenizer is None or tokenizer.kind != "gguf":
+        from herd.formats.checkpoint import TokenizerSource
+
+        tokenizer = TokenizerSource("gguf", gguf_metadata=gguf_tokenizer_keys(tokenizer, ck.args.vocab_size,
+                                                                              ck.eos_token_ids))
+    path = write_gguf(out, ck.args, tensors, tokenizer, name=str(ck.metadata.get("general.name", "herd export")),
+                      out_type=gguf_type, chat_template=ck.chat_template, lineage=lineage,
+                      rope_divisors=_rope_divisors(ck.args))
+    return path, new_fp
+
+
+def source_lineage(llm, adapter: str | Path | None) -> dict:
+    """The lineage of an export: the adapter's own record when it has one (base, data, hyperparameters),
+    else a record naming the source (and adapter) it was converted from."""
+    from herd.finetune.lineage import make_lineage
+
+    base = {"path": str(llm.checkpoint.path), "format": llm.checkpoint.format, "fingerprint": llm.base_fingerprint}
+    if adapter is not None:
+        recorded = read_lineage(adapter)
+        if recorded is not None:
+            return {**recorded, "exported_from": {**base, "adapter": str(adapter)}}
+        record = make_lineage(base, "adapter (no lineage record)", {"adapter": str(adapter), **(llm.adapter or {})},
+                              None)
+        return {**record, "exported_from": {**base, "adapter": str(adapter)}}
+    recorded = read_lineage(llm.checkpoint.path) or llm.checkpoint.metadata.get("herd.lineage")
+    if recorded:
+        return {**recorded, "exported_from": base}
+    return {**make_lineage(base, "conversion", {}, None), "exported_from": base}
+
+
+__all__ = ["export_model", "write_adapter_dir", "canonical_state", "adapter_fingerprint", "source_lineage", "FORMATS"]
