@@ -322,6 +322,13 @@ def test_finetune_cli_writes_adapter_log_curve_and_lineage(tmp_path, capsys):
     assert main(["info", str(run / "adapter")]) in (0, None)
     shown = capsys.readouterr().out
     assert lineage["base"]["fingerprint"] in shown and lineage["data"]["train"]["sha256"] in shown
+    # an eval report of the tuned model names the adapter, its lineage and the base: never the base's score
+    tuned = herd.load(str(gguf), dtype="float32", adapter=run / "adapter")
+    report = herd.eval.evaluate(tuned, ["mc-arithmetic"], limit=2, seed=0, batch_size=2)
+    model = report["model"]
+    assert model["fingerprint"] == tuned.fingerprint != lineage["base"]["fingerprint"]
+    assert model["adapter"]["base_fingerprint"] == lineage["base"]["fingerprint"]
+    assert model["adapter"]["lineage"]["data"]["train"]["sha256"] == lineage["data"]["train"]["sha256"]
 
 
 def trained_adapter(tmp_path, ref):

@@ -34,7 +34,7 @@ ALLOWED = {
     "finetune": {"chat", "config", "errors", "fingerprint", "formats", "model", "quant", "tokenizer", "transforms"},
     "server": {"api", "engine", "chat", "errors", "sampling", "tokenizer"},
     # a client of the API and the engine (never of the server's internals; --server speaks HTTP)
-    "eval": {"api", "engine", "errors", "sampling", "fingerprint"},
+    "eval": {"api", "engine", "errors", "sampling", "fingerprint", "formats"},
     "cli": set(TOP_LEVEL) - {"cli", "__main__"},
     "__init__": {"api", "sampling", "errors", "finetune"},
     "__main__": {"cli"},

@@ -51,7 +51,38 @@ def model_record(llm, source: str | None) -> dict:
         "chat_template_sha256": sha256_text(ck.chat_template) if ck.chat_template else None,
         "config_sha256": sha256_json({k: repr(v) for k, v in sorted(vars(a).items())}),
         "context": a.max_seq_len,
+        "lineage": lineage(llm),
+        "adapter": _adapter(llm),
     }
+
+
+def lineage(llm) -> dict | None:
+    """What a fine-tuned model came from (herd finetune's lineage record: its herd.json, or a GGUF file's
+    general.herd.lineage), so a score of a tuned variant names its base, data and settings."""
+    from herd.formats.hf_writer import read_lineage
+
+    ck = llm.checkpoint
+    record = read_lineage(ck.path) if ck.path.is_dir() else None
+    text = ck.metadata.get("general.herd.lineage") if isinstance(ck.metadata, dict) else None
+    if record is None and isinstance(text, str):
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            record = {"unreadable": text[:200]}
+    return record
+
+
+def _adapter(llm) -> dict | None:
+    """A LoRA adapter applied at load: its file's SHA-256, its settings, the base's own fingerprint, and the
+    adapter's lineage when herd made it."""
+    settings = getattr(llm, "adapter", None)
+    if not settings:
+        return None
+    from herd.formats.hf_writer import read_lineage
+
+    return {"path": settings.get("path"), "sha256": settings.get("sha256"), "rank": settings.get("rank"),
+            "alpha": settings.get("alpha"), "modules": sorted(settings.get("modules", ())),
+            "base_fingerprint": llm.base_fingerprint, "lineage": read_lineage(settings["path"])}
 
 
 def unknown_model_record(url: str, model: str | None, served: dict | None) -> dict:
