@@ -240,3 +240,28 @@ def test_the_cpu_paths_default_fp16_keys_keep_the_greedy_outputs_of_fp32_keys(sm
     assert half.runner.cache.k[0].dtype == torch.float16 and half.kv_cache_bytes * 2 == full.kv_cache_bytes
     requests = lambda: [_greedy(llm, ids, f"r{i}", 32) for i, ids in enumerate(prompts)]  # noqa: E731
     assert _run(half, requests()) == _run(full, requests())
+
+
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_shared_contexts_score_their_continuations_as_whole_sequences_do(path, smollm2, smollm2_q):
+    """herd.engine.scoring runs a context once and each continuation from its end (one-token cache blocks):
+    every continuation token's log-probability equals that of the whole sequence scored alone."""
+    import torch
+
+    from herd.engine.scoring import continuation_logprobs
+
+    llm = smollm2 if path == "reference" else smollm2_q
+    enc = lambda t: llm.tokenizer.encode(t, bos=False)  # noqa: E731
+    pairs = []
+    for question in ("Question: What is 2 + 3?\nAnswer:", "The capital of France is", "Roses are"):
+        for choice in (" 5", " Paris, the city of light", " red and violets are blue", " x"):
+            pairs.append((llm.tokenizer.encode(question), enc(choice)))
+    pairs.append((llm.tokenizer.encode("Alone here"), enc(" and nowhere else")))
+    got = continuation_logprobs(llm.model, pairs, batch_size=2)
+    tolerance = 1e-4 if path == "reference" else 2e-3
+    for (context, continuation), (lps, greedy) in zip(pairs, got):
+        whole = torch.log_softmax(llm.logits(context + continuation), dim=-1)
+        at = range(len(context) - 1, len(context) + len(continuation) - 1)
+        want = [float(whole[p, t]) for p, t in zip(at, continuation)]
+        assert lps == pytest.approx(want, abs=tolerance)
+        assert greedy == all(int(whole[p].argmax()) == t for p, t in zip(at, continuation))

@@ -28,7 +28,9 @@ from herd.eval.data import sha256_json
 Progress = Callable[[int], None]  # called with how many more requests just finished
 
 DETERMINISM = {
-    "loglikelihood": "batched scoring (the default): requests are sorted longest first and right-padded into "
+    "loglikelihood": "batched scoring (the default): a context shared by several continuations runs once and "
+                     "its continuations from its end, through a KV cache (herd.engine.scoring); other "
+                     "requests are sorted longest first and right-padded into "
                      "[B, T] forwards; padding after a row cannot reach its positions (causal attention), but "
                      "which rows share a forward changes the shapes of the matrix products, so log-likelihoods "
                      "differ between batch sizes in the last bits (float32: within 1e-6 relative, measured by "
@@ -74,9 +76,11 @@ class Loglikelihood:
 
 
 class EngineBackend:
-    """A loaded herd.LLM in this process. Log-likelihoods: `scoring="batched"` (default) runs up to
-    `batch_size` requests, longest first and right-padded, as one [B, T] forward of herd.LLM.logits (causal
-    attention: padding after a row's last token cannot change its earlier positions); `scoring="engine"`
+    """A loaded herd.LLM in this process. Log-likelihoods: `scoring="batched"` (default) runs each context
+    that several continuations share once, with the continuations from its end (herd.engine.scoring), and
+    the other requests `batch_size` at a time, longest first and right-padded, as one [B, T] forward of
+    herd.LLM.logits (causal attention: padding after a row's last token cannot change its earlier
+    positions); `scoring="engine"`
     submits every request to herd's engine as a prompt-only request with prompt logprobs (the engine's
     batched prefill, as herd serve runs it). Generation always runs on the engine."""
 
@@ -148,6 +152,29 @@ class EngineBackend:
         return results
 
     def _batched(self, pairs, progress: Progress | None) -> list[Loglikelihood]:
+        from herd.engine.scoring import continuation_logprobs
+
+        # A context with several continuations (a question's choices) runs once, its continuations from
+        # its end (herd.engine.scoring): four choices cost one context and four short tails. Pairs whose
+        # context is theirs alone (perplexity windows) run whole, as plain causal rows.
+        count: dict[tuple, int] = {}
+        for context, _ in pairs:
+            count[tuple(context)] = count.get(tuple(context), 0) + 1
+        shared = [i for i, (c, _) in enumerate(pairs) if count[tuple(c)] > 1]
+        alone = [i for i, (c, _) in enumerate(pairs) if count[tuple(c)] == 1]
+        results: list[Loglikelihood | None] = [None] * len(pairs)
+        if shared:
+            scored = continuation_logprobs(self.llm.model, [pairs[i] for i in shared], self.batch_size,
+                                           max(1, self.logits_budget), progress)
+            for i, (lps, greedy) in zip(shared, scored):
+                results[i] = Loglikelihood(sum(lps), greedy, lps)
+        if alone:
+            for i, r in zip(alone, self._padded([pairs[i] for i in alone], progress)):
+                results[i] = r
+        return results
+
+    def _padded(self, pairs, progress: Progress | None) -> list[Loglikelihood]:
+        """Each pair as one right-padded row of [B, T] forwards of herd.LLM.logits."""
         import torch
 
         # The model reads context + continuation less its last token. Requests whose input is a prefix
