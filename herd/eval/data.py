@@ -8,11 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from herd.errors import HerdError
-
-
-class DataError(HerdError):
-    """A task's data file is missing, malformed, or holds a field of the wrong kind."""
+from herd.errors import DataError  # a task's data file is missing, malformed, or holds a field of the wrong kind
+from herd.jsonl import json_objects
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -48,15 +45,7 @@ def read_jsonl(path: str | os.PathLike, fields: dict[str, type | tuple[type, ...
     path = existing_file(path, "data file")
     rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        for n, row in json_objects(path, f):
             for name, kind in fields.items():
                 if name not in row:
                     raise DataError(f"{path}:{n}: missing field {name!r}")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from herd.errors import DataError
+from herd.jsonl import json_objects
 
 IGNORE = -100  # target of a position that is not trained (PyTorch's cross_entropy ignore_index)
 
@@ -85,16 +86,8 @@ def read_records(path: str | Path) -> tuple[list[tuple[str, dict]], str]:
             lines = list(f)
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, record in json_objects(path, lines):
         where = f"{path}:{n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         this = record_kind(record)
         if this is None:
             raise DataError(f"{where}: a record needs \"messages\", \"prompt\" + \"completion\", \"text\", or "

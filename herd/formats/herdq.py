@@ -161,10 +161,10 @@ def _jsonable(value):
         json.dumps(value)
         return value
     except TypeError:
-        return {k: v for k, v in (value or {}).items() if _is_json(v)}
+        return {k: v for k, v in (value or {}).items() if is_json(v)}
 
 
-def _is_json(v) -> bool:
+def is_json(v) -> bool:
     try:
         json.dumps(v)
         return True

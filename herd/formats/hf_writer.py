@@ -14,6 +14,7 @@ import torch
 from herd.config import ModelArgs
 from herd.errors import FormatError, UnsupportedArchitecture
 from herd.formats.checkpoint import TokenizerSource
+from herd.formats.herdq import is_json
 from herd.formats.hf import LAYER_MAP, permute_for_rotate_half
 
 LINEAGE_FILE = "herd.json"
@@ -96,7 +97,7 @@ def write_hf(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor],
     save_file(hf_tensors(tensors, args, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if tok_config or chat_template:
-        tok_config = {k: v for k, v in tok_config.items() if _is_json(v)}
+        tok_config = {k: v for k, v in tok_config.items() if is_json(v)}
         if chat_template:
             tok_config["chat_template"] = chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
@@ -105,12 +106,6 @@ def write_hf(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor],
     return out
 
 
-def _is_json(v) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except TypeError:
-        return False
 
 
 def read_lineage(path: str | Path) -> dict | None:
