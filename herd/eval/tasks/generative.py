@@ -62,6 +62,14 @@ class GenerativeTask(Task):
     extractors: ClassVar[tuple[str, ...]] = ("answer",)  # names of the task's scores, first is the main one
     cot_instruction: ClassVar[str] = "Let's think step by step, then give the final answer as a number."
 
+    # what every generative task takes (subclasses set their own max_tokens default)
+    chat: bool = False
+    max_tokens: int = 256
+    seed: int = 0
+    limit: int | None = None
+    self_consistency: int | None = None  # K samples at sc_temperature, majority vote (reasoning mode)
+    sc_temperature: float | None = None
+
     def prompt(self, item: Item, cot: bool) -> tuple[str | list, tuple[str, ...]]:
         raise NotImplementedError
 
@@ -79,8 +87,8 @@ class GenerativeTask(Task):
         return GenerateRequest(prompt=prompt, max_tokens=max_tokens, stop=stop, temperature=temperature, seed=seed)
 
     def score(self, backend, items: list[Item], bar: Bar) -> list[dict]:
-        k = getattr(self, "self_consistency", None) or 0
-        temperature = getattr(self, "sc_temperature", None)
+        k = self.self_consistency or 0
+        temperature = self.sc_temperature
         temperature = 0.7 if temperature is None else temperature
         requests = [self.request(i, cot=False) for i in items]
         for n, item in enumerate(items):

@@ -49,12 +49,6 @@ class GSM8K(GenerativeTask):
     data: str | None = None  # the test split
     train: str | None = None  # where shots come from; default train.jsonl beside data
     shots: int = 8
-    chat: bool = False
-    max_tokens: int = 256
-    limit: int | None = None
-    seed: int = 0
-    self_consistency: int | None = None
-    sc_temperature: float | None = None
 
     def __post_init__(self):
         if self.train is None and self.data is not None and self.shots:

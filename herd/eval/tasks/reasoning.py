@@ -74,12 +74,7 @@ class Reasoning(GenerativeTask):
     steps: list = field(default_factory=lambda: [1, 2, 4, 8])
     per_depth: int = 12  # problems per depth, spread over the families
     families: list = field(default_factory=lambda: ["chain", "tracking", "lookup"])
-    chat: bool = False
     max_tokens: int = 8
-    seed: int = 0
-    limit: int | None = None
-    self_consistency: int | None = None
-    sc_temperature: float | None = None
 
     def items(self, backend=None) -> list[Item]:
         rng = random.Random(f"reasoning:{self.seed}")

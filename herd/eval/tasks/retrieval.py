@@ -47,12 +47,7 @@ class Retrieval(GenerativeTask):
     needles: int = 1
     repeats: int = 2  # haystacks per (length, depth)
     filler: str | None = None
-    chat: bool = False
     max_tokens: int = 8
-    seed: int = 0
-    limit: int | None = None
-    self_consistency: int | None = None
-    sc_temperature: float | None = None
 
     def items(self, backend=None) -> list[Item]:
         if backend is None:
