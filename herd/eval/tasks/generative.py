@@ -129,8 +129,7 @@ class GenerativeTask(Task):
         compute = {"requests": len(records), "greedy_completion_tokens": sum(r["completion_tokens"] for r in records)}
         if "self_consistency" in names:
             k = len(records[0]["self_consistency"]["outputs"])
-            compute.update(self_consistency_samples=k, sc_temperature=self.sc_temperature if getattr(
-                self, "sc_temperature", None) is not None else 0.7,
+            compute.update(self_consistency_samples=k, sc_temperature=self.sc_temperature if self.sc_temperature is not None else 0.7,
                 self_consistency_completion_tokens=sum(r["self_consistency"]["completion_tokens"] for r in records))
         compute["generation"] = getattr(self, "_applied", None)  # the settings sent with every request
         return TaskResult(records, metrics, self.tables(records), compute)
