@@ -27,6 +27,10 @@ def __getattr__(name):
         import herd.finetune
 
         return herd.finetune
+    if name == "eval":  # herd.eval.evaluate(llm, tasks, ...), reports, verify, compare
+        import herd.eval
+
+        return herd.eval
     if name == "SamplingParams":
         from herd.sampling import SamplingParams
 
@@ -34,4 +38,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["load", "finetune", "LLM", "SamplingParams", "__version__"]
+__all__ = ["load", "finetune", "eval", "LLM", "SamplingParams", "__version__"]

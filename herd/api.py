@@ -14,7 +14,7 @@ from herd.fingerprint import fingerprint
 from herd.formats import Checkpoint, open_checkpoint
 from herd.decoding import TokenLogprob
 from herd.generate import Completion, GenerationStep, generate_steps
-from herd.loader import apply_adapter, check_vocabulary, load_model, mask_padding_rows
+from herd.loader import apply_adapter, apply_adapters, check_vocabulary, load_model, mask_padding_rows
 from herd.models import resolve
 from herd.model import Transformer
 from herd.sampling import SamplingParams
@@ -35,6 +35,7 @@ class LLM:
         self.model = model
         self._tokenizer = tokenizer
         self.adapter: dict | None = None  # settings of a LoRA adapter applied at load (herd.load(adapter=...))
+        self.adapters: dict[str, dict] | None = None  # several, each request choosing (herd.load(adapters=...))
 
     @property
     def config(self) -> ModelArgs:
@@ -176,6 +177,7 @@ def load(
     compile: bool | None = None,
     threads: int | None = None,
     adapter: str | os.PathLike | None = None,
+    adapters: dict[str, str | os.PathLike] | None = None,
 ) -> LLM:
     """Load a model: a GGUF file, an HF directory (config.json + safetensors), a Meta checkpoint
     directory (params.json + consolidated.NN.pth), a directory written by `herd quantize`, or a known
@@ -188,7 +190,10 @@ def load(
     `compile`: torch.compile the decode step (None: herd.runtime decides; needs a C++ compiler).
     `threads`: CPU threads for PyTorch (default: the number of physical cores).
     `adapter`: a PEFT-format LoRA adapter directory (herd's `finetune` output or HF peft's) applied over
-    the base, which then loads dense (a quantized file is dequantized); `llm.adapter` holds its settings."""
+    the base, which then loads dense (a quantized file is dequantized); `llm.adapter` holds its settings.
+    `adapters`: {name: directory}, several adapters over one base, each engine request choosing one
+    (Request.adapter: the 1-based position in this dict, 0 the base), as herd serve's `model` field does;
+    `llm.adapters` holds their settings. Generation through `llm.generate` uses the base."""
     from herd.runtime import compile_decode, set_threads
 
     set_threads(threads)
@@ -200,15 +205,19 @@ def load(
     tokenizer = load_tokenizer(checkpoint.tokenizer) if checkpoint.tokenizer is not None else None
     if tokenizer is not None:
         check_vocabulary(checkpoint, tokenizer)
-    if adapter is not None:
+    if adapter is not None and adapters:
+        raise HerdError("give one adapter (adapter=) or several named ones (adapters=), not both")
+    if adapter is not None or adapters:
         if quantized:
             raise HerdError("an adapter applies over a dense base: load it with quantized=False")
         quantized = False
     model = load_model(checkpoint, device=device, dtype=dtype, progress=progress, quantized=quantized)
     settings = apply_adapter(model, adapter, checkpoint.args) if adapter is not None else None
+    several = apply_adapters(model, adapters, checkpoint.args) if adapters else None
     if tokenizer is not None:
         mask_padding_rows(model, tokenizer.vocab_size)
     compile_decode(model, compile)
     llm = LLM(checkpoint, model, tokenizer)
     llm.adapter = settings
+    llm.adapters = several
     return llm

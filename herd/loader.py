@@ -294,6 +294,36 @@ def apply_adapter(model: Transformer, adapter: str | Path, args) -> dict:
     return settings
 
 
+def apply_adapters(model: Transformer, adapters: dict[str, str | Path], args) -> dict[str, dict]:
+    """Several PEFT LoRA adapters over one dense base, each request choosing its own
+    (herd.transforms.lora.use_adapters; request adapter i is the i-th of `adapters`, in order). Returns
+    {name: settings} with each adapter file's SHA-256."""
+    import hashlib
+
+    from herd.formats.peft import read_adapter
+    from herd.transforms.lora import use_adapters
+
+    if any(n.endswith((".wqkv", ".w13")) or type(m).__name__ == "KernelBlock" for n, m in model.named_modules()):
+        raise HerdError("adapters need the base loaded with separate projections: load with quantized=False")
+    modules = {n for n, _ in model.named_modules()}
+    deltas, out = [], {}
+    for name, path in adapters.items():
+        settings, tensors = read_adapter(path, args)
+        scaling = settings["alpha"] / settings["rank"]
+        delta = {}
+        for module in settings["modules"]:
+            if module not in modules:
+                raise HerdError(f"{path}: the model has no module {module} for the adapter's weights")
+            delta[module] = (tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"], scaling)
+        deltas.append(delta)
+        settings["path"] = str(path)
+        settings["sha256"] = hashlib.sha256((Path(path) / "adapter_model.safetensors").read_bytes()).hexdigest()
+        out[name] = settings
+    use_adapters(model, deltas)
+    model.requires_grad_(False)
+    return out
+
+
 def load_trainable_quantized(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> Transformer:
     """The plan for QLoRA: every linear a BlockDequantLinear over its stored weight (herd.transforms.qlora),
     the embedding looked up row by row from its stored form (a tied output reads the same blocks), and

@@ -634,3 +634,65 @@ def test_merged_meta_export_reads_back_with_the_fixtures_independent_converter(t
     assert close(llm.logits(ids), want, 1e-4)
     back = herd.load(out, dtype="float32")
     assert close(back.logits(ids), want, 1e-4) and back.config == llm.config
+
+
+def _random_adapter(out, ref, seed, targets, rank):
+    from herd.finetune.export import write_adapter_dir
+
+    llm = herd.load(ref.hf_dir, device="cpu", dtype="float32")
+    torch.manual_seed(seed)
+    add_lora(llm.model, targets, rank=rank, alpha=2.0 * rank)
+    with torch.no_grad():
+        for m in lora_modules(llm.model).values():
+            m.lora_B.normal_(0, 0.2)
+    return write_adapter_dir(out, llm.model, llm.config, rank, 2.0 * rank, 0.0, None)
+
+
+def test_several_adapters_over_one_base_batch_together_and_each_gives_its_own_tokens(tmp_path):
+    """herd.load(adapters={...}) / herd serve --adapter NAME=DIR: requests for the base and two adapters
+    (different ranks and targets) decoding in the same batches give exactly the tokens each gives loaded
+    alone; the prefix cache never hands one adapter's keys to another; the server routes by `model`."""
+    from openai import OpenAI
+
+    from herd.engine import Engine, Request
+    from herd.sampling import SamplingParams
+    from herd.server import create_app
+    from tests.fixtures.serving import ServerThread
+
+    ref = B.reference(GEN)
+    dirs = {"alpha": _random_adapter(tmp_path / "a", ref, 1, ["q", "v", "down"], 4),
+            "beta": _random_adapter(tmp_path / "b", ref, 2, ALL, 8)}
+    base = ref.gguf("F32")  # the same weights, with a tokenizer (the server detokenizes)
+    multi = herd.load(base, device="cpu", dtype="float32", adapters=dirs)
+    singles = [herd.load(base, device="cpu", dtype="float32")] + \
+        [herd.load(base, device="cpu", dtype="float32", adapter=d) for d in dirs.values()]
+    prompt = [int(t) for t in B.tokens(GEN)[:12]]
+    prompts = [prompt, prompt[:7], prompt[3:]]  # the same text for every adapter too: prefixes must not mix
+    alone = {}
+    for a, single in enumerate(singles):
+        for p, ids in enumerate(prompts):
+            alone[f"{a}-{p}"] = single.generate(ids, max_tokens=10, temperature=0, stop_token_ids=[]).token_ids
+    assert alone["0-0"] != alone["1-0"] != alone["2-0"]  # the adapters change the model
+    engine = Engine(multi.model, multi.tokenizer, max_batch=9, context=64, block_size=4)
+    for round_ in range(2):  # the second round finds every prompt's blocks cached, per adapter
+        for key in alone:
+            a, p = map(int, key.split("-"))
+            engine.add_request(Request(key, prompts[p], 10, SamplingParams(temperature=0), frozenset(), adapter=a))
+        got = {k: [] for k in alone}
+        while engine.has_work():
+            for o in engine.step():
+                got[o.request_id] += o.token_ids
+        assert got == alone, round_
+
+    app = create_app(multi, max_batch=4, context=64, model_id="base")
+    with ServerThread(app) as srv:
+        client = OpenAI(base_url=srv.url + "/v1", api_key="x")
+        assert [m.id for m in client.models.list().data] == ["base", "alpha", "beta"]
+        for name, a in (("base", 0), ("alpha", 1), ("beta", 2)):
+            r = client.completions.create(model=name, prompt=prompts[0], max_tokens=10, temperature=0)
+            want = singles[a].generate(prompts[0], max_tokens=10, temperature=0)
+            assert r.choices[0].text == want.text
+        import openai
+
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="gamma", prompt=prompts[0], max_tokens=2)

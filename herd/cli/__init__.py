@@ -66,8 +66,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: physical cores)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="torch.compile the decode step (auto: where herd measured it faster)")
-    parser.add_argument("--adapter", default=None,
-                        help="a PEFT-format LoRA adapter directory to apply (the base then loads dense)")
+    parser.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                        help="a PEFT-format LoRA adapter directory to apply (the base then loads dense); "
+                             "NAME=DIR, repeated, serves several over one base, each request choosing by its "
+                             "`model` (herd serve)"),
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,8 +124,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def model_options(args: argparse.Namespace) -> dict:
     options = {"threads": getattr(args, "threads", None)}
-    if getattr(args, "adapter", None):
-        options["adapter"] = args.adapter
+    given = getattr(args, "adapter", None) or []
+    named = [a for a in given if "=" in a]
+    if named:
+        if len(named) != len(given):
+            raise SystemExit("herd: --adapter: give every adapter as NAME=DIR, or one plain DIR")
+        options["adapters"] = dict(a.split("=", 1) for a in named)
+        if len(options["adapters"]) != len(named):
+            raise SystemExit("herd: --adapter: two adapters with one name")
+    elif len(given) > 1:
+        raise SystemExit("herd: --adapter: several adapters need names (NAME=DIR)")
+    elif given:
+        options["adapter"] = given[0]
     compile_ = getattr(args, "compile", "auto")
     if compile_ != "auto":
         options["compile"] = compile_ == "on"

@@ -37,6 +37,7 @@ class Blocks:
     table: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
     reserved: int = 0
+    salt: bytes = b""  # what else the keys depend on (the adapter whose weights computed them)
 
 
 class BlockManager:
@@ -67,19 +68,19 @@ class BlockManager:
         return sum(1 for r in self.refs if r > 0)
 
     # -- prefix caching --------------------------------------------------------------------------------------
-    def keys(self, tokens: Sequence[int]) -> list[bytes]:
-        """The chained hash of every full block of `tokens`."""
+    def keys(self, tokens: Sequence[int], salt: bytes = b"") -> list[bytes]:
+        """The chained hash of every full block of `tokens` (computed by the weights `salt` names)."""
         out, bs = [], self.block_size
         for i in range(len(tokens) // bs):
-            out.append(block_key(out[-1] if out else b"", tokens[i * bs : (i + 1) * bs]))
+            out.append(block_key(out[-1] if out else salt, tokens[i * bs : (i + 1) * bs]))
         return out
 
-    def cached_prefix(self, tokens: Sequence[int]) -> list[int]:
+    def cached_prefix(self, tokens: Sequence[int], salt: bytes = b"") -> list[int]:
         """The cached blocks that hold the longest prefix of full blocks of `tokens` (not yet taken)."""
         if not self.prefix_caching:
             return []
         blocks = []
-        for key in self.keys(tokens):
+        for key in self.keys(tokens, salt):
             block = self.by_key.get(key)
             if block is None:
                 break
@@ -87,12 +88,13 @@ class BlockManager:
         return blocks
 
     # -- one sequence's blocks -------------------------------------------------------------------------------
-    def admit(self, tokens: Sequence[int], total: int, share: bool = True) -> Blocks | None:
+    def admit(self, tokens: Sequence[int], total: int, share: bool = True, salt: bytes = b"") -> Blocks | None:
         """Blocks for a sequence whose prompt is `tokens` and which may grow to `total` tokens: the cached
         blocks of its prompt's prefix, shared, and the rest reserved; None if they do not fit now. At least
         one prompt token is always left to compute (its logits start generation). len(table) * block_size
-        tokens are then already computed. share=False computes the whole prompt (prompt logprobs need it)."""
-        shared = self.cached_prefix(tokens) if share else []
+        tokens are then already computed. share=False computes the whole prompt (prompt logprobs need it).
+        `salt`: keys computed by other weights (a LoRA adapter) are other keys, never shared with the base's."""
+        shared = self.cached_prefix(tokens, salt) if share else []
         while shared and len(shared) * self.block_size >= len(tokens):
             shared.pop()
         need = self.blocks_for(total) - len(shared)
@@ -104,7 +106,7 @@ class BlockManager:
         self.reserved += need
         self.queries += len(tokens)
         self.hits += len(shared) * self.block_size
-        return Blocks(list(shared), [self.key_of[b] for b in shared], need)
+        return Blocks(list(shared), [self.key_of[b] for b in shared], need, salt)
 
     def grow(self, blocks: Blocks, tokens: int) -> None:
         """Allocate reserved blocks until the table holds `tokens` tokens."""
@@ -121,7 +123,7 @@ class BlockManager:
         bs = self.block_size
         while (len(blocks.keys) + 1) * bs <= done:
             i = len(blocks.keys)
-            key = block_key(blocks.keys[-1] if blocks.keys else b"", tokens[i * bs : (i + 1) * bs])
+            key = block_key(blocks.keys[-1] if blocks.keys else blocks.salt, tokens[i * bs : (i + 1) * bs])
             blocks.keys.append(key)
             block = blocks.table[i]
             # the same text computed twice at once (two sequences prefilling it together): keep the first

@@ -24,6 +24,7 @@ class Request:
     logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token's logprob + top n alternatives
     prompt_logprobs: int | None = None  # None, or n >= 0: logprobs of every prompt token (first is None)
     constraint: Any = None  # a herd.engine.constrained.Constraint factory (json_schema / json_object), or None
+    adapter: int = 0  # which of the model's LoRA adapters computes this request (0: the base alone)
 
 
 @dataclass

@@ -66,7 +66,8 @@ class Runner:
         self.cache = PagedKVCache(args.n_layers, args.n_kv_heads, args.head_dim, blocks.num_blocks, blocks.block_size,
                                   kv_dtype or default_kv_dtype(model), self.device)
         self.static = None  # on CUDA, decode steps replay captured graphs (herd.engine.graphs)
-        if self.device.type == "cuda" and os.environ.get("HERD_CUDA_GRAPHS", "1") != "0" and capturable(model):
+        if self.device.type == "cuda" and os.environ.get("HERD_CUDA_GRAPHS", "1") != "0" and capturable(model) \
+                and not hasattr(model, "select_adapters"):  # adapters are chosen per step, on the host
             max_blocks = -(-(context or args.max_seq_len) // blocks.block_size)
             self.static = StaticDecode(model, self.cache, max_batch, max_blocks)
         self.computed_tokens = 0  # tokens whose keys this runner computed (prefix-cache hits are not among them)
@@ -91,6 +92,7 @@ class Runner:
             batch = Batch.rows(self.cache, [c.seq.blocks.table for c in group], [c.start for c in group], steps,
                                self.device, lengths=[c.end - c.start for c in group])
             tokens = [c.seq.token_ids[c.start:c.end] + [0] * (steps - c.end + c.start) for c in group]
+            self._select_adapters([c.seq for c in group])
             every = any(c.seq.request.prompt_logprobs is not None for c in group)
             logits = self.model(self._tensor(tokens), batch, last_only=not every)  # [B, T or 1, V]
             for row, c in zip(logits, group):
@@ -106,6 +108,7 @@ class Runner:
                 self.blocks.grow(s.blocks, len(s.token_ids))
             batch = Batch.rows(self.cache, [s.blocks.table for s in seqs], [len(s.token_ids) - 1 for s in seqs], 1,
                                self.device)
+            self._select_adapters(seqs)
             # captured graphs (CUDA), or a compiled step where one is attached, or the model itself
             decode = self.static or getattr(self.model, "decode_step", None) or self.model
             logits = decode(self._tensor([[s.token_ids[-1]] for s in seqs]), batch, last_only=True)[:, -1]  # [B, V]
@@ -113,6 +116,15 @@ class Runner:
                 self._computed(s, len(s.token_ids))
                 ready.append((s, row))
         return ready
+
+    def _select_adapters(self, seqs: list[Sequence]) -> None:
+        """Each row's LoRA adapter, for a model serving several (herd.transforms.lora.use_adapters attaches
+        `select_adapters`); a model without them takes none."""
+        select = getattr(self.model, "select_adapters", None)
+        if select is not None:
+            select([s.request.adapter for s in seqs])
+        elif any(s.request.adapter for s in seqs):
+            raise ValueError("this model serves no adapters")
 
     def _computed(self, seq: Sequence, upto: int) -> None:
         self.computed_tokens += upto - seq.num_computed

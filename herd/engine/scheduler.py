@@ -83,8 +83,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
+            adapter = seq.request.adapter
             blocks = self.blocks.admit(seq.token_ids, seq.n_prompt + seq.request.max_tokens,
-                                       share=seq.request.prompt_logprobs is None)
+                                       share=seq.request.prompt_logprobs is None,
+                                       salt=b"adapter:%d" % adapter if adapter else b"")
             if blocks is None:  # not enough cache now; first come first served, so the rest wait too
                 break
             self.waiting.popleft()

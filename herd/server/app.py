@@ -71,7 +71,8 @@ def create_app(llm, *, max_batch: int = 8, context: int | None = None, max_queue
             async_engine.stop(drain=True)
 
     app = FastAPI(title="herd", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.served = Served(llm, async_engine, model_id, set(aliases) - {None}, context)
+    adapters = {name: i for i, name in enumerate(getattr(llm, "adapters", None) or {}, 1)}
+    app.state.served = Served(llm, async_engine, model_id, set(aliases) - {None}, context, adapters=adapters)
     app.state.limits = limits = Limits(max_body_bytes, header_timeout, body_timeout)
     app.include_router(router)
 

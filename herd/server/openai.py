@@ -61,16 +61,22 @@ class Served:
     aliases: set[str]  # other names requests may use for it (the SOURCE as given)
     context: int  # tokens per sequence: prompt + output must fit
     created: int = field(default_factory=lambda: int(time.time()))
+    adapters: dict[str, int] = field(default_factory=dict)  # LoRA adapter name -> its index in the model (1..)
 
 
 def served(request: Request) -> Served:
     return request.app.state.served
 
 
-def _check_model(s: Served, name: str | None) -> None:
-    if name is not None and name != s.model_id and name not in s.aliases:
-        raise APIError(404, f"The model `{name}` does not exist; this server serves `{s.model_id}`.",
-                       param="model", code="model_not_found")
+def _check_model(s: Served, name: str | None) -> int:
+    """The adapter a request's `model` names: 0 for the base model (or no name), i for adapter i."""
+    if name is None or name == s.model_id or name in s.aliases:
+        return 0
+    if name in s.adapters:
+        return s.adapters[name]
+    names = ", ".join(f"`{n}`" for n in [s.model_id, *s.adapters])
+    raise APIError(404, f"The model `{name}` does not exist; this server serves {names}.",
+                   param="model", code="model_not_found")
 
 
 def _sampling(body, seed: int | None) -> SamplingParams:
@@ -282,7 +288,7 @@ def _chat_inputs(s: Served, body: ChatCompletionRequest, plan: ChatPlan, schema:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = served(request)
-    _check_model(s, body.model)
+    adapter = _check_model(s, body.model)
     plan, schema, constrained = _chat_plan(s, body)
     llm = s.llm
     if body.top_logprobs is not None and not body.logprobs:
@@ -294,7 +300,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     cid = "chatcmpl-" + uuid.uuid4().hex
     reqs = _requests(s, prompt_ids, max_tokens, body, body.n, cid, stop_ids=stop_ids,
                      stop=tuple(_stops(body.stop) + list(eot.texts)),
-                     logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint)
+                     logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint,
+                     adapter=adapter)
     choices = [Choice(i) for i in range(body.n)]
     created = int(time.time())
     if body.stream:
@@ -448,7 +455,7 @@ def _echo_items(s: Served, c: Choice, ids: list[int]) -> list:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     s = served(request)
-    _check_model(s, body.model)
+    adapter = _check_model(s, body.model)
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -460,7 +467,8 @@ async def completions(body: CompletionRequest, request: Request):
     reqs, choices, meta = [], [], []
     for p, (ids, text) in enumerate(prompts):
         batch = _requests(s, ids, body.max_tokens, body, body.n, f"{cid}-{p}", stop_ids=stop_ids,
-                          stop=tuple(_stops(body.stop)), logprobs=body.logprobs, prompt_logprobs=prompt_lp)
+                          stop=tuple(_stops(body.stop)), logprobs=body.logprobs, prompt_logprobs=prompt_lp,
+                          adapter=adapter)
         reqs += batch
         for _ in batch:
             choices.append(Choice(len(choices)))
@@ -519,20 +527,24 @@ async def completions(body: CompletionRequest, request: Request):
 
 # -- models, tokens, health, metrics ---------------------------------------------------------------------------
 
-def _model_card(s: Served) -> dict:
-    return {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "herd", "max_model_len": s.context}
+def _model_card(s: Served, name: str | None = None) -> dict:
+    card = {"id": name or s.model_id, "object": "model", "created": s.created, "owned_by": "herd",
+            "max_model_len": s.context}
+    if name and name != s.model_id:
+        card["parent"] = s.model_id  # a LoRA adapter over the base (vLLM's card says the same)
+    return card
 
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [_model_card(served(request))]}
+    s = served(request)
+    return {"object": "list", "data": [_model_card(s)] + [_model_card(s, n) for n in s.adapters]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request):
     s = served(request)
-    _check_model(s, model)
-    return _model_card(s)
+    return _model_card(s, model if _check_model(s, model) else None)
 
 
 @router.post("/tokenize")

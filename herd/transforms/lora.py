@@ -77,6 +77,63 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}"
 
 
+class MultiLoRALinear(nn.Module):
+    """Several LoRA adapters over one frozen base, each row of a batch through its own: y = base(x) +
+    B_i A_i x for row adapter i, slot 0 being none (S-LoRA's and vLLM's multi-LoRA serving, in plain
+    PyTorch). A [n+1, R, in] and B [n+1, out, R] hold every adapter zero-padded to the largest rank R, its
+    alpha/r folded into B. `rows` (set before each forward by the model's select_adapters) picks them."""
+
+    def __init__(self, base: nn.Module, adapters: list[tuple[torch.Tensor, torch.Tensor, float] | None]):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        rank = max((a.shape[0] for a, _, _ in filter(None, adapters)), default=1)
+        A = torch.zeros(len(adapters) + 1, rank, self.in_features)
+        B = torch.zeros(len(adapters) + 1, self.out_features, rank)
+        for i, adapter in enumerate(adapters, 1):
+            if adapter is not None:
+                a, b, scaling = adapter
+                A[i, : a.shape[0]], B[i, :, : a.shape[0]] = a.float(), b.float() * scaling
+        self.register_buffer("lora_A", A)
+        self.register_buffer("lora_B", B)
+        self.rows: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.rows is None:
+            return y
+        a, b = self.lora_A[self.rows].to(x.dtype), self.lora_B[self.rows].to(x.dtype)  # [B, R, in], [B, out, R]
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
+        delta = (flat @ a.transpose(1, 2)) @ b.transpose(1, 2)
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.lora_A.shape[0] - 1} adapters, rank <= {self.lora_A.shape[1]}"
+
+
+def use_adapters(model: nn.Module, adapters: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]]) -> int:
+    """Wrap every linear that any of `adapters` (each {module name: (A, B, alpha/r)}) adapts in a
+    MultiLoRALinear, and attach `model.select_adapters(rows)`: the adapter (1-based; 0 none) of each row of
+    the next forward. Returns how many modules were wrapped."""
+    names = set().union(*(a.keys() for a in adapters))
+
+    def build(name: str, module: nn.Module):
+        if name in names:
+            return MultiLoRALinear(module, [a.get(name) for a in adapters])
+        return None
+
+    wrapped = replace_modules(model, build)
+    modules = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+
+    def select_adapters(rows: list[int]) -> None:
+        chosen = torch.tensor(rows, dtype=torch.long, device=modules[0].lora_A.device) if any(rows) else None
+        for m in modules:
+            m.rows = chosen
+
+    model.select_adapters = select_adapters
+    return wrapped
+
+
 def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0) -> list[str]:
     """Wrap every target projection of every layer in a LoRALinear; freeze everything else.
     Returns the wrapped modules' names (herd's). Llama 4 MoE layers: only the shared expert's dense
