@@ -331,17 +331,22 @@ def test_finetune_cli_writes_adapter_log_curve_and_lineage(tmp_path, capsys):
     assert model["adapter"]["lineage"]["data"]["train"]["sha256"] == lineage["data"]["train"]["sha256"]
 
 
-def trained_adapter(tmp_path, ref):
-    """A herd adapter with random non-zero weights over the tiny HF model, written in PEFT's format."""
+def random_adapter(source, out, seed, targets, rank=4, alpha=8.0, std=0.1):
+    """(directory, model) of a herd adapter with seeded random non-zero weights over `source`, in PEFT's format."""
     from herd.finetune.export import write_adapter_dir
 
-    llm = herd.load(ref.hf_dir, device="cpu", dtype="float32")
-    torch.manual_seed(3)
-    add_lora(llm.model, ALL, rank=4, alpha=8.0)
+    llm = herd.load(source, device="cpu", dtype="float32")
+    torch.manual_seed(seed)
+    add_lora(llm.model, targets, rank=rank, alpha=alpha)
     with torch.no_grad():
         for m in lora_modules(llm.model).values():
-            m.lora_B.normal_(0, 0.1)
-    return write_adapter_dir(tmp_path / "adapter", llm.model, llm.config, 4, 8.0, 0.0, None), llm
+            m.lora_B.normal_(0, std)
+    return write_adapter_dir(out, llm.model, llm.config, rank, alpha, 0.0, None), llm
+
+
+def trained_adapter(tmp_path, ref):
+    """A herd adapter with random non-zero weights over the tiny HF model, written in PEFT's format."""
+    return random_adapter(ref.hf_dir, tmp_path / "adapter", 3, ALL)
 
 
 def test_hf_peft_loads_herd_adapter_with_herds_logits(tmp_path):
@@ -392,16 +397,9 @@ def llm_base_logits(path, ids):
 def test_gguf_export_of_smollm2_with_adapter_keeps_greedy_tokens(tmp_path, smollm2_path):
     """LoRA over the real Q4_1 SmolLM2, merged and written as GGUF F16 by herd export: herd loads it back and
     decodes the same greedy tokens as the base with the adapter applied."""
-    from herd.finetune.export import write_adapter_dir
     from herd.cli import main
 
-    llm = herd.load(smollm2_path, device="cpu", dtype="float32")
-    torch.manual_seed(0)
-    add_lora(llm.model, ["q", "v", "down"], rank=4, alpha=8.0)
-    with torch.no_grad():
-        for m in lora_modules(llm.model).values():
-            m.lora_B.normal_(0, 0.02)
-    adapter = write_adapter_dir(tmp_path / "adapter", llm.model, llm.config, 4, 8.0, 0.0, None)
+    adapter, _ = random_adapter(smollm2_path, tmp_path / "adapter", 0, ["q", "v", "down"], std=0.02)
     out = tmp_path / "merged.gguf"
     assert main(["export", str(smollm2_path), "--adapter", str(adapter), "--to", "gguf", str(out)]) in (0, None)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -617,15 +615,7 @@ def test_merged_meta_export_reads_back_with_the_fixtures_independent_converter(t
 
     gen = "llama3_2"
     ref = B.reference(gen, meta_compatible=True)
-    llm = herd.load(ref.hf_dir, device="cpu", dtype="float32")
-    torch.manual_seed(4)
-    add_lora(llm.model, ["q", "k", "down"], rank=4, alpha=8.0)
-    with torch.no_grad():
-        for m in lora_modules(llm.model).values():
-            m.lora_B.normal_(0, 0.1)
-    from herd.finetune.export import write_adapter_dir
-
-    adapter = write_adapter_dir(tmp_path / "adapter", llm.model, llm.config, 4, 8.0, 0.0, None)
+    adapter, llm = random_adapter(ref.hf_dir, tmp_path / "adapter", 4, ["q", "k", "down"])
     out = tmp_path / "meta"
     assert main(["export", str(ref.hf_dir), "--adapter", str(adapter), "--to", "meta", str(out)]) in (0, None)
     hf = B.model_with_state_dict(gen, B.hf_state_dict_from_meta(out, gen), meta_compatible=True)
@@ -634,18 +624,6 @@ def test_merged_meta_export_reads_back_with_the_fixtures_independent_converter(t
     assert close(llm.logits(ids), want, 1e-4)
     back = herd.load(out, dtype="float32")
     assert close(back.logits(ids), want, 1e-4) and back.config == llm.config
-
-
-def _random_adapter(out, ref, seed, targets, rank):
-    from herd.finetune.export import write_adapter_dir
-
-    llm = herd.load(ref.hf_dir, device="cpu", dtype="float32")
-    torch.manual_seed(seed)
-    add_lora(llm.model, targets, rank=rank, alpha=2.0 * rank)
-    with torch.no_grad():
-        for m in lora_modules(llm.model).values():
-            m.lora_B.normal_(0, 0.2)
-    return write_adapter_dir(out, llm.model, llm.config, rank, 2.0 * rank, 0.0, None)
 
 
 def test_several_adapters_over_one_base_batch_together_and_each_gives_its_own_tokens(tmp_path):
@@ -660,8 +638,8 @@ def test_several_adapters_over_one_base_batch_together_and_each_gives_its_own_to
     from tests.fixtures.serving import ServerThread
 
     ref = B.reference(GEN)
-    dirs = {"alpha": _random_adapter(tmp_path / "a", ref, 1, ["q", "v", "down"], 4),
-            "beta": _random_adapter(tmp_path / "b", ref, 2, ALL, 8)}
+    dirs = {"alpha": random_adapter(ref.hf_dir, tmp_path / "a", 1, ["q", "v", "down"], 4, 8.0, 0.2)[0],
+            "beta": random_adapter(ref.hf_dir, tmp_path / "b", 2, ALL, 8, 16.0, 0.2)[0]}
     base = ref.gguf("F32")  # the same weights, with a tokenizer (the server detokenizes)
     multi = herd.load(base, device="cpu", dtype="float32", adapters=dirs)
     singles = [herd.load(base, device="cpu", dtype="float32")] + \
