@@ -163,6 +163,13 @@ class LLM:
         kwargs.setdefault("max_tokens", 512)
         return self.generate(self.chat_prompt(messages, tools), **self._chat_stops(kwargs))
 
+    def follow(self) -> None:
+        """On a rank other than 0 of a tensor-parallel job (herd.load(tp=N)): run the forwards rank 0
+        describes until rank 0 ends (herd.distributed.follow)."""
+        from herd.distributed import follow
+
+        follow(self.model, self.device)
+
     def __repr__(self) -> str:
         a = self.config
         return f"LLM({self.checkpoint.path.name}, {self.checkpoint.format}, dim={a.dim}, layers={a.n_layers})"
@@ -178,6 +185,8 @@ def load(
     threads: int | None = None,
     adapter: str | os.PathLike | None = None,
     adapters: dict[str, str | os.PathLike] | None = None,
+    tp: int | None = None,
+    ep: int | None = None,
 ) -> LLM:
     """Load a model: a GGUF file, an HF directory (config.json + safetensors), a Meta checkpoint
     directory (params.json + consolidated.NN.pth), a directory written by `herd quantize`, or a known
@@ -193,14 +202,18 @@ def load(
     the base, which then loads dense (a quantized file is dequantized); `llm.adapter` holds its settings.
     `adapters`: {name: directory}, several adapters over one base, each engine request choosing one
     (Request.adapter: the 1-based position in this dict, 0 the base), as herd serve's `model` field does;
-    `llm.adapters` holds their settings. Generation through `llm.generate` uses the base."""
+    `llm.adapters` holds their settings. Generation through `llm.generate` uses the base.
+    `tp`, `ep`: inside a torchrun job, tensor parallelism over `tp` processes and Llama 4's routed experts
+    split over `ep` (herd.transforms.tensor_parallel); each rank reads only its share of the weights. Rank 0
+    drives: its `llm` generates as usual, and every other rank calls `llm.follow()`."""
     from herd.runtime import compile_decode, set_threads
 
     set_threads(threads)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
-    checkpoint = open_checkpoint(resolve(source))
+    parallel = tp is not None or ep is not None
+    checkpoint = open_checkpoint(resolve(source), lazy_shards=parallel)
     # the tokenizer first: it is cheap, and its size is checked against the embedding before the weights load
     tokenizer = load_tokenizer(checkpoint.tokenizer) if checkpoint.tokenizer is not None else None
     if tokenizer is not None:
@@ -211,7 +224,16 @@ def load(
         if quantized:
             raise HerdError("an adapter applies over a dense base: load it with quantized=False")
         quantized = False
-    model = load_model(checkpoint, device=device, dtype=dtype, progress=progress, quantized=quantized)
+    if parallel:
+        from herd.transforms.tensor_parallel import load_distributed
+
+        if quantized or adapter is not None or adapters:
+            raise HerdError("tensor/expert parallelism loads the weights dense (each rank dequantizes its share): "
+                            "quantized=True and adapters are not supported with tp/ep")
+        model = load_distributed(checkpoint, tp or 1, ep or 1, device, dtype)
+        compile = False
+    else:
+        model = load_model(checkpoint, device=device, dtype=dtype, progress=progress, quantized=quantized)
     settings = apply_adapter(model, adapter, checkpoint.args) if adapter is not None else None
     several = apply_adapters(model, adapters, checkpoint.args) if adapters else None
     if tokenizer is not None:

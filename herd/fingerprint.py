@@ -27,6 +27,8 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 def _entry(name: str, t: TensorLike) -> tuple[bytes, memoryview]:
     """The header (name, storage type, shape, length) and raw bytes that stand for one tensor."""
+    if hasattr(t, "materialize"):  # a Meta tensor left in its model-parallel shards (herd.formats.slices)
+        t = t.materialize()
     if isinstance(t, GGMLTensor):
         kind, shape, data = f"ggml:{t.type_name}", t.shape, memoryview(np.ascontiguousarray(t.data)).cast("B")
     elif isinstance(t, (Int4Weight, Int8Weight)):

@@ -10,9 +10,10 @@ from herd.formats.checkpoint import Checkpoint, TokenizerSource
 GGUF_MAGIC = b"GGUF"
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | Path, lazy_shards: bool = False) -> Checkpoint:
     """Read a GGUF file, an HF directory (config.json + safetensors) or a Meta directory
-    (params.json + consolidated.NN.pth) into a Checkpoint."""
+    (params.json + consolidated.NN.pth) into a Checkpoint. `lazy_shards`: a Meta checkpoint's
+    model-parallel shards stay apart (herd.formats.slices.ShardedTensor), for tensor-parallel ranks."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelNotFound(f"{path}: no such file or directory")
@@ -33,7 +34,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if is_hf_dir(path):
         return read_hf(path)
     if is_meta_dir(path):
-        return read_meta(path)
+        return read_meta(path, lazy_shards)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return open_checkpoint(ggufs[0])

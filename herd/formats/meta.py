@@ -184,7 +184,10 @@ def args_from_params(params: dict, tensors: dict[str, torch.Tensor],
         )
 
 
-def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int, path: Path | str = "") -> dict[str, torch.Tensor]:
+def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int, path: Path | str = "",
+                 lazy: bool = False) -> dict[str, torch.Tensor]:
+    """One tensor per name; `lazy` leaves split tensors in their shards (herd.formats.slices.ShardedTensor),
+    for ranks that read only their share."""
     if len(shards) == 1:
         return shards[0]
     merged = {}
@@ -199,7 +202,12 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int, path: Path | s
             if any(p.dim() != 2 or p.shape[1 - concat] != parts[0].shape[1 - concat] for p in parts):
                 raise ShapeMismatch(f"{path}: {name} has shapes {[tuple(p.shape) for p in parts]} in the "
                                     f"{len(parts)} shards, which do not join along dim {concat}")
-            merged[name] = torch.cat(parts, dim=concat)
+            if lazy:
+                from herd.formats.slices import ShardedTensor
+
+                merged[name] = ShardedTensor(parts, concat)
+            else:
+                merged[name] = torch.cat(parts, dim=concat)
         elif parts[0].dim() <= 1:
             merged[name] = parts[0]  # norms are replicated on every rank
         else:
@@ -256,7 +264,8 @@ def _llama4_tensor(out: dict, name: str, t: torch.Tensor, args: ModelArgs, q_row
         out[name] = t
 
 
-def read_meta(path: Path) -> Checkpoint:
+def read_meta(path: Path, lazy: bool = False) -> Checkpoint:
+    """`lazy`: leave tensors split across shards in them (see merge_shards)."""
     params_path = path / "params.json"
     params = read_json(params_path, ConfigError)
     dim = Fields(params, str(params_path)).int("dim")
@@ -269,10 +278,12 @@ def read_meta(path: Path) -> Checkpoint:
             del shard[name]
     if any(set(shard) != set(shards[0]) for shard in shards):
         raise FormatError(f"{path}: the consolidated.NN.pth shards hold different tensor names")
-    tensors = merge_shards(shards, dim, path)
+    tensors = merge_shards(shards, dim, path, lazy)
     if "tok_embeddings.weight" not in tensors:
         raise MissingTensor(f"{path}: no tok_embeddings.weight in the checkpoint")
-    args, generation = args_from_params(params, tensors, params_path)
+    # whether the output is tied compares values: one shard's part tells, as every shard splits both alike
+    probe = {n: shards[0][n] if n in ("tok_embeddings.weight", "output.weight") and lazy else t for n, t in tensors.items()}
+    args, generation = args_from_params(params, probe, params_path)
     if generation == "4":
         tensors = llama4_canonical(tensors, args, path)
     if args.tie_embeddings:
