@@ -70,6 +70,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="a PEFT-format LoRA adapter directory to apply (the base then loads dense); "
                              "NAME=DIR, repeated, serves several over one base, each request choosing by its "
                              "`model` (herd serve)"),
+    parser.add_argument("--tp", type=positive_int, default=None, metavar="N",
+                        help="tensor parallelism over the N processes of a torchrun job "
+                             "(torchrun --nproc-per-node N -m herd ...); rank 0 does the command's work")
+    parser.add_argument("--ep", type=positive_int, default=None, metavar="N",
+                        help="Llama 4's routed experts split over N processes (1 or the job's size)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +141,9 @@ def model_options(args: argparse.Namespace) -> dict:
         raise SystemExit("herd: --adapter: several adapters need names (NAME=DIR)")
     elif given:
         options["adapter"] = given[0]
+    for key in ("tp", "ep"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
     compile_ = getattr(args, "compile", "auto")
     if compile_ != "auto":
         options["compile"] = compile_ == "on"
@@ -143,10 +151,19 @@ def model_options(args: argparse.Namespace) -> dict:
 
 
 def load_with_progress(source, device=None, dtype=None, **options):
-    """herd.load with a progress bar on stderr (a person watches it; pipes see nothing)."""
+    """herd.load with a progress bar on stderr (a person watches it; pipes see nothing). In a
+    tensor-parallel job (--tp/--ep) only rank 0 goes on with the command: the other ranks follow its
+    forwards here and exit when it ends."""
     from rich.progress import BarColumn, Progress, TextColumn
 
     import herd
+
+    if options.get("tp") is not None or options.get("ep") is not None:
+        llm = herd.load(source, device=device, dtype=dtype, **options)
+        if llm.model.layout.rank != 0:
+            llm.follow()
+            raise SystemExit(0)
+        return llm
 
     with Progress(
         TextColumn("loading {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),

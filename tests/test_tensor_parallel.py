@@ -1,0 +1,293 @@
+"""Tensor and expert parallelism on torch.distributed (gloo on the CPU), in real torchrun jobs of 2 processes.
+
+References: Hugging Face transformers' logits for the tiny random model of every generation (tests/fixtures/
+build.py), and herd's own single-process greedy tokens; the openai client against `herd serve` under torchrun,
+with expected replies from the single-process LLM.chat. Few jobs, each checking many things: the processes and
+their torch imports are the cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+import herd
+from tests.fixtures import build as B
+from tests.fixtures.serving import free_port, http
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "fixtures" / "tp_worker.py"
+TOL = 1e-4  # float32 both sides: only the order of the sums differs (all-reduce of partial sums)
+JOB_TIMEOUT = 600
+
+
+def _env(**extra) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def run_job(tmp_path: Path, items: list[dict], dtype: str = "float32", name: str = "job") -> dict:
+    job, out = tmp_path / f"{name}.json", tmp_path / f"{name}.pt"
+    job.write_text(json.dumps({"items": items, "dtype": dtype}))
+    cmd = torchrun("--nproc-per-node", "2", "--master-port", str(free_port()), str(WORKER), str(job), str(out))
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return torch.load(out)
+
+
+def greedy_single(path, item) -> list[int]:
+    from tests.fixtures.tp_worker import greedy
+
+    return greedy(herd.load(str(path), device="cpu", dtype="float32"), item)
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def parity_items() -> tuple[list[dict], dict]:
+    """Every generation from HF, Meta (1 shard onto 2 ranks; 2 shards onto 2, Llama 1-3) and GGUF, --tp 2;
+    Llama 4 MoE at --tp 2 --ep 2 and --ep 2 alone; a 2-shard Meta checkpoint onto --tp 1 (merged lazily);
+    GGUF Q8_0 blocks sliced. Returns (items, {key: (reference, single-process path)})."""
+    items, refs = [], {}
+
+    def add(key, path, ref, **layout):
+        ids = B.tokens(ref.gen, batch=2, length=16)
+        items.append({"key": key, "path": str(path), "ids": ids.tolist(), "greedy": ids[0, :6].tolist(),
+                      "tokenizer": str(B.reference(ref.gen).gguf("F32")), "max_tokens": 6, **layout})
+        refs[key] = (ref, path, ids)
+
+    for gen in B.GENERATIONS:
+        ref = B.reference(gen)
+        add(f"{gen}/hf", ref.hf_dir, ref, tp=2)
+        add(f"{gen}/gguf", ref.gguf("F32"), ref, tp=2)
+        meta = B.reference(gen, meta_compatible=True)
+        add(f"{gen}/meta1->2", meta.meta_dir(1), meta, tp=2)
+        if gen not in B.LLAMA4:
+            add(f"{gen}/meta2->2", meta.meta_dir(2), meta, tp=2)
+    add("llama3/meta2->1", B.reference("llama3").meta_dir(2), B.reference("llama3"), tp=1)
+    add("llama3/gguf-q8_0", B.reference("llama3").gguf("Q8_0"), B.reference("llama3"), tp=2)
+    for gen in B.LLAMA4:
+        add(f"{gen}/hf-ep2", B.reference(gen).hf_dir, B.reference(gen), tp=2, ep=2)
+    add("llama4_scout/hf-ep2-only", B.reference("llama4_scout").hf_dir, B.reference("llama4_scout"), ep=2)
+    return items, refs
+
+
+def check_parity(out: dict, refs: dict) -> None:
+    failures = []
+    for key, (ref, path, ids) in refs.items():
+        got = out[key]
+        if "q8_0" in key:  # quantized: HF holding gguf-py's dequantization of the same file
+            hf = B.model_with_state_dict(ref.gen, B.hf_state_dict_from_gguf(path, ref.gen))
+            want = B.hf_logits(hf, ids)
+        else:
+            want = ref.logits(ids)
+        diff = max_diff(got["logits"], want)
+        print(f"{key}: max|Δ| vs HF = {diff:.2e}")
+        if diff >= TOL:
+            failures.append(f"{key}: logits differ by {diff:.3e}")
+        item = {"greedy": ids[0, :6].tolist(), "tokenizer": str(B.reference(ref.gen).gguf("F32")), "max_tokens": 6}
+        single = greedy_single(path, item)
+        if got["greedy"] != single:
+            failures.append(f"{key}: greedy {got['greedy']} != single-process {single}")
+    assert not failures, failures
+
+
+def test_parity_every_generation_and_format(tmp_path):
+    items, refs = parity_items()
+    out = run_job(tmp_path, items)
+    check_parity(out, refs)
+    # 2 shards onto 1 process: the ordinary loader merges them
+    ref = B.reference("llama3")
+    ids = B.tokens("llama3", batch=2, length=16)
+    assert max_diff(herd.load(str(ref.meta_dir(2)), device="cpu", dtype="float32").logits(ids), ref.logits(ids)) < TOL
+
+
+def test_two_nodes_through_c10d_rendezvous(tmp_path):
+    """Two "nodes" (two torchrun agents, one process each) meeting at a c10d rendezvous on localhost."""
+    keys = ("llama3/meta2->2", "llama4_maverick/hf-ep2")
+    items, refs = parity_items()
+    items = [i for i in items if i["key"] in keys]
+    job, out = tmp_path / "nodes.json", tmp_path / "nodes.pt"
+    job.write_text(json.dumps({"items": items}))
+    port = free_port()
+    nodes = [subprocess.Popen(torchrun("--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1",
+                                       "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                                       "--rdzv-id", "herd-test", str(WORKER), str(job), str(out)),
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    logs = [p.communicate(timeout=JOB_TIMEOUT)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs
+    check_parity(torch.load(out), {k: refs[k] for k in keys})
+
+
+# ---- memory: each rank reads its share ----------------------------------------------------------------------
+
+
+def write_big_meta(path: Path) -> Path:
+    """A random bf16 Llama-3-shaped Meta checkpoint of about 1.4 GB (one consolidated.00.pth)."""
+    params = {"dim": 2048, "n_layers": 13, "n_heads": 16, "n_kv_heads": 4, "vocab_size": 32000, "multiple_of": 256,
+              "norm_eps": 1e-5, "rope_theta": 500000.0}
+    dim, hidden, kv = 2048, B.meta_ffn_dim(2048, 256, None), 4 * 128
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).bfloat16()
+
+    state = {"tok_embeddings.weight": w(32000, dim), "norm.weight": torch.ones(dim, dtype=torch.bfloat16),
+             "output.weight": w(32000, dim)}
+    for i in range(params["n_layers"]):
+        p = f"layers.{i}."
+        state |= {p + "attention.wq.weight": w(dim, dim), p + "attention.wk.weight": w(kv, dim),
+                  p + "attention.wv.weight": w(kv, dim), p + "attention.wo.weight": w(dim, dim),
+                  p + "feed_forward.w1.weight": w(hidden, dim), p + "feed_forward.w2.weight": w(dim, hidden),
+                  p + "feed_forward.w3.weight": w(hidden, dim), p + "attention_norm.weight": torch.ones(dim).bfloat16(),
+                  p + "ffn_norm.weight": torch.ones(dim).bfloat16()}
+    path.mkdir()
+    torch.save(state, path / "consolidated.00.pth")
+    (path / "params.json").write_text(json.dumps(params))
+    return path
+
+
+SINGLE_RSS = """
+import resource, sys, torch, herd
+llm = herd.load(sys.argv[1], device="cpu")
+llm.logits(torch.tensor(%s))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_peak_rss_per_rank(tmp_path):
+    path = write_big_meta(tmp_path / "big")
+    weights = sum(f.stat().st_size for f in path.glob("*.pth"))
+    ids = [[1, 2, 3, 4, 5, 6, 7, 8]]
+    single = subprocess.run([sys.executable, "-c", SINGLE_RSS % ids, str(path)], env=_env(), capture_output=True,
+                            text=True, timeout=JOB_TIMEOUT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    single_rss = int(single.stdout.split()[-1])
+    out = run_job(tmp_path, [{"key": "big", "path": str(path), "tp": 2, "ids": ids}], dtype="bfloat16")
+    ranks = out["peak_rss_bytes"]
+    baseline = subprocess.run([sys.executable, "-c", "import resource, torch, herd, torch.distributed; "
+                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+                              env=_env(), capture_output=True, text=True).stdout.split()[-1]
+    print(f"weights {weights / 2**20:.0f} MiB; peak RSS single process {single_rss / 2**20:.0f} MiB, "
+          f"ranks at --tp 2 {[round(r / 2**20) for r in ranks]} MiB (ratio {max(ranks) / single_rss:.2f}); "
+          f"python + torch + herd imported: {int(baseline) / 2**20:.0f} MiB")
+    assert max(ranks) <= 0.6 * single_rss
+
+
+# ---- serving across ranks ----------------------------------------------------------------------------------
+
+PROMPTS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.", "What is 2 + 2?",
+           "Say hello in Spanish.", "Give me a fruit.", "What do cats eat?", "Tell me a joke."]
+TEMPLATE = ("{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_gguf(tmp_path_factory) -> Path:
+    """The tiny Llama 3 GGUF with a chat template (the fixtures carry none)."""
+    h = B.read_gguf_header(B.reference("llama3").gguf("F32"))
+    h.kv["tokenizer.chat_template"] = (B.GGUF_STRING, TEMPLATE)
+    return B.write_gguf_variant(h, tmp_path_factory.mktemp("chat") / "tiny-chat.gguf")
+
+
+def start_serve(model: Path, log: Path, launcher: list[str], env: dict):
+    port = free_port()
+    cmd = [*launcher, "-m", "herd", "serve", str(model), "--tp", "2", "--device", "cpu", "--dtype", "float32",
+           "--port", str(port), "--max-batch", "8", "--context", "256", "--served-model-name", "tiny"]
+    err = open(log, "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):  # bounded: 120 s
+        if proc.poll() is not None:
+            raise AssertionError(log.read_text()[-3000:])
+        try:
+            if http("GET", url + "/health", timeout=2)[0] == 200:
+                return proc, url
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("herd serve --tp 2 did not start: " + log.read_text()[-3000:])
+
+
+def test_serve_under_torchrun(chat_gguf, tmp_path):
+    llm = herd.load(str(chat_gguf), device="cpu", dtype="float32")
+    expected = {p: llm.chat([{"role": "user", "content": p}], max_tokens=8, temperature=0).text for p in PROMPTS}
+    launcher = torchrun("--nproc-per-node", "2", "--master-port", str(free_port()))
+    proc, url = start_serve(chat_gguf, tmp_path / "serve.log", launcher, _env())
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+        def chat(prompt, **kw):
+            return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                                  max_tokens=8, temperature=0, **kw)
+
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        assert chat(PROMPTS[0]).choices[0].message.content == expected[PROMPTS[0]]
+        chunks = list(chat(PROMPTS[1], stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected[PROMPTS[1]]
+        assert chunks[-1].usage.completion_tokens <= 8
+        one_by_one = [chat(p).choices[0].message.content for p in PROMPTS]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda p: chat(p).choices[0].message.content, PROMPTS))
+        assert together == one_by_one == [expected[p] for p in PROMPTS]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def test_a_rank_that_dies_ends_the_job_with_an_error_on_rank_0(chat_gguf, tmp_path):
+    """Two processes with torchrun's environment set by hand (no torchrun agent to end the job for us):
+    rank 1 is killed; rank 0 must notice (heartbeat every HERD_DIST_TIMEOUT / 3 s), say so and exit."""
+    port = free_port()
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", HERD_DIST_TIMEOUT="6")
+    follower_log = tmp_path / "rank1.log"
+    follower = None
+    cmd1 = [sys.executable, "-m", "herd", "serve", str(chat_gguf), "--tp", "2", "--device", "cpu", "--dtype",
+            "float32", "--context", "256"]
+    with open(follower_log, "w") as err:
+        follower = subprocess.Popen(cmd1, cwd=ROOT, env=dict(env, RANK="1", LOCAL_RANK="1"),
+                                    stdout=subprocess.DEVNULL, stderr=err)
+    leader, url = start_serve(chat_gguf, tmp_path / "rank0.log", [sys.executable], dict(env, RANK="0", LOCAL_RANK="0"))
+    try:
+        assert http("POST", url + "/v1/chat/completions", {"model": "tiny", "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "hi"}]})[0] == 200
+        follower.kill()
+        follower.wait(10)
+        code = leader.wait(60)  # not a hang
+    finally:
+        for p in (leader, follower):
+            if p.poll() is None:
+                p.kill()
+    log = (tmp_path / "rank0.log").read_text()
+    assert code == 3, log[-2000:]
+    assert "herd (rank 0 of 2): another rank stopped answering" in log and "ending the job" in log, log[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
+def test_nccl_tp1_on_one_gpu(tmp_path):
+    """One GPU: --tp 1 through the distributed path (NCCL), logits of HF within bf16-free fp32 tolerance."""
+    ref = B.reference("llama3")
+    ids = B.tokens("llama3", batch=2, length=16)
+    job, out = tmp_path / "gpu.json", tmp_path / "gpu.pt"
+    job.write_text(json.dumps({"items": [{"key": "gpu", "path": str(ref.hf_dir), "tp": 1, "ids": ids.tolist()}],
+                               "device": "cuda"}))
+    r = subprocess.run(torchrun("--nproc-per-node", "1", "--master-port", str(free_port()), str(WORKER), str(job),
+                                str(out)), env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert max_diff(torch.load(out)["gpu"]["logits"].cpu(), ref.logits(ids)) < 1e-3
