@@ -138,14 +138,15 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path):
 
 
 def write_big_meta(path: Path) -> Path:
-    """A random bf16 Llama-3-shaped Meta checkpoint of about 1.4 GB (one consolidated.00.pth)."""
-    params = {"dim": 2048, "n_layers": 13, "n_heads": 16, "n_kv_heads": 4, "vocab_size": 32000, "multiple_of": 256,
+    """A random bf16 Llama-3-shaped Meta checkpoint of about 3.1 GB (one consolidated.00.pth): large enough
+    that the ~220 MB every process spends on Python and torch does not hide what the weights cost."""
+    params = {"dim": 2048, "n_layers": 32, "n_heads": 16, "n_kv_heads": 4, "vocab_size": 32000, "multiple_of": 256,
               "norm_eps": 1e-5, "rope_theta": 500000.0}
     dim, hidden, kv = 2048, B.meta_ffn_dim(2048, 256, None), 4 * 128
     g = torch.Generator().manual_seed(0)
 
     def w(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).bfloat16()
+        return torch.empty(*shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=g)
 
     state = {"tok_embeddings.weight": w(32000, dim), "norm.weight": torch.ones(dim, dtype=torch.bfloat16),
              "output.weight": w(32000, dim)}
@@ -163,10 +164,12 @@ def write_big_meta(path: Path) -> Path:
 
 
 SINGLE_RSS = """
-import resource, sys, torch, herd
-llm = herd.load(sys.argv[1], device="cpu")
-llm.logits(torch.tensor(%s))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+import sys, torch, herd
+from tests.fixtures.tp_worker import peak_rss
+if sys.argv[1] != "-":
+    llm = herd.load(sys.argv[1], device="cpu")
+    llm.logits(torch.tensor(%s))
+print(peak_rss())
 """
 
 
@@ -180,12 +183,12 @@ def test_peak_rss_per_rank(tmp_path):
     single_rss = int(single.stdout.split()[-1])
     out = run_job(tmp_path, [{"key": "big", "path": str(path), "tp": 2, "ids": ids}], dtype="bfloat16")
     ranks = out["peak_rss_bytes"]
-    baseline = subprocess.run([sys.executable, "-c", "import resource, torch, herd, torch.distributed; "
-                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
-                              env=_env(), capture_output=True, text=True).stdout.split()[-1]
+    baseline = subprocess.run([sys.executable, "-c", SINGLE_RSS % ids, "-"], env=_env(), capture_output=True,
+                              text=True).stdout.split()[-1]
     print(f"weights {weights / 2**20:.0f} MiB; peak RSS single process {single_rss / 2**20:.0f} MiB, "
           f"ranks at --tp 2 {[round(r / 2**20) for r in ranks]} MiB (ratio {max(ranks) / single_rss:.2f}); "
-          f"python + torch + herd imported: {int(baseline) / 2**20:.0f} MiB")
+          f"python + torch + herd imported: {int(baseline) / 2**20:.0f} MiB, so the weights' share is "
+          f"{(max(ranks) - int(baseline)) / (single_rss - int(baseline)):.2f}")
     assert max(ranks) <= 0.6 * single_rss
 
 

@@ -86,6 +86,12 @@ _META_NAMES = {
 }
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal, reading one row first: an untied output differs there, and a memory-mapped pair of
+    whole matrices is then never read."""
+    return a.shape == b.shape and torch.equal(a[:1], b[:1]) and torch.equal(a, b)
+
+
 def args_from_params(params: dict, tensors: dict[str, torch.Tensor],
                      path: Path | str = "params.json") -> tuple[ModelArgs, str]:
     """params.json → (ModelArgs, generation). Derived sizes follow Meta's FeedForward/MoE rules."""
@@ -106,7 +112,7 @@ def args_from_params(params: dict, tensors: dict[str, torch.Tensor],
         raise p.fail("ffn_dim_multiplier", "a finite positive number", multiplier)
     moe_params = p.object("moe_args", None)
     llama4 = moe_params is not None or "nope_layer_interval" in params or p.bool("use_qk_norm", False)
-    tied = "output.weight" not in tensors or torch.equal(tensors["output.weight"], tensors["tok_embeddings.weight"])
+    tied = "output.weight" not in tensors or _same(tensors["output.weight"], tensors["tok_embeddings.weight"])
     scaled = p.bool("use_scaled_rope", False)
     if llama4:
         generation = "4"
