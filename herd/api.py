@@ -225,7 +225,7 @@ def load(
             raise HerdError("an adapter applies over a dense base: load it with quantized=False")
         quantized = False
     if parallel:
-        from herd.transforms.tensor_parallel import load_distributed
+        from herd.sharded_loader import load_distributed
 
         if quantized or adapter is not None or adapters:
             raise HerdError("tensor/expert parallelism loads the weights dense (each rank dequantizes its share): "

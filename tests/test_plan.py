@@ -89,7 +89,8 @@ def test_per_rank_weights_are_what_a_rank_loads(gen, tp, ep):
     """The plan's bytes per rank == the parameters herd's tensor-parallel loader gives rank 0 (no process group
     is needed to load; only forwards use collectives)."""
     from herd.formats import open_checkpoint
-    from herd.transforms.tensor_parallel import Layout, load_parallel
+    from herd.sharded_loader import load_parallel
+    from herd.transforms.tensor_parallel import Layout
 
     ref = B.reference(gen)
     checkpoint = open_checkpoint(ref.hf_dir)

@@ -1,6 +1,6 @@
 """Tensor and expert parallelism as a load-time transform of the plain model, in the manner of gpt-fast's
 tp.py and Megatron-LM: each rank of the torch.distributed group builds the same skeleton, reads only its
-share of every weight (herd.formats.slices) and swaps in the subclasses below, whose forward is the base
+share of every weight (herd.sharded_loader, herd.formats.slices) and swaps in the subclasses below, whose forward is the base
 class's on that share plus one collective.
 
 Layout, for `tp` ranks (rank r of the group):
@@ -23,6 +23,7 @@ The KV cache of a rank holds its own KV heads: `model.args` of a sharded model d
 
 Quantized GGUF weights are dequantized to the compute dtype, each rank its own rows or blocks only: the
 quantized CPU kernels are not used under tensor parallelism (herd.load refuses quantized=True with tp).
+Rank 0's lead of the forwards is herd.distributed's (ParallelTransformer.leader).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from herd.errors import HerdError, ShapeMismatch
+from herd.errors import HerdError
 from herd.model.model import MoE, Attention, FeedForward, Transformer
 from herd.transforms import swap_class
 
@@ -197,89 +198,9 @@ class ParallelTransformer(Transformer):
         return Transformer.forward(self, tokens, batch, last_only)
 
 
-# ---- loading a rank's share -------------------------------------------------------------------------------
-
-
-def _param(t: torch.Tensor, device) -> nn.Parameter:
-    return nn.Parameter(t.to(device), requires_grad=False)
-
-
-def _set(module: nn.Module, attr: str, tensor: torch.Tensor, device) -> None:
-    module._parameters[attr] = _param(tensor, device)
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = tensor.shape
-    elif isinstance(module, nn.Embedding):
-        module.num_embeddings, module.embedding_dim = tensor.shape
-
-
-def load_parallel(checkpoint, layout: Layout, device: torch.device, dtype: torch.dtype | None) -> Transformer:
-    """This rank's share of the checkpoint as a sharded model (see the module docstring)."""
-    from herd.formats.slices import read_slice
-    from herd.loader import _finish, _skeleton, default_dtype
-
-    args = checkpoint.args
-    check_layout(args, layout.tp, layout.ep, layout.world, str(checkpoint.path))
-    dtype = dtype or default_dtype(checkpoint, device)
-    model, expected = _skeleton(checkpoint)
-    tensors, tp = checkpoint.tensors, layout.tp
-    hd = args.head_dim
-    q_lo, q_hi = layout.share(args.n_heads, tp)
-    if args.n_kv_heads % tp == 0:
-        kv_lo, kv_hi = layout.share(args.n_kv_heads, tp)
-    else:  # fewer KV heads than ranks: the KV head of this rank's query heads, replicated
-        kv_lo = layout.rank * args.n_kv_heads // tp
-        kv_hi = kv_lo + 1
-    v_lo, v_hi = layout.share(args.vocab_size, tp)
-    f_lo, f_hi = layout.share(args.hidden_dim, tp)
-    if args.moe is not None:
-        e_lo, e_hi = layout.share(args.moe.num_experts, layout.ep)
-        m_lo, m_hi = layout.share(args.moe.hidden_dim, tp if layout.ep == 1 else 1)
-        s_lo, s_hi = layout.share(args.moe.hidden_dim, tp)
-
-    def plan(name: str) -> tuple[int, int, int] | None:
-        """(dim, start, stop) of this rank's share of tensor `name`, None for the whole."""
-        if name == "tok_embeddings.weight" or name == "output.weight":
-            return (0, v_lo, v_hi) if tp > 1 else None
-        short = name.split(".", 2)[-1]
-        if short == "attention.wq.weight":
-            return 0, q_lo * hd, q_hi * hd
-        if short in ("attention.wk.weight", "attention.wv.weight"):
-            return 0, kv_lo * hd, kv_hi * hd
-        if short == "attention.wo.weight":
-            return 1, q_lo * hd, q_hi * hd
-        if short in ("feed_forward.w1.weight", "feed_forward.w3.weight"):
-            return 0, f_lo, f_hi
-        if short == "feed_forward.w2.weight":
-            return 1, f_lo, f_hi
-        if short in ("feed_forward.shared_expert.w1.weight", "feed_forward.shared_expert.w3.weight"):
-            return 0, s_lo, s_hi
-        if short == "feed_forward.shared_expert.w2.weight":
-            return 1, s_lo, s_hi
-        if short in ("feed_forward.experts.w1", "feed_forward.experts.w3", "feed_forward.experts.w2"):
-            return (0, e_lo, e_hi) if layout.ep > 1 else ((2 if short.endswith("w2") else 1), m_lo, m_hi)
-        return None  # norms, routers
-
-    for name in expected:
-        source = tensors[name]
-        share = plan(name)
-        if share is None:
-            tensor = read_slice(source, 0, 0, source.shape[0], dtype)
-        else:
-            tensor = read_slice(source, *share, dtype)
-            if tensor.shape[share[0]] != share[2] - share[1]:
-                raise ShapeMismatch(f"{checkpoint.path}: {name}: read {tuple(tensor.shape)} for rows {share}")
-        if share is not None and share[0] == 2:  # a 3-D slice along the last dim is copied: keep it compact
-            tensor = tensor.contiguous()
-        module_name, _, attr = name.rpartition(".")
-        _set(model.get_submodule(module_name), attr, tensor, device)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    _swap_modules(model, layout, args, kv_hi - kv_lo, v_hi - v_lo)
-    model = _finish(model, checkpoint, device)
-    return model
-
-
-def _swap_modules(model: Transformer, layout: Layout, args, local_kv: int, local_vocab: int) -> None:
+def parallelize(model: Transformer, layout: Layout, args, local_kv: int) -> None:
+    """Swap the modules of a model holding this rank's share of the weights (herd.sharded_loader reads it)
+    for the parallel subclasses above, in place; `local_kv` is this rank's number of KV heads."""
     tp = layout.tp
     for block in model.layers:
         attn = block.attention
@@ -309,19 +230,6 @@ def _swap_modules(model: Transformer, layout: Layout, args, local_kv: int, local
     model.args = dataclasses.replace(args, n_heads=args.n_heads // tp, n_kv_heads=local_kv)
 
 
-def load_distributed(checkpoint, tp: int, ep: int, device, dtype) -> Transformer:
-    """Join the torchrun job (herd.distributed.init), load this rank's share, and on rank 0 attach the
-    Leader that describes each forward to the other ranks."""
-    from herd import distributed
-
-    device = distributed.init(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    rank, world = distributed.rank(), distributed.world_size()
-    model = load_parallel(checkpoint, Layout(tp, ep, rank, world), device, dtype)
-    if rank == 0:
-        model.leader = distributed.Leader()
-    return model
-
-
-__all__ = ["Layout", "check_layout", "load_parallel", "ParallelTransformer", "ParallelAttention",
+__all__ = ["Layout", "check_layout", "ParallelTransformer", "ParallelAttention",
            "ParallelFeedForward", "ParallelMoE", "ExpertParallelMoE", "VocabParallelEmbedding",
-           "VocabParallelOutput", "load_distributed"]
+           "VocabParallelOutput", "parallelize"]
