@@ -58,14 +58,49 @@ def max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+class CustomReference:
+    """An HF model outside the fixtures' generations: one KV head (replicated onto both ranks) and an odd
+    vocabulary (split 161 + 160 rows), saved as an HF directory."""
+
+    gen = "llama3"  # its GGUF's tokenizer drives the greedy run (token ids only)
+    vocab = 321
+
+    def __init__(self, root: Path):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=1, vocab_size=self.vocab, max_position_embeddings=256, rope_theta=500000.0)
+        torch.manual_seed(0)
+        self.model = LlamaForCausalLM._from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.normal_(0.0, B.WEIGHT_STD)
+        self.hf_dir = root / "mqa-odd-vocab"
+        self.model.save_pretrained(self.hf_dir)
+
+    def logits(self, ids):
+        return B.hf_logits(self.model, ids)
+
+
+_CUSTOM: list = []
+
+
+def custom_reference() -> CustomReference:
+    if not _CUSTOM:
+        import tempfile
+
+        _CUSTOM.append(CustomReference(Path(tempfile.mkdtemp(prefix="herd-tp-"))))
+    return _CUSTOM[0]
+
+
 def parity_items() -> tuple[list[dict], dict]:
     """Every generation from HF, Meta (1 shard onto 2 ranks; 2 shards onto 2, Llama 1-3) and GGUF, --tp 2;
     Llama 4 MoE at --tp 2 --ep 2 and --ep 2 alone; a 2-shard Meta checkpoint onto --tp 1 (merged lazily);
-    GGUF Q8_0 blocks sliced. Returns (items, {key: (reference, single-process path)})."""
+    GGUF Q8_0 blocks sliced; one KV head replicated and an odd vocabulary. Returns (items, {key: (reference, single-process path)})."""
     items, refs = [], {}
 
     def add(key, path, ref, **layout):
-        ids = B.tokens(ref.gen, batch=2, length=16)
+        ids = B.tokens(ref.gen, batch=2, length=16) % getattr(ref, "vocab", 1 << 30)
         items.append({"key": key, "path": str(path), "ids": ids.tolist(), "greedy": ids[0, :6].tolist(),
                       "tokenizer": str(B.reference(ref.gen).gguf("F32")), "max_tokens": 6, **layout})
         refs[key] = (ref, path, ids)
@@ -83,6 +118,7 @@ def parity_items() -> tuple[list[dict], dict]:
     for gen in B.LLAMA4:
         add(f"{gen}/hf-ep2", B.reference(gen).hf_dir, B.reference(gen), tp=2, ep=2)
     add("llama4_scout/hf-ep2-only", B.reference("llama4_scout").hf_dir, B.reference("llama4_scout"), ep=2)
+    add("mqa-odd-vocab/hf", custom_reference().hf_dir, custom_reference(), tp=2)
     return items, refs
 
 
@@ -294,3 +330,15 @@ def test_nccl_tp1_on_one_gpu(tmp_path):
                                 str(out)), env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert max_diff(torch.load(out)["gpu"]["logits"].cpu(), ref.logits(ids)) < 1e-3
+
+
+def test_run_command_under_torchrun(chat_gguf):
+    """`python -m herd` as torchrun's module: `herd run --tp 2` prints what the single process prints."""
+    args = ["-m", "herd", "run", str(chat_gguf), "Tell me a joke.", "--device", "cpu", "--dtype", "float32",
+            "--temperature", "0", "--max-tokens", "8"]
+    single = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=JOB_TIMEOUT)
+    parallel = subprocess.run(torchrun("--nproc-per-node", "2", "--master-port", str(free_port()), *args, "--tp", "2"),
+                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert single.returncode == 0 and parallel.returncode == 0, parallel.stderr[-3000:]
+    assert parallel.stdout == single.stdout and single.stdout.strip()
