@@ -213,7 +213,7 @@ def load(
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
     parallel = tp is not None or ep is not None
-    checkpoint = open_checkpoint(resolve(source), lazy_shards=parallel)
+    checkpoint = open_checkpoint(resolve(source), lazy=parallel)
     # the tokenizer first: it is cheap, and its size is checked against the embedding before the weights load
     tokenizer = load_tokenizer(checkpoint.tokenizer) if checkpoint.tokenizer is not None else None
     if tokenizer is not None:

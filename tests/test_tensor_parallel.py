@@ -173,29 +173,57 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path):
 # ---- memory: each rank reads its share ----------------------------------------------------------------------
 
 
-def write_big_meta(path: Path) -> Path:
-    """A random bf16 Llama-3-shaped Meta checkpoint of about 3.1 GB (one consolidated.00.pth): large enough
-    that the ~220 MB every process spends on Python and torch does not hide what the weights cost."""
-    params = {"dim": 2048, "n_layers": 32, "n_heads": 16, "n_kv_heads": 4, "vocab_size": 32000, "multiple_of": 256,
-              "norm_eps": 1e-5, "rope_theta": 500000.0}
-    dim, hidden, kv = 2048, B.meta_ffn_dim(2048, 256, None), 4 * 128
+BIG = dict(dim=2048, n_layers=32, n_heads=16, n_kv_heads=4, vocab=32000, hidden=B.meta_ffn_dim(2048, 256, None))
+
+
+def big_state(prefix_map) -> dict[str, torch.Tensor]:
+    """Random bf16 weights of a Llama-3-shaped model of about 3.1 GB, under the names prefix_map gives."""
+    dim, hidden, kv, vocab = BIG["dim"], BIG["hidden"], BIG["n_kv_heads"] * 128, BIG["vocab"]
     g = torch.Generator().manual_seed(0)
 
     def w(*shape):
         return torch.empty(*shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=g)
 
-    state = {"tok_embeddings.weight": w(32000, dim), "norm.weight": torch.ones(dim, dtype=torch.bfloat16),
-             "output.weight": w(32000, dim)}
-    for i in range(params["n_layers"]):
-        p = f"layers.{i}."
-        state |= {p + "attention.wq.weight": w(dim, dim), p + "attention.wk.weight": w(kv, dim),
-                  p + "attention.wv.weight": w(kv, dim), p + "attention.wo.weight": w(dim, dim),
-                  p + "feed_forward.w1.weight": w(hidden, dim), p + "feed_forward.w2.weight": w(dim, hidden),
-                  p + "feed_forward.w3.weight": w(hidden, dim), p + "attention_norm.weight": torch.ones(dim).bfloat16(),
-                  p + "ffn_norm.weight": torch.ones(dim).bfloat16()}
+    shapes = {"wq": (dim, dim), "wk": (kv, dim), "wv": (kv, dim), "wo": (dim, dim), "w1": (hidden, dim),
+              "w2": (dim, hidden), "w3": (hidden, dim)}
+    state = {prefix_map("tok_embeddings"): w(vocab, dim), prefix_map("norm"): torch.ones(dim, dtype=torch.bfloat16),
+             prefix_map("output"): w(vocab, dim)}
+    for i in range(BIG["n_layers"]):
+        for name, shape in shapes.items():
+            state[prefix_map(name, i)] = w(*shape)
+        for name in ("attention_norm", "ffn_norm"):
+            state[prefix_map(name, i)] = torch.ones(dim, dtype=torch.bfloat16)
+    return state
+
+
+META_NAMES = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
+              "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
+HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+            "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm"}
+
+
+def write_big(path: Path, fmt: str) -> Path:
+    """The big random checkpoint as a Meta directory (one consolidated.00.pth) or an HF one (one safetensors)."""
     path.mkdir()
-    torch.save(state, path / "consolidated.00.pth")
-    (path / "params.json").write_text(json.dumps(params))
+    if fmt == "meta":
+        state = big_state(lambda n, i=None: f"{n}.weight" if i is None else f"layers.{i}.{META_NAMES.get(n, n)}.weight")
+        torch.save(state, path / "consolidated.00.pth")
+        (path / "params.json").write_text(json.dumps({
+            "dim": BIG["dim"], "n_layers": BIG["n_layers"], "n_heads": BIG["n_heads"], "n_kv_heads": BIG["n_kv_heads"],
+            "vocab_size": BIG["vocab"], "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0}))
+    else:
+        from safetensors.torch import save_file
+
+        top = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
+        state = big_state(lambda n, i=None: top[n] if i is None else f"model.layers.{i}.{HF_NAMES[n]}.weight")
+        save_file(state, path / "model.safetensors")
+        (path / "config.json").write_text(json.dumps({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": BIG["dim"],
+            "num_hidden_layers": BIG["n_layers"], "num_attention_heads": BIG["n_heads"],
+            "num_key_value_heads": BIG["n_kv_heads"], "intermediate_size": BIG["hidden"], "vocab_size": BIG["vocab"],
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16"}))
     return path
 
 
@@ -209,9 +237,12 @@ print(peak_rss())
 """
 
 
-def test_peak_rss_per_rank(tmp_path):
-    path = write_big_meta(tmp_path / "big")
-    weights = sum(f.stat().st_size for f in path.glob("*.pth"))
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_peak_rss_per_rank(tmp_path, fmt):
+    """Large enough (3 GB) that the ~220 MB each process spends on Python and torch does not hide what the
+    weights cost: at --tp 2 each rank's peak is at most 0.6x the single process's."""
+    path = write_big(tmp_path / "big", fmt)
+    weights = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".pth", ".safetensors"))
     ids = [[1, 2, 3, 4, 5, 6, 7, 8]]
     single = subprocess.run([sys.executable, "-c", SINGLE_RSS % ids, str(path)], env=_env(), capture_output=True,
                             text=True, timeout=JOB_TIMEOUT)
@@ -221,7 +252,7 @@ def test_peak_rss_per_rank(tmp_path):
     ranks = out["peak_rss_bytes"]
     baseline = subprocess.run([sys.executable, "-c", SINGLE_RSS % ids, "-"], env=_env(), capture_output=True,
                               text=True).stdout.split()[-1]
-    print(f"weights {weights / 2**20:.0f} MiB; peak RSS single process {single_rss / 2**20:.0f} MiB, "
+    print(f"{fmt}: weights {weights / 2**20:.0f} MiB; peak RSS single process {single_rss / 2**20:.0f} MiB, "
           f"ranks at --tp 2 {[round(r / 2**20) for r in ranks]} MiB (ratio {max(ranks) / single_rss:.2f}); "
           f"python + torch + herd imported: {int(baseline) / 2**20:.0f} MiB, so the weights' share is "
           f"{(max(ranks) - int(baseline)) / (single_rss - int(baseline)):.2f}")

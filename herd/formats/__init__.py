@@ -10,10 +10,11 @@ from herd.formats.checkpoint import Checkpoint, TokenizerSource
 GGUF_MAGIC = b"GGUF"
 
 
-def open_checkpoint(path: str | Path, lazy_shards: bool = False) -> Checkpoint:
+def open_checkpoint(path: str | Path, lazy: bool = False) -> Checkpoint:
     """Read a GGUF file, an HF directory (config.json + safetensors) or a Meta directory
-    (params.json + consolidated.NN.pth) into a Checkpoint. `lazy_shards`: a Meta checkpoint's
-    model-parallel shards stay apart (herd.formats.slices.ShardedTensor), for tensor-parallel ranks."""
+    (params.json + consolidated.NN.pth) into a Checkpoint. `lazy`: what a reader would join or rearrange
+    whole (a Meta checkpoint's model-parallel shards, HF's q/k rows) is left as stored and arranged as it is
+    read (herd.formats.slices), for tensor-parallel ranks that read only a share."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelNotFound(f"{path}: no such file or directory")
@@ -32,12 +33,12 @@ def open_checkpoint(path: str | Path, lazy_shards: bool = False) -> Checkpoint:
     if is_herdq_dir(path):
         return read_herdq(path)
     if is_hf_dir(path):
-        return read_hf(path)
+        return read_hf(path, lazy)
     if is_meta_dir(path):
-        return read_meta(path, lazy_shards)
+        return read_meta(path, lazy)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return open_checkpoint(ggufs[0])
+        return open_checkpoint(ggufs[0], lazy)
     raise FormatError(
         f"{path}: not a model directory (no config.json, no params.json"
         + (f", and {len(ggufs)} GGUF files: name one)" if ggufs else ", no GGUF file)")

@@ -188,8 +188,10 @@ LAYER_MAP = {
 SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
 
 
-def canonical_tensors(raw: dict[str, Any], args: ModelArgs, sources: dict[str, Path] | None = None) -> dict[str, torch.Tensor]:
-    """HF names and layouts -> herd's. `sources` (tensor name -> shard file) names the file in errors."""
+def canonical_tensors(raw: dict[str, Any], args: ModelArgs, sources: dict[str, Path] | None = None,
+                      lazy: bool = False) -> dict[str, torch.Tensor]:
+    """HF names and layouts -> herd's. `sources` (tensor name -> shard file) names the file in errors. `lazy`
+    leaves q/k in their stored row order, permuted when read (herd.formats.slices.InterleavedRows)."""
     out: dict[str, torch.Tensor] = {}
 
     def where(name: str) -> str:
@@ -231,16 +233,24 @@ def canonical_tensors(raw: dict[str, Any], args: ModelArgs, sources: dict[str, P
             elif rest in LAYER_MAP:
                 if not args.is_llama4 and rest == "self_attn.q_proj.weight":
                     expect(name, tensor, (args.n_heads * hd, args.dim))
-                    tensor = permute_for_interleaved(tensor, args.n_heads)
+                    tensor = _interleaved(tensor, args.n_heads, lazy)
                 elif not args.is_llama4 and rest == "self_attn.k_proj.weight":
                     expect(name, tensor, (args.n_kv_heads * hd, args.dim))
-                    tensor = permute_for_interleaved(tensor, args.n_kv_heads)
+                    tensor = _interleaved(tensor, args.n_kv_heads, lazy)
                 out[prefix + LAYER_MAP[rest]] = tensor
             else:
                 raise UnexpectedTensor(f"{where(name)}: no place for this tensor in a Llama model")
         else:
             raise UnexpectedTensor(f"{where(name)}: no place for this tensor in a Llama model")
     return out
+
+
+def _interleaved(w: torch.Tensor, n_heads: int, lazy: bool):
+    if lazy:
+        from herd.formats.slices import InterleavedRows
+
+        return InterleavedRows(w, n_heads)
+    return permute_for_interleaved(w, n_heads)
 
 
 # safetensors dtype -> bytes per element (the format's own list; sub-byte types are left to the library)
@@ -325,7 +335,8 @@ def _safetensors_names(path: Path) -> list[str]:
     return list(check_safetensors(path))
 
 
-def read_hf(path: Path) -> Checkpoint:
+def read_hf(path: Path, lazy: bool = False) -> Checkpoint:
+    """`lazy`: q/k rows are permuted when read, not here (see canonical_tensors)."""
     config = read_json(path / "config.json", ConfigError)
     index = path / "model.safetensors.index.json"
     weight_map = None
@@ -356,7 +367,7 @@ def read_hf(path: Path) -> Checkpoint:
             raise MissingTensor(f"{path}: tensors listed in the index are absent: {sorted(missing)[:5]}")
     return Checkpoint(
         args=args,
-        tensors=canonical_tensors(raw, args, names),
+        tensors=canonical_tensors(raw, args, names, lazy),
         format="hf",
         path=path,
         tokenizer=_tokenizer_source(path),

@@ -2,9 +2,10 @@
 loads (herd.transforms.tensor_parallel).
 
 Stored tensors are memory-mapped views (safetensors, GGUF float data, Meta `.pth` through
-torch.load(mmap=True)), GGML blocks (herd.quant.GGMLTensor) or, for Meta checkpoints saved as several
-model-parallel shards, a ShardedTensor: the shards' own mapped tensors and the dim they join on, never
-concatenated. `read_slice` gives a tensor's rows or columns start..stop:
+torch.load(mmap=True)), GGML blocks (herd.quant.GGMLTensor), or what a format reader leaves unarranged when
+asked to be lazy: for Meta checkpoints saved as several model-parallel shards, a ShardedTensor (the shards'
+own mapped tensors and the dim they join on, never concatenated); for HF q/k, InterleavedRows (permuted
+into Meta's row order head by head as they are read). `read_slice` gives a tensor's rows or columns start..stop:
 - rows of a row-major view are a view: nothing is read until the model touches them, and then only them;
 - columns are copied a band of rows at a time, and the file pages the band touched are handed back to the
   kernel at once (madvise MADV_DONTNEED on the file-backed mapping): the kernel maps up to 16 neighbouring
@@ -50,12 +51,41 @@ class ShardedTensor:
         return torch.cat(self.parts, dim=self.dim)
 
 
+@dataclass
+class InterleavedRows:
+    """An HF q or k weight left as stored (rotate_half row order): Meta's interleaved order is made when it is
+    read, head by head, so a rank reading its heads permutes only those (herd.formats.hf)."""
+
+    raw: torch.Tensor
+    n_heads: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.raw.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.raw.dtype
+
+    def materialize(self) -> torch.Tensor:
+        from herd.formats.hf import permute_for_interleaved
+
+        return permute_for_interleaved(self.raw, self.n_heads)
+
+
 def read_slice(t, dim: int, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     """t's indices start..stop along `dim` (0 or 1 of a matrix, 0 of a stack) as a tensor of `dtype`."""
     if isinstance(t, ShardedTensor):
         return _sharded_slice(t, dim, start, stop, dtype)
     if isinstance(t, GGMLTensor):
         return _ggml_slice(t, dim, start, stop, dtype)
+    if isinstance(t, InterleavedRows):
+        from herd.formats.hf import permute_for_interleaved
+
+        head = t.shape[0] // t.n_heads
+        if dim == 0 and start % head == 0 and stop % head == 0:
+            return permute_for_interleaved(t.raw[start:stop], (stop - start) // head).to(dtype)
+        t = t.materialize()
     if not isinstance(t, torch.Tensor):  # herd quantize's int4/int8 weights: whole, then cut
         t = t.dequantize(dtype)
     if not 0 <= start <= stop <= t.shape[dim]:
@@ -157,4 +187,4 @@ def _file_mapping(begin: int, end: int) -> tuple[int, int] | None:
     return None
 
 
-__all__ = ["ShardedTensor", "read_slice", "release_file_pages"]
+__all__ = ["ShardedTensor", "InterleavedRows", "read_slice", "release_file_pages"]
