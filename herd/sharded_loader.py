@@ -88,9 +88,7 @@ def load_parallel(checkpoint, layout: Layout, device: torch.device, dtype: torch
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     parallelize(model, layout, args, kv_hi - kv_lo)
-    model = _finish(model, checkpoint, device)
-    return model
-
+    return _finish(model, checkpoint, device)
 
 
 def load_distributed(checkpoint, tp: int, ep: int, device, dtype) -> Transformer:
@@ -104,8 +102,6 @@ def load_distributed(checkpoint, tp: int, ep: int, device, dtype) -> Transformer
     if rank == 0:
         model.leader = distributed.Leader()
     return model
-
-
 
 
 __all__ = ["load_parallel", "load_distributed"]
