@@ -321,32 +321,65 @@ def test_serve_under_torchrun(chat_gguf, tmp_path):
         proc.wait(60)
 
 
-def test_a_rank_that_dies_ends_the_job_with_an_error_on_rank_0(chat_gguf, tmp_path):
-    """Two processes with torchrun's environment set by hand (no torchrun agent to end the job for us):
-    rank 1 is killed; rank 0 must notice (heartbeat every HERD_DIST_TIMEOUT / 3 s), say so and exit."""
+@pytest.mark.parametrize("fault", ["killed", "stopped"])
+def test_a_rank_that_fails_ends_the_job_with_an_error_on_rank_0(chat_gguf, tmp_path, fault):
+    """Two processes with torchrun's environment set by hand (no torchrun agent to end the job for us).
+    killed: rank 1 dies; rank 0 notices at its next collective (an idle rank 0's heartbeat comes every
+    HERD_DIST_TIMEOUT / 3 s). stopped: rank 1 hangs (SIGSTOP) and a request arrives; the forward's collective
+    times out after HERD_DIST_TIMEOUT. Either way rank 0 says so and exits: no hang."""
     port = free_port()
     env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", HERD_DIST_TIMEOUT="6")
-    follower_log = tmp_path / "rank1.log"
-    follower = None
     cmd1 = [sys.executable, "-m", "herd", "serve", str(chat_gguf), "--tp", "2", "--device", "cpu", "--dtype",
             "float32", "--context", "256"]
-    with open(follower_log, "w") as err:
+    with open(tmp_path / "rank1.log", "w") as err:
         follower = subprocess.Popen(cmd1, cwd=ROOT, env=dict(env, RANK="1", LOCAL_RANK="1"),
                                     stdout=subprocess.DEVNULL, stderr=err)
     leader, url = start_serve(chat_gguf, tmp_path / "rank0.log", [sys.executable], dict(env, RANK="0", LOCAL_RANK="0"))
+    request = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
     try:
-        assert http("POST", url + "/v1/chat/completions", {"model": "tiny", "max_tokens": 2,
-                    "messages": [{"role": "user", "content": "hi"}]})[0] == 200
-        follower.kill()
-        follower.wait(10)
-        code = leader.wait(60)  # not a hang
+        assert http("POST", url + "/v1/chat/completions", request)[0] == 200
+        if fault == "killed":
+            follower.kill()
+            follower.wait(10)
+        else:
+            follower.send_signal(signal.SIGSTOP)
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(lambda: http("POST", url + "/v1/chat/completions", request, timeout=90))
+                code = leader.wait(60)  # not a hang
+                with pytest.raises(OSError):  # the connection ends with rank 0
+                    pending.result()
+        code = leader.wait(60)
     finally:
         for p in (leader, follower):
             if p.poll() is None:
                 p.kill()
+                p.wait(10)
     log = (tmp_path / "rank0.log").read_text()
     assert code == 3, log[-2000:]
-    assert "herd (rank 0 of 2): another rank stopped answering" in log and "ending the job" in log, log[-2000:]
+    assert "herd (rank 0 of 2): " in log and "ending the job" in log, log[-2000:]
+    if fault == "killed":
+        assert "another rank stopped answering" in log, log[-2000:]
+    else:
+        assert "Timed out waiting 6000ms" in log, log[-2000:]  # gloo's own words, quoted in herd's line
+
+
+def test_torchrun_ends_the_job_when_a_rank_dies(chat_gguf, tmp_path):
+    """Under torchrun, the agent ends the job too: kill rank 1 of a `herd serve --tp 2`, torchrun exits non-zero
+    and names the failed rank."""
+    launcher = torchrun("--nproc-per-node", "2", "--master-port", str(free_port()))
+    proc, url = start_serve(chat_gguf, tmp_path / "serve.log", launcher, _env())
+    try:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        rank1 = [pid for pid in children if "RANK=1\0" in Path(f"/proc/{pid}/environ").read_text(errors="replace")]
+        assert len(rank1) == 1, children
+        os.kill(int(rank1[0]), signal.SIGKILL)
+        code = proc.wait(60)  # not a hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log = (tmp_path / "serve.log").read_text()
+    assert code != 0 and "rank      : 1" in log, log[-3000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
