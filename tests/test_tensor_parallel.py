@@ -406,3 +406,16 @@ def test_run_command_under_torchrun(chat_gguf):
                               cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
     assert single.returncode == 0 and parallel.returncode == 0, parallel.stderr[-3000:]
     assert parallel.stdout == single.stdout and single.stdout.strip()
+
+
+def test_smollm2_at_tp3_answers_as_one_process(smollm2_path):
+    """A real checkpoint (SmolLM2-135M, Q4_1 GGUF: 9 heads and 3 KV heads, so 3 ranks): each rank dequantizes
+    its rows and whole blocks of columns; `herd run --tp 3` prints the single process's greedy answer."""
+    args = ["-m", "herd", "run", str(smollm2_path), "What is the capital of France?", "--device", "cpu",
+            "--dtype", "float32", "--temperature", "0", "--max-tokens", "16"]
+    single = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=JOB_TIMEOUT)
+    parallel = subprocess.run(torchrun("--nproc-per-node", "3", "--master-port", str(free_port()), *args, "--tp", "3"),
+                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert single.returncode == 0 and parallel.returncode == 0, parallel.stderr[-3000:]
+    assert parallel.stdout == single.stdout and "Paris" in single.stdout
