@@ -183,6 +183,18 @@ class Leader:
                 pass
 
 
+def shutdown(model=None) -> None:
+    """End this process's part in the job: release the followers (rank 0) and leave the process group, so
+    that gloo's threads are joined before the interpreter exits (left to the exit, they abort it)."""
+    import torch.distributed as dist
+
+    leader = getattr(model, "leader", None)
+    if leader is not None:
+        leader.stop()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def follow(model, device: torch.device) -> None:
     """A follower rank's loop: run each forward rank 0 describes, on this rank's shard, until it says stop."""
     from herd.model.cache import Batch, PagedKVCache
@@ -218,5 +230,5 @@ def follow(model, device: torch.device) -> None:
                 fatal(f"a collective failed during the forward ({str(e).splitlines()[0][:200]})")
 
 
-__all__ = ["init", "follow", "fatal", "Leader", "StepDescription", "DistributedError", "in_torchrun", "rank",
+__all__ = ["init", "follow", "shutdown", "fatal", "Leader", "StepDescription", "DistributedError", "in_torchrun", "rank",
            "world_size", "timeout_s", "EXIT_RANK_LOST"]

@@ -160,10 +160,16 @@ def load_with_progress(source, device=None, dtype=None, **options):
     import herd
 
     if options.get("tp") is not None or options.get("ep") is not None:
+        import atexit
+
+        from herd.distributed import shutdown
+
         llm = herd.load(source, device=device, dtype=dtype, **options)
         if llm.model.layout.rank != 0:
             llm.follow()
+            shutdown()
             raise SystemExit(0)
+        atexit.register(shutdown, llm.model)
         return llm
 
     with Progress(
