@@ -203,7 +203,8 @@ class Transformer(nn.Module):
 
         `batch` (herd.model.cache.Batch) gives each token's position and each row's cache blocks; without
         one, the rows are whole sequences at positions 0..T-1 and nothing is cached. `last_only` computes
-        logits only where generation needs them: each row's last token."""
+        logits only where generation needs them: each row's last token
+        (or, where `batch.last` is [B, K], the K positions it names in each row)."""
         if batch is None:
             batch = Batch.prompt(tokens.shape[1], tokens.shape[0], tokens.device)
         ctx = ForwardContext(batch, rope_angles(self.inv_freq, batch.positions))
@@ -211,5 +212,6 @@ class Transformer(nn.Module):
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, ctx, layer_id)
         if last_only:
-            h = h[:, -1:] if batch.last is None else h[torch.arange(h.shape[0], device=h.device), batch.last, None]
+            at = batch.last.view(h.shape[0], -1, 1).expand(-1, -1, h.shape[-1]) if batch.last is not None else None
+            h = h[:, -1:] if at is None else h.gather(1, at)
         return self.output(self.norm(h)).float()
