@@ -178,6 +178,7 @@ def load(
     threads: int | None = None,
     adapter: str | os.PathLike | None = None,
     adapters: dict[str, str | os.PathLike] | None = None,
+    prompt_int8: bool = False,
 ) -> LLM:
     """Load a model: a GGUF file, an HF directory (config.json + safetensors), a Meta checkpoint
     directory (params.json + consolidated.NN.pth), a directory written by `herd quantize`, or a known
@@ -193,7 +194,9 @@ def load(
     the base, which then loads dense (a quantized file is dequantized); `llm.adapter` holds its settings.
     `adapters`: {name: directory}, several adapters over one base, each engine request choosing one
     (Request.adapter: the 1-based position in this dict, 0 the base), as herd serve's `model` field does;
-    `llm.adapters` holds their settings. Generation through `llm.generate` uses the base."""
+    `llm.adapters` holds their settings. Generation through `llm.generate` uses the base.
+    `prompt_int8`: prompts of 64+ tokens on q4 weights with int8 activations, as llama.cpp computes them
+    (faster, no longer exact or batch-independent: herd.transforms.prompt_int8)."""
     from herd.runtime import compile_decode, set_threads
 
     set_threads(threads)
@@ -214,6 +217,12 @@ def load(
     model = load_model(checkpoint, device=device, dtype=dtype, progress=progress, quantized=quantized)
     settings = apply_adapter(model, adapter, checkpoint.args) if adapter is not None else None
     several = apply_adapters(model, adapters, checkpoint.args) if adapters else None
+    if prompt_int8:
+        from herd.transforms.prompt_int8 import use_int8_prompts
+
+        if not use_int8_prompts(model):
+            raise HerdError("prompt_int8 applies to herd's packed quantized linears; this model has none "
+                            "(a quantized file on the CPU, with herd's kernels built)")
     if tokenizer is not None:
         mask_padding_rows(model, tokenizer.vocab_size)
     compile_decode(model, compile)
