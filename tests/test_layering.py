@@ -37,6 +37,8 @@ ALLOWED = {
     "server": {"api", "engine", "chat", "errors", "sampling", "tokenizer"},
     # a client of the API and the engine (never of the server's internals; --server speaks HTTP)
     "eval": {"api", "engine", "errors", "sampling", "fingerprint", "formats", "jsonl"},
+    # the arena: a client of the API and the engine too (endpoints are spoken to over HTTP)
+    "arena": {"api", "engine", "errors", "sampling", "jsonl"},
     "cli": set(TOP_LEVEL) - {"cli", "__main__"},
     "__init__": {"api", "sampling", "errors", "finetune", "eval"},
     "__main__": {"cli"},
