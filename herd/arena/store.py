@@ -97,6 +97,9 @@ class Store:
         kwargs = {}
         if self.url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            path = self.url.partition(":///")[2]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.engine = sa.create_engine(self.url, **kwargs)
         except (ImportError, sa.exc.ArgumentError) as e:
