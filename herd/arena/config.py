@@ -9,6 +9,8 @@
     max_prompt_chars = 4000
     max_tokens = 256                # per answer, per turn
     max_turns = 8
+    context = 2048                  # tokens per conversation, local contestants
+    max_batch = 4                   # sequences each local contestant's engine batches
     provisional_votes = 30
     bootstrap_rounds = 200
     battles_per_minute = 10         # per client
@@ -54,6 +56,8 @@ class ArenaConfig:
     max_prompt_chars: int = 4000
     max_tokens: int = 256
     max_turns: int = 8
+    context: int = 2048  # tokens per conversation for local contestants (their KV cache is sized by it)
+    max_batch: int = 4  # sequences each local contestant's engine runs together
     provisional_votes: int = 30
     bootstrap_rounds: int = 200
     battles_per_minute: int = 10
@@ -99,7 +103,7 @@ def load_config(path: str | Path) -> ArenaConfig:
     sampling = arena.pop("sampling", {"temperature": 0.7, "top_p": 0.9})
     if set(sampling) - SAMPLING_KEYS:
         raise ConfigError(f"{path}: [arena.sampling] has unknown key(s) {sorted(set(sampling) - SAMPLING_KEYS)}")
-    for key in ("max_prompt_chars", "max_tokens", "max_turns", "bootstrap_rounds", "battles_per_minute",
+    for key in ("max_prompt_chars", "max_tokens", "max_turns", "context", "max_batch", "bootstrap_rounds", "battles_per_minute",
                 "votes_per_minute"):
         if key in arena and (not isinstance(arena[key], int) or arena[key] < 1):
             raise ConfigError(f"{path}: [arena] {key} must be a whole number >= 1, got {arena[key]!r}")

@@ -98,7 +98,7 @@ def _arena(args, config, build: bool = True):
     if build:
         for spec in config.contestants:
             print(f"herd arena: loading {spec.name} ({spec.url or spec.model})", file=sys.stderr)
-            contestant = spec.build()
+            contestant = spec.build(max_batch=config.max_batch, context=config.context)
             arena.enter(contestant)
             note = "" if contestant.verified else " (weights unverified)"
             print(f"herd arena: {spec.name}: {contestant.fingerprint}{note}", file=sys.stderr)
@@ -178,7 +178,7 @@ def _judge(args):
     arena = _arena(args, config)
     if len(arena.playing) < 2:
         raise SystemExit("herd arena judge: the config needs at least two [[contestant]] entries")
-    judge = ContestantSpec("judge", args.judge, args.judge_url).build()
+    judge = ContestantSpec("judge", args.judge, args.judge_url).build(context=config.context)
     run = run_judge(arena, judge, prompts, judge_tokens=args.judge_tokens)
     print(f"herd arena judge: {run.battles} judged battles stored on the judge board"
           + (f"; {run.unparsed} judgements gave no verdict" if run.unparsed else ""), file=sys.stderr)
