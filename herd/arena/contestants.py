@@ -81,12 +81,14 @@ class LocalContestant(Contestant):
         self.engine.stop(drain=False, timeout=30)
 
 
-def endpoint_identity(base_url: str, model: str, timeout: float = 10.0) -> tuple[str, bool]:
+def endpoint_identity(base_url: str, model: str, api_key: str | None = None,
+                      timeout: float = 10.0) -> tuple[str, bool]:
     """(fingerprint, verified): the herd fingerprint from the endpoint's model card, else a stand-in."""
     import httpx
 
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = httpx.get(base_url.rstrip("/") + "/models", timeout=timeout)
+        r = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=timeout)
         cards = r.json().get("data", []) if r.status_code == 200 else []
     except (httpx.HTTPError, ValueError, AttributeError):
         cards = []
@@ -107,7 +109,7 @@ class EndpointContestant(Contestant):
         self.name, self.base_url, self.model, self.weight = name, base_url.rstrip("/"), model, weight
         self.api_key, self.timeout = api_key, timeout
         self.source = f"{self.base_url} ({model})"
-        self.fingerprint, self.verified = endpoint_identity(self.base_url, model)
+        self.fingerprint, self.verified = endpoint_identity(self.base_url, model, api_key)
 
     async def stream(self, messages, sampling, max_tokens, answer):
         import httpx
