@@ -1,5 +1,6 @@
 """The arena's HTTP app with scripted contestants (instant, known answers): the battle flow, anonymity
-until the vote, and every refusal the issue lists. Real models fight in tests/test_arena_browser.py.
+until the vote, and every refusal the issue lists, on SQLite and on a real PostgreSQL server. Real models
+fight in tests/test_arena_browser.py.
 
 Checked from outside: an httpx client over a real loopback server, and the database read back.
 """
@@ -19,6 +20,7 @@ from herd.arena.service import Arena
 from herd.arena.store import Store
 from herd.arena.web import create_arena_app
 from tests.fixtures.serving import ServerThread
+from tests.test_arena_store import db_url, pg_server  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 
 
 class Scripted(Contestant):
@@ -35,10 +37,10 @@ class Scripted(Contestant):
             yield word
 
 
-def make_arena(tmp_path, **overrides):
+def make_arena(tmp_path, url=None, **overrides):
     config = ArenaConfig(secret="s3cret", admin_key="adm1n", battles_per_minute=1000, votes_per_minute=1000,
                          bootstrap_rounds=20, **overrides)
-    arena = Arena(Store(f"sqlite:///{tmp_path / 'arena.db'}"), sampling=config.sampling, max_tokens=32,
+    arena = Arena(Store(url or f"sqlite:///{tmp_path / 'arena.db'}"), sampling=config.sampling, max_tokens=32,
                   provisional_votes=config.provisional_votes, bootstrap_rounds=config.bootstrap_rounds)
     arena.enter(Scripted("alpha-model", "a" * 64, ["Hello", " from", " one"]))
     arena.enter(Scripted("beta-model", "b" * 64, ["Greetings", " from", " two"]))
@@ -50,8 +52,8 @@ def builder(spec: dict):
 
 
 @pytest.fixture
-def served(tmp_path):
-    arena, config = make_arena(tmp_path)
+def served(tmp_path, db_url):  # noqa: F811
+    arena, config = make_arena(tmp_path, db_url)
     with ServerThread(create_arena_app(arena, config, spec_builder=builder)) as server:
         yield server, arena
 
