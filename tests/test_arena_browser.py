@@ -1,6 +1,6 @@
 """A real headless browser (Debian's chromium through Selenium) on the arena with two real models:
 SmolLM2-135M-Instruct and a copy with one quantized weight changed (another fingerprint, another
-contestant). The page is opened at a phone's width, a battle is run, the names must not be in the page
+contestant). The page is opened at a phone's width, a two-turn battle is run, the names must not be in the page
 before the vote, and after it the leaderboard page shows the vote.
 """
 
@@ -99,6 +99,14 @@ def test_a_battle_in_a_real_browser(arena_server, browser):
     assert not any(n in page for n in names) and not any(fp[:16] in page for fp in fingerprints)
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
 
+    browser.find_element(By.ID, "prompt").send_keys("And of Italy?")  # a second turn, the same pair
+    browser.find_element(By.ID, "send").click()
+    wait_for(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "answered")
+    for side in "ab":
+        turns = browser.find_elements(By.CSS_SELECTOR, f"#answer-{side} .turn .text")
+        assert len(turns) == 2 and all(t.text.strip() for t in turns)
+    assert not any(n in browser.page_source for n in names)
+
     browser.find_element(By.ID, "vote-a").click()
     wait_for(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "voted")
     revealed = browser.find_element(By.ID, "reveal-a").text + browser.find_element(By.ID, "reveal-b").text
@@ -109,5 +117,6 @@ def test_a_battle_in_a_real_browser(arena_server, browser):
     wait_for(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "1")
     rows = browser.find_element(By.ID, "raw").find_elements(By.CSS_SELECTOR, "tbody tr")
     assert len(rows) == 2 and winner in rows[0].text and "provisional" in rows[0].text
-    assert arena.store.records()[0]["winner"] == "model_a"
+    record = arena.store.records()[0]
+    assert record["winner"] == "model_a" and record["turn"] == 2
     assert {arena.store.records()[0]["fingerprint_a"], arena.store.records()[0]["fingerprint_b"]} == set(fingerprints)
