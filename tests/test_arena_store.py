@@ -100,6 +100,11 @@ def test_new_weights_under_an_existing_name_are_a_second_variant(db_url):
     assert set(keys) == {"llama@" + "1" * 12, "llama@" + "2" * 12, "other"}
     assert keys["llama@" + "1" * 12]["variants_of_name"] == 2
     assert "llama" in board["variant_warnings"] and "2 different sets of weights" in board["variant_warnings"]["llama"]
+    assert board["same_weights_warnings"] == {}
+    renamed = store.add_contestant("llama-renamed", "1" * 64, "local", True)  # old weights, a new name
+    store.vote(answered_battle(store, renamed, other), "model_a", "v")
+    warnings = leaderboard(store.records(), Options(rounds=5))["same_weights_warnings"]
+    assert list(warnings.values()) == ["llama, llama-renamed are the same weights (fingerprint 1111111111111111)"]
 
 
 def test_retiring_keeps_every_battle_on_the_board(db_url):

@@ -105,6 +105,12 @@ def leaderboard(records: list[dict], options: Options = Options(), *, style_cont
         "variant_warnings": {n: f"{n} fought as {len(fps)} different sets of weights; every variant is listed"
                              for n, fps in names.items() if len(fps) > 1},
     }
+    same: dict[str, list[str]] = {}
+    for name, fp in keys:
+        if fp and not fp.startswith(("unverified:", "unrecorded:")):
+            same.setdefault(fp, []).append(name)
+    result["same_weights_warnings"] = {fp: f"{', '.join(n)} are the same weights (fingerprint {fp[:16]})"
+                                       for fp, n in same.items() if len(n) > 1}
     if "style_control" in boards:
         result["style_control"] = {"rows": rows(boards["style_control"]),
                                    "coefficients": boards["style_control"].style_coefficients}
@@ -135,6 +141,6 @@ def format_table(board: dict) -> str:
         lines.append(f"style coefficients: {coefs}")
     if any(r["provisional"] for r in board["rows"]):
         lines.append(f"* provisional: fewer than {board['provisional_votes']} votes")
-    for warning in board["variant_warnings"].values():
+    for warning in [*board["variant_warnings"].values(), *board.get("same_weights_warnings", {}).values()]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
