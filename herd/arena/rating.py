@@ -73,8 +73,8 @@ def _check(outcomes: list[Outcome]) -> None:
 
 
 def _design(outcomes: list[Outcome], models: list[str], style: np.ndarray | None):
-    """FastChat's rows, weighted instead of duplicated: (X, y, weight) with a win as weight 2, a tie as a
-    win and a loss of weight 1 each."""
+    """FastChat's rows, weighted instead of duplicated, identical rows merged: (X, y, weight of each row, the
+    rows' index per battle). A decided battle is one row of weight 2; a tie a win and a loss of weight 1."""
     index = {m: i for i, m in enumerate(models)}
     n, p = len(outcomes), len(models)
     k = 0 if style is None else style.shape[1]
@@ -87,11 +87,19 @@ def _design(outcomes: list[Outcome], models: list[str], style: np.ndarray | None
     rows[np.arange(n), b] = -math.log(BASE)
     if style is not None:
         rows[:, p:] = style
-    decided = ~tie
-    X = np.concatenate([rows[decided], rows[tie], rows[tie]])
-    y = np.concatenate([a_won[decided].astype(float), np.ones(tie.sum()), np.zeros(tie.sum())])
-    w = np.concatenate([np.full(decided.sum(), 2.0), np.ones(2 * tie.sum())])
-    return X, y, w
+    decided = np.flatnonzero(~tie)
+    tied = np.flatnonzero(tie)
+    battle = np.concatenate([decided, tied, tied])
+    X = rows[battle]
+    y = np.concatenate([a_won[decided].astype(float), np.ones(len(tied)), np.zeros(len(tied))])
+    w = np.concatenate([np.full(len(decided), 2.0), np.ones(2 * len(tied))])
+    unique, group = np.unique(np.column_stack([X, y]), axis=0, return_inverse=True)
+    return unique[:, :-1], unique[:, -1], w, group.reshape(-1), battle
+
+
+def _weights(w, group, battle, n_groups, counts=None) -> np.ndarray:
+    """Each merged row's weight: its rows' weights, times how often a resample drew their battle."""
+    return np.bincount(group, weights=w if counts is None else w * counts[battle], minlength=n_groups)
 
 
 def _fit(X: np.ndarray, y: np.ndarray, w: np.ndarray, penalty_c: float | None) -> np.ndarray:
@@ -128,12 +136,15 @@ def _models(outcomes: list[Outcome]) -> list[str]:
     return list(dict.fromkeys(m for o in outcomes for m in (o.model_a, o.model_b)))
 
 
-def _ratings(outcomes, models, style, anchor, penalty_c) -> tuple[np.ndarray, np.ndarray]:
-    X, y, w = _design(outcomes, models, style)
-    theta = _fit(X, y, w, penalty_c)
+def _ratings(X, y, weights, models, anchor, penalty_c) -> tuple[np.ndarray, np.ndarray]:
+    """(ratings, NaN for contestants without a battle in these weights; style coefficients)."""
+    used = weights > 0
+    X, y, weights = X[used], y[used], weights[used]
     p = len(models)
+    theta = _fit(X, y, weights, penalty_c)
     ratings = SCALE * theta[:p] + INIT_RATING
-    if anchor is not None and anchor[0] in models:
+    ratings[~(X[:, :p] != 0).any(axis=0)] = np.nan
+    if anchor is not None and anchor[0] in models and not np.isnan(ratings[models.index(anchor[0])]):
         ratings += anchor[1] - ratings[models.index(anchor[0])]
     return ratings, theta[p:]
 
@@ -146,7 +157,8 @@ def fit_ratings(outcomes: list[Outcome], *, anchor: tuple[str, float] | None = N
         return {}, {}
     models = _models(outcomes)
     style = style_matrix(outcomes) if style_control else None
-    ratings, coefs = _ratings(outcomes, models, style, anchor, penalty_c)
+    X, y, w, group, battle = _design(outcomes, models, style)
+    ratings, coefs = _ratings(X, y, _weights(w, group, battle, len(X)), models, anchor, penalty_c)
     return dict(zip(models, ratings.tolist())), dict(zip(STYLE_FEATURES, coefs.tolist())) if style_control else {}
 
 
@@ -156,15 +168,13 @@ def bootstrap(outcomes: list[Outcome], rounds: int, seed: int, *, anchor=None, s
     _check(outcomes)
     models = _models(outcomes)
     style = style_matrix(outcomes) if style_control else None  # standardised once, on all battles
+    X, y, w, group, battle = _design(outcomes, models, style)
     rng = np.random.RandomState(seed)
-    out = np.full((rounds, len(models)), np.nan)
+    out = np.empty((rounds, len(models)))
     n = len(outcomes)
     for r in range(rounds):
-        idx = rng.choice(n, size=n, replace=True)
-        sample = [outcomes[i] for i in idx]
-        present = _models(sample)
-        ratings, _ = _ratings(sample, present, None if style is None else style[idx], anchor, penalty_c)
-        out[r, [models.index(m) for m in present]] = ratings
+        counts = np.bincount(rng.choice(n, size=n, replace=True), minlength=n).astype(float)
+        out[r], _ = _ratings(X, y, _weights(w, group, battle, len(X), counts), models, anchor, penalty_c)
     return models, out
 
 
