@@ -233,3 +233,13 @@ def test_32_concurrent_voters_over_http_lose_no_vote(served):
     assert statuses == [200] * 32
     assert arena.store.count_votes() == 32
     assert len({r["judge"] for r in arena.store.records()}) == 1  # one address: one salted hash
+
+
+def test_a_restart_without_a_variant_marks_it_retired(tmp_path):
+    arena, _ = make_arena(tmp_path)
+    arena.enter(Scripted("gamma-model", "c" * 64, ["x"]))
+    arena.store.import_records([{"model_a": "old", "model_b": "older", "winner": "tie"}])
+    restarted, _ = make_arena(tmp_path)  # the same database, gamma no longer configured
+    assert restarted.retire_absent() == ["gamma-model@" + "c" * 12]
+    states = {c["name"]: c["retired_at"] is not None for c in restarted.store.contestants()}
+    assert states == {"alpha-model": False, "beta-model": False, "gamma-model": True, "old": False, "older": False}

@@ -67,8 +67,12 @@ class ArenaConfig:
     sampling: dict = field(default_factory=lambda: {"temperature": 0.7, "top_p": 0.9})
     contestants: list[ContestantSpec] = field(default_factory=list)
 
+    secret_is_random: bool = field(default=False, init=False)  # no secret given: tokens die with the process
+
     def __post_init__(self):
-        self.secret = self.secret or os.environ.get("HERD_ARENA_SECRET") or secrets.token_hex(32)
+        self.secret = self.secret or os.environ.get("HERD_ARENA_SECRET") or ""
+        if not self.secret:
+            self.secret, self.secret_is_random = secrets.token_hex(32), True
         self.salt = self.salt or self.secret
         self.admin_key = self.admin_key or os.environ.get("HERD_ARENA_ADMIN_KEY")
 
@@ -96,7 +100,7 @@ def load_config(path: str | Path) -> ArenaConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; expected [arena] and [[contestant]]")
     arena = dict(data.get("arena", {}))
-    known = {f.name for f in fields(ArenaConfig)} - {"contestants"}
+    known = {f.name for f in fields(ArenaConfig) if f.init} - {"contestants"}
     bad = set(arena) - known
     if bad:
         raise ConfigError(f"{path}: [arena] has unknown key(s) {sorted(bad)}; known: {sorted(known)}")

@@ -77,6 +77,16 @@ class Arena:
             contestant.close()
         return self.store.retire(cid)
 
+    def retire_absent(self) -> list[str]:
+        """Mark as retired every served contestant of the record that is not in play now (a variant whose
+        weights were replaced, one no longer configured); imported ones were never served. Returns names."""
+        retired = []
+        for c in self.store.contestants():
+            if c["id"] not in self.playing and c["retired_at"] is None and c["kind"] != "imported":
+                self.store.retire(c["id"])
+                retired.append(f"{c['name']}@{c['fingerprint'][:12]}")
+        return retired
+
     def sampling_table(self) -> list[dict]:
         """The public sampling rates: every contestant in play with its weight and chance of a battle."""
         weights = {cid: c.weight for cid, c in self.playing.items()}

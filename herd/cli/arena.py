@@ -114,6 +114,12 @@ def _serve(args):
     if len(config.contestants) < 2:
         raise SystemExit("herd arena serve: the config needs at least two [[contestant]] entries")
     arena = _arena(args, config)
+    for key in arena.retire_absent():
+        print(f"herd arena: {key} is no longer in play: marked retired (its battles stay on the board)",
+              file=sys.stderr)
+    if config.secret_is_random:
+        print("herd arena: no [arena] secret set: a random one signs this run's battle tokens (open battles "
+              "end with a restart)", file=sys.stderr)
     app = create_arena_app(arena, config)
     print(f"herd arena: http://{args.host}:{args.port}/  (database {arena.store.url.split('@')[-1]})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
