@@ -133,6 +133,10 @@ def test_replayed_and_forged_votes_are_refused(served):
     for forged in [uid + ".AAAA", "0" * 32 + "." + token.split(".")[1], "nonsense", ""]:
         r = b.post("/api/vote", {"token": forged, "winner": "a"})
         assert r.status_code == 403 and "not issued by this arena" in r.json()["error"]
+    _, other_token, _ = b.battle()
+    thief = Browser(server.url)  # another session holding a copied token
+    stolen = thief.post("/api/vote", {"token": other_token, "winner": "a"})
+    assert stolen.status_code == 403 and "not issued by this arena" in stolen.json()["error"]
     assert arena.store.count_votes() == 1
     assert [rec["winner"] for rec in arena.store.records()] == ["model_b"]
 

@@ -13,14 +13,17 @@ def _mac(secret: bytes, purpose: str, value: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
-def battle_token(secret: bytes, uid: str) -> str:
-    return f"{uid}.{_mac(secret, 'battle', uid)}"
+def battle_token(secret: bytes, uid: str, session: str) -> str:
+    """The battle's id signed together with the session that started it: a token copied into another
+    browser votes nowhere."""
+    return f"{uid}.{_mac(secret, 'battle', uid + chr(0) + session)}"
 
 
-def battle_uid(secret: bytes, token: str) -> str | None:
-    """The battle id a token was signed for, or None for anything the server did not sign."""
+def battle_uid(secret: bytes, token: str, session: str | None) -> str | None:
+    """The battle id a token was signed for in this session, or None for anything the server did not sign."""
     uid, _, mac = str(token).partition(".")
-    if not uid or not mac or not hmac.compare_digest(mac, _mac(secret, "battle", uid)):
+    if not uid or not mac or not session or \
+            not hmac.compare_digest(mac, _mac(secret, "battle", uid + chr(0) + session)):
         return None
     return uid
 

@@ -87,10 +87,10 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
                                f"{config.max_prompt_chars}")
         return prompt
 
-    def uid_of(body: dict) -> str:
-        uid = tokens.battle_uid(secret, body.get("token", ""))
+    def uid_of(request: Request, body: dict) -> str:
+        uid = tokens.battle_uid(secret, body.get("token", ""), request.cookies.get(SESSION_COOKIE))
         if uid is None or arena.store.battle(uid) is None:
-            raise Refused(403, "this battle token was not issued by this arena")
+            raise Refused(403, "this battle token was not issued by this arena to this browser session")
         return uid
 
     def with_session(request: Request, html: str) -> HTMLResponse:
@@ -107,9 +107,9 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
     async def leaderboard_page(request: Request):
         return with_session(request, _page("leaderboard.html"))
 
-    async def stream_turn(uid: str, prompt: str, first: bool):
-        if first:
-            yield _event({"type": "battle", "token": tokens.battle_token(secret, uid)})
+    async def stream_turn(uid: str, prompt: str, session: str | None):
+        if session is not None:
+            yield _event({"type": "battle", "token": tokens.battle_token(secret, uid, session)})
         async for side, text, error in arena.turn(uid, prompt):
             if text is not None:
                 yield _event({"type": "delta", "side": side, "text": text})
@@ -128,24 +128,24 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
             uid = await asyncio.to_thread(arena.start, client)
         except LookupError as e:
             raise Refused(503, str(e)) from None
-        return sse(stream_turn(uid, prompt, True))
+        return sse(stream_turn(uid, prompt, request.cookies[SESSION_COOKIE]))
 
     @app.post("/api/battle/turn")
     async def next_turn(request: Request):
         body, client = await guarded(request, battle_limit)
         prompt = prompt_of(body)
-        uid = uid_of(body)
+        uid = uid_of(request, body)
         battle = arena.store.battle(uid)
         if sum(1 for m in battle["conversation_a"] if m["role"] == "user") >= config.max_turns:
             raise Refused(409, f"this battle has had its {config.max_turns} turns; vote, then start a new one")
         if not await asyncio.to_thread(arena.store.start_turn, uid):
             raise Refused(409, "this battle is over (voted) or still answering")
-        return sse(stream_turn(uid, prompt, False))
+        return sse(stream_turn(uid, prompt, None))
 
     @app.post("/api/vote")
     async def vote(request: Request):
         body, client = await guarded(request, vote_limit)
-        uid = uid_of(body)
+        uid = uid_of(request, body)
         if body.get("winner") not in VOTES:
             raise Refused(400, f"winner must be one of {', '.join(VOTES)}")
         if not await asyncio.to_thread(arena.vote, uid, body["winner"], client):
