@@ -215,3 +215,16 @@ def test_serve_from_the_command_line_shows_an_imported_log(foreign, tmp_path, ca
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_rate_reads_fastchats_json_array(tmp_path, capsys):
+    """FastChat publishes clean_battle_*.json as one JSON array; its extra fields are carried along."""
+    battles = [{"model_a": "gpt-4", "model_b": "vicuna-13b", "winner": w, "judge": "arena_user_1", "turn": 1,
+                "anony": True, "language": "English", "tstamp": 1.0 + i, "question_id": f"q{i}"}
+               for i, w in enumerate(["model_a", "model_a", "tie", "model_b", "tie (bothbad)"])]
+    path = tmp_path / "clean_battle_20240101.json"
+    path.write_text(json.dumps(battles))
+    assert herd_main(["arena", "rate", str(path), "--json", "--rounds", "10"]) == 0
+    board = json.loads(capsys.readouterr().out)
+    assert board["battles"] == 5 and [r["key"] for r in board["rows"]] == ["gpt-4", "vicuna-13b"]
+    assert [(r["wins"], r["ties"]) for r in board["rows"]] == [(2, 2), (1, 2)]
