@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+# The arena's tests use a real browser and a real PostgreSQL (Debian packages); as root with apt, install them
+# (best effort: without them those tests skip and say why).
+if [ "${1:-}" = "--dev" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  if ! command -v chromedriver >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver postgresql; } \
+      >/dev/null 2>&1 || echo "setup.sh: could not apt-get install chromium/postgresql; the arena's browser and PostgreSQL tests will skip" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # (pip's warnings about this machine's local package mirrors are noise; its exit status is kept.)
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }

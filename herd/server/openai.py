@@ -538,7 +538,10 @@ def _model_card(s: Served, name: str | None = None) -> dict:
 @router.get("/v1/models")
 async def list_models(request: Request):
     s = served(request)
-    return {"object": "list", "data": [_model_card(s)] + [_model_card(s, n) for n in s.adapters]}
+    base = _model_card(s)
+    # herd's fingerprint of the served weights, so a client (herd arena) can tell which weights answer
+    base["fingerprint"] = await asyncio.to_thread(lambda: s.llm.fingerprint)
+    return {"object": "list", "data": [base] + [_model_card(s, n) for n in s.adapters]}
 
 
 @router.get("/v1/models/{model:path}")
