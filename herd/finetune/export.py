@@ -146,15 +146,14 @@ def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str 
         return path, new_fp
     import gguf
 
-    from herd.formats.gguf_writer import write_gguf
+    from herd.formats.gguf_writer import gguf_name, stored_type, write_gguf
     from herd.quant.ggml import GGMLType
 
     # the bytes gguf-py will write, fingerprinted as herd reads them back
     stored = {}
     for k, v in tensors.items():
         arr = v.detach().float().cpu().numpy()
-        qtype = gguf.GGMLQuantizationType.F32 if arr.ndim <= 1 or k.endswith("norm.weight") else \
-            getattr(gguf.GGMLQuantizationType, gguf_type)
+        qtype = stored_type(gguf_name(k, ck.args), arr.ndim, gguf_type)
         try:
             data = gguf.quants.quantize(arr, qtype)
         except gguf.QuantError:
