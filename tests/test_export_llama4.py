@@ -122,3 +122,26 @@ def test_gguf_export_refuses_a_llama4_llama_cpp_cannot_run(tmp_path):
     with pytest.raises(UnsupportedArchitecture, match="NoPE on every 4th layer"):
         write_gguf(tmp_path / "x.gguf", args, ck.tensors, ck.tokenizer)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_full_fine_tune_of_llama4_exports_and_transformers_agrees(tmp_path):
+    """A full fine-tune of the Maverick-like model (dense and MoE layers) from its GGUF (the tokenizer is there):
+    herd finetune writes model/model.gguf; `herd export --to hf` of that file loads in transformers with the
+    logits herd computes from the GGUF, and the weights did change."""
+    from transformers import Llama4ForCausalLM
+
+    gen = "llama4_maverick"
+    ref = B.reference(gen)
+    data = tmp_path / "text.txt"
+    data.write_text("the cat sat on the mat and the dog ate the hat. " * 20)
+    result = herd.finetune(str(ref.gguf("F32")), data, tmp_path / "run", method="full", steps=2, batch_size=2,
+                           lr=1e-3, max_len=32, progress=False)
+    tuned = herd.load(result.model / "model.gguf", dtype="float32")
+    assert json.loads(tuned.checkpoint.metadata["general.herd.lineage"])["fingerprint"] == tuned.fingerprint
+    ids = B.tokens(gen)
+    got = tuned.logits(ids)
+    assert max_diff(got, ref.logits(ids)) > 1e-3  # it trained
+    out = tmp_path / "hf"
+    assert main(["export", str(result.model / "model.gguf"), "--to", "hf", str(out)]) in (0, None)
+    model = Llama4ForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
+    assert max_diff(B.hf_logits(model, ids), got) < TOL
