@@ -145,3 +145,21 @@ def test_full_fine_tune_of_llama4_exports_and_transformers_agrees(tmp_path):
     assert main(["export", str(result.model / "model.gguf"), "--to", "hf", str(out)]) in (0, None)
     model = Llama4ForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
     assert max_diff(B.hf_logits(model, ids), got) < TOL
+
+
+@pytest.mark.parametrize("gen", ["llama4_scout", "llama3_1"])
+def test_gguf_with_rope_freqs_exports_to_hf_with_the_original_logits(tmp_path, gen):
+    """A GGUF source holds llama3 RoPE scaling only as rope_freqs divisors: the HF export states the llama3
+    parameters that give them, and transformers reproduces the original model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    ref = B.reference(gen)
+    out = tmp_path / "hf"
+    assert main(["export", str(ref.gguf("F32")), "--to", "hf", str(out)]) in (0, None)
+    rope = json.loads((out / "config.json").read_text())["rope_scaling"]
+    original = dict(ref.model.config.rope_parameters)
+    for key in ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        assert rope[key] == original[key], key
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
+    ids = B.tokens(gen)
+    assert max_diff(B.hf_logits(model, ids), ref.logits(ids)) < TOL

@@ -54,6 +54,37 @@ def _rope_divisors(args):
     return (plain / inverse_frequencies(args).double()).float().numpy()
 
 
+def llama3_rope_from_divisors(args):
+    """A GGUF source states llama3 RoPE scaling only as per-frequency divisors (rope_freqs), which HF and
+    Meta configs cannot hold: the llama3 parameters that give exactly those divisors (factor = the largest;
+    the low/high factors and original context found by trying the values models use), else `args` as they
+    are (the writer then says why it cannot)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from herd.config import RopeScaling
+
+    scaling = args.rope_scaling
+    if scaling is None or scaling.kind != "divisors":
+        return args
+    want = np.asarray(scaling.divisors, dtype=np.float64)
+    factor = float(want.max())
+    if np.allclose(want, 1.0, rtol=0, atol=1e-6):
+        return replace(args, rope_scaling=None)
+    for original in (8192, *(2 ** k for k in range(4, 22))):
+        for low in (1.0, 2.0):
+            for high in (1.0, 2.0, 4.0, 8.0):
+                if high < low:
+                    continue
+                candidate = replace(args, rope_scaling=RopeScaling(
+                    "llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                    original_max_position=original))
+                if np.allclose(_rope_divisors(candidate), want, rtol=1e-5, atol=0):
+                    return candidate
+    return args
+
+
 def gguf_tokenizer_keys(tokenizer, vocab_size: int, eos_token_ids=()) -> dict:
     """A SentencePiece tokenizer.model as sentencepiece_gguf_keys writes it, or an HF tokenizer.json (byte-level BPE: Llama 3, Llama 4, SmolLM ...) as GGUF `tokenizer.ggml.*` keys, laid
     out as llama.cpp's converter does (get_vocab_base): one token per embedding row, added special tokens
@@ -203,7 +234,7 @@ def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str 
         new_fp = fingerprint(stored)
         if lineage is not None:
             lineage = {**lineage, "fingerprint": new_fp}
-        return write_meta(out, ck.args, stored, ck.tokenizer, lineage), new_fp
+        return write_meta(out, llama3_rope_from_divisors(ck.args), stored, ck.tokenizer, lineage), new_fp
     if to == "hf":
         from herd.formats.hf_writer import write_hf
 
@@ -211,7 +242,8 @@ def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str 
         new_fp = fingerprint(stored)
         if lineage is not None:
             lineage = {**lineage, "fingerprint": new_fp}
-        path = write_hf(out, ck.args, stored, ck.tokenizer, ck.chat_template, ck.eos_token_ids, lineage)
+        path = write_hf(out, llama3_rope_from_divisors(ck.args), stored, ck.tokenizer, ck.chat_template,
+                        ck.eos_token_ids, lineage)
         return path, new_fp
     import gguf
 
