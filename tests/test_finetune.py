@@ -6,6 +6,7 @@ an uninterrupted one; packing keeps examples apart (each gives transformers' log
 
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -506,20 +507,32 @@ def test_smollm2_lora_learns_an_answer_tag(tmp_path, smollm2_path):
     assert not any("<ans>" in base.chat(q, max_tokens=24, temperature=0).text for q in questions)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "dpo-full"])
 def test_two_processes_under_torchrun_equal_one_with_the_same_global_batch(tmp_path, method):
     """torchrun --nproc-per-node 2 (gloo), 2 rows per process, against one process with 4 rows: the same weights
     after 3 steps (up to summation order). LoRA replicates the model and sums gradients with all_reduce; full
-    fine-tuning shards parameters, gradients and optimizer state with FSDP2's fully_shard."""
+    fine-tuning and full DPO shard parameters, gradients and optimizer state with FSDP2's fully_shard (DPO's
+    reference log-probabilities computed once, over the sharded model, each process scoring its share; an odd
+    number of eval pairs leaves one process a batch short)."""
     import os
     import subprocess
 
     from herd.formats import open_checkpoint
 
     gguf = B.reference(GEN).gguf("F32")
-    data = prompt_completion_data(tmp_path / "train.jsonl", n=16)
+    if method == "dpo-full":
+        words = ["sat on the mat", "ran off", "ate the hat", "slept", "jumped high", "hid"]
+        pairs = [{"prompt": f"the cat {i}", "chosen": " " + words[i % 6], "rejected": " " + words[(i * 5 + 1) % 6]}
+                 for i in range(16)]
+        data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+        dev = write_jsonl(tmp_path / "dev.jsonl", pairs[:5])
+        extra = ["--method", "dpo", "--dpo-base", "full", "--dpo-beta", "0.5", "--lr", "3e-4",
+                 "--eval-data", str(dev), "--eval-every", "2"]
+    else:
+        data = prompt_completion_data(tmp_path / "train.jsonl", n=16)
+        extra = ["--method", method, "--lr", "1e-2" if method == "lora" else "1e-3"]
     common = ["finetune", str(gguf), "--data", str(data), "--steps", "3", "--grad-accum", "2", "--threads", "1",
-              "--seed", "5", "--no-packing", "--method", method, "--lr", "1e-2" if method == "lora" else "1e-3"]
+              "--seed", "5", "--no-packing", *extra]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "herd", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
@@ -539,8 +552,16 @@ def test_two_processes_under_torchrun_equal_one_with_the_same_global_batch(tmp_p
         start = open_checkpoint(gguf).tensors
         moved = list(b)
     assert a.keys() == b.keys()
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    print(f"{method}: two processes vs one, max |Δweight| {diff:.2e}")
+    assert diff < 1e-5
     assert max((b[k].float() - start[k].float()).abs().max().item() for k in moved) > 1e-4  # it did train
+    if method == "dpo-full":  # the eval losses (the reference's scores inside them) agree too
+        logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+                for run in ("two", "one")]
+        evals = [[r["eval_loss"] for r in log if "eval_loss" in r] for log in logs]
+        assert len(evals[0]) == len(evals[1]) >= 2 and abs(evals[0][0] - math.log(2)) < 1e-6
+        assert max(abs(x - y) for x, y in zip(*evals)) < 1e-5
 
 
 @pytest.mark.parametrize("method", ["qlora", "dpo", "full"])
