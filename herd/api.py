@@ -218,7 +218,7 @@ def load(
     settings = apply_adapter(model, adapter, checkpoint.args) if adapter is not None else None
     several = apply_adapters(model, adapters, checkpoint.args) if adapters else None
     if prompt_int8:
-        from herd.transforms.prompt_int8 import use_int8_prompts
+        from herd.loader import use_int8_prompts
 
         if not use_int8_prompts(model):
             raise HerdError("prompt_int8 applies to herd's packed quantized linears; this model has none "

@@ -249,6 +249,13 @@ def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
     return model
 
 
+def use_int8_prompts(model: Transformer) -> int:
+    """The opt-in prompt transform (herd.transforms.prompt_int8); the number of linears it changed."""
+    from herd.transforms.prompt_int8 import use_int8_prompts as transform
+
+    return transform(model)
+
+
 def _has_param(model: nn.Module, name: str) -> bool:
     module_name, _, attr = name.rpartition(".")
     try:
