@@ -428,7 +428,7 @@ def llama_cpp_greedy(path, prompt_ids, want):
 
     server = tools_dir() / "bin" / "llama-server"
     if server.is_file():
-        return _llama_server_greedy(server, path, prompt_ids, want)
+        return _llama_server_greedy(path, prompt_ids, want)
     if importlib.util.find_spec("llama_cpp") is None:
         return
     from llama_cpp import Llama
@@ -442,41 +442,19 @@ def llama_cpp_greedy(path, prompt_ids, want):
     assert got == want
 
 
-def _llama_server_greedy(server, path, prompt_ids, want):
-    import socket
-    import subprocess
-    import time
-    import urllib.request
+def _llama_server_greedy(path, prompt_ids, want):
+    from tests.fixtures.llamacpp import llama_server
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([str(server), "-m", str(path), "--port", str(port), "-c", "512", "-t", "2", "-np", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, "llama-server could not load the exported GGUF"
-                time.sleep(0.2)
-        body = dict(prompt=list(prompt_ids), n_predict=len(want), temperature=0, top_k=1, samplers=["top_k"],
-                    cache_prompt=False, return_tokens=True)
-        req = urllib.request.Request(url + "/completion", json.dumps(body).encode(), {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            reply = json.loads(r.read())
-        got = reply["tokens"]
-        # herd's token ids end with the end-of-turn token it stopped at; llama.cpp stops there too, and
-        # leaves that token out of what it returns
-        ended = len(got) < len(want)
-        assert got == want[: len(got)] and (not ended or len(got) == len(want) - 1)
-        if ended:
-            assert reply.get("stop_type") == "eos" or reply.get("stopped_eos"), reply.get("stop_type")
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with llama_server(path) as post:
+        reply = post("/completion", dict(prompt=list(prompt_ids), n_predict=len(want), temperature=0, top_k=1,
+                                         samplers=["top_k"], cache_prompt=False, return_tokens=True))
+    got = reply["tokens"]
+    # herd's token ids end with the end-of-turn token it stopped at; llama.cpp stops there too, and
+    # leaves that token out of what it returns
+    ended = len(got) < len(want)
+    assert got == want[: len(got)] and (not ended or len(got) == len(want) - 1)
+    if ended:
+        assert reply.get("stop_type") == "eos" or reply.get("stopped_eos"), reply.get("stop_type")
 
 
 def test_smollm2_lora_learns_an_answer_tag(tmp_path, smollm2_path):

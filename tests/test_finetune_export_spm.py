@@ -110,46 +110,16 @@ def test_herd_reads_the_export_with_sentencepieces_tokens_and_transformers_logit
 
 
 def test_llama_cpp_tokenizes_the_export_as_sentencepiece_does(spm_model, exported):
-    import socket
-    import subprocess
-    import time
-    import urllib.request
-
     import sentencepiece
 
-    from benchmarks.llamacpp import tools_dir
+    from tests.fixtures.llamacpp import llama_server
 
-    server = tools_dir() / "bin" / "llama-server"
-    if not server.is_file():
-        pytest.skip("llama-server is not built (benchmarks/llamacpp.py builds it; not part of the dev set-up)")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
     _, out = exported
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([str(server), "-m", str(out), "--port", str(port), "-c", "256", "-t", "1", "-np", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-
-    def post(path, body):
-        req = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read())
-
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, "llama-server could not load the exported GGUF"
-                time.sleep(0.2)
+    with llama_server(out, context=256, threads=1) as post:
         for text in TEXTS + EXTRA:
             if not text:
                 continue
             want = sp.encode(text)
             assert post("/tokenize", {"content": text, "add_special": False})["tokens"] == want, text
         assert post("/tokenize", {"content": "hi", "add_special": True})["tokens"][0] == 1
-    finally:
-        proc.terminate()
-        proc.wait(30)
