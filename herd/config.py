@@ -86,6 +86,52 @@ class MoEArgs:
 
 
 @dataclass(frozen=True)
+class VisionArgs:
+    """Llama 4's image encoder (llama-models models/llama4/args.py VisionArgs, vision/encoder.py): a ViT over
+    square tiles of `image_size` pixels cut in `patch_size` patches, with 2D RoPE (theta `rope_theta`) and a
+    class token; its patches pixel-shuffled by `pixel_shuffle_ratio` into a GELU MLP of width `output_dim`
+    (the vision adapter), then projected to the text width. `image_token_id` is the token (<|patch|>) whose
+    embeddings the image's features replace."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    hidden_dim: int  # the encoder MLP's width (Meta: mlp_ratio * dim)
+    image_size: int
+    patch_size: int
+    output_dim: int
+    pixel_shuffle_ratio: float = 0.5
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    image_token_id: int = 200092
+    n_channels: int = 3
+
+    def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "hidden_dim", "image_size", "patch_size", "output_dim",
+                     "n_channels"):
+            _positive_int(f"vision.{name}", getattr(self, name))
+        _positive_float("vision.rope_theta", self.rope_theta)
+        _positive_float("vision.norm_eps", self.norm_eps)
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
+            raise _bad("vision.n_heads", f"vision dim {self.dim} / n_heads {self.n_heads} must be a whole head size "
+                                         "divisible by 4 (2D RoPE rotates x and y halves)")
+        if self.image_size % self.patch_size:
+            raise _bad("vision.patch_size", f"image_size {self.image_size} is not a multiple of patch_size "
+                                            f"{self.patch_size}")
+        ratio, side = self.pixel_shuffle_ratio, self.image_size // self.patch_size
+        if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1) or (side * ratio) % 1 or (1 / ratio**2) % 1 \
+                or self.dim % round(1 / ratio**2):
+            raise _bad("vision.pixel_shuffle_ratio", f"pixel_shuffle_ratio {ratio!r} must shrink the {side}x{side} "
+                                                     f"patch grid and the width {self.dim} by whole factors")
+
+    @property
+    def patches_per_tile(self) -> int:
+        """Image tokens (<|patch|>) per tile after pixel shuffle."""
+        side = self.image_size // self.patch_size
+        return round(side * side * self.pixel_shuffle_ratio ** 2)
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     dim: int
     n_layers: int
@@ -107,6 +153,7 @@ class ModelArgs:
     attn_temperature_tuning: bool = False  # scale q on NoPE layers by 1 + attn_scale*ln(1+floor((pos+1)/floor_scale))
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
+    vision: VisionArgs | None = None  # Llama 4's image encoder, when the checkpoint has its weights
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
@@ -199,4 +246,4 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None,
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-__all__ = ["ModelArgs", "RopeScaling", "MoEArgs", "LayerSpec", "layer_plan", "parameter_counts", "ffn_hidden_dim"]
+__all__ = ["ModelArgs", "VisionArgs", "RopeScaling", "MoEArgs", "LayerSpec", "layer_plan", "parameter_counts", "ffn_hidden_dim"]

@@ -198,6 +198,10 @@ def mask_padding_rows(model: Transformer, n_tokens: int) -> Transformer:
 
 def _finish(model: Transformer, checkpoint: Checkpoint, device: torch.device) -> Transformer:
     model.inv_freq = inverse_frequencies(checkpoint.args).to(device)  # buffers built on "meta" hold no values
+    if checkpoint.args.vision is not None:
+        from herd.model.vision import vision_rope_angles
+
+        model.vision_embeddings.vision_encoder.rot = vision_rope_angles(checkpoint.args.vision).to(device)
     return model.eval().requires_grad_(False)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from herd.config import ModelArgs, MoEArgs, RopeScaling
+from herd.config import ModelArgs, MoEArgs, RopeScaling, VisionArgs
 from herd.errors import (
     ConfigError,
     FormatError,
@@ -134,6 +134,10 @@ def args_from_hf_config(config: dict, path: Path | str = "config.json",
         rope_flags = cfg.int_list("no_rope_layers", None) or [int((i + 1) % interval != 0) for i in range(n_layers)]
         if len(rope_flags) != n_layers:
             raise ConfigError(f"{path}: no_rope_layers has {len(rope_flags)} entries for {n_layers} layers")
+        vision = None
+        if "vision_config" in config and tensor_names is not None and any(
+                n.startswith(VISION_PREFIXES) for n in tensor_names):
+            vision = _llama4_vision(top.object("vision_config"), top, path)
         return ModelArgs(
             hidden_dim=cfg.int("intermediate_size_mlp", None) or cfg.int("intermediate_size"),
             moe=MoEArgs(
@@ -150,8 +154,39 @@ def args_from_hf_config(config: dict, path: Path | str = "config.json",
             attn_temperature_tuning=cfg.bool("attn_temperature_tuning", True),
             floor_scale=cfg.float("floor_scale", 8192.0),
             attn_scale=cfg.float("attn_scale", 0.1),
+            vision=vision,
             **common,
         )
+
+
+def _llama4_vision(cfg: Fields, top: Fields, path) -> VisionArgs:
+    """Llama4VisionConfig -> VisionArgs. HF names one width, intermediate_size, for both the encoder MLP
+    and the pixel-shuffled adapter input; Meta's layout needs them equal, and the adapter square."""
+    dim, ratio = cfg.int("hidden_size"), cfg.float("pixel_shuffle_ratio", 0.5)
+    hidden = cfg.int("intermediate_size")
+    out = cfg.int("projector_output_dim")
+    if round(dim / ratio ** 2) != hidden:
+        raise UnsupportedArchitecture(f"{path}: vision_config.intermediate_size {hidden} is not hidden_size / "
+                                      f"pixel_shuffle_ratio^2 = {dim / ratio ** 2:g} (Meta's vision adapter)")
+    for key in ("projector_input_dim", "vision_output_dim"):
+        if cfg.int(key, out) != out:
+            raise UnsupportedArchitecture(f"{path}: vision_config.{key} {cfg.int(key)} differs from "
+                                          f"projector_output_dim {out}")
+    if cfg.bool("multi_modal_projector_bias", False):
+        raise UnsupportedArchitecture(f"{path}: vision_config.multi_modal_projector_bias is not supported")
+    if cfg.str("hidden_act", "gelu") != "gelu":
+        raise UnsupportedArchitecture(f"{path}: vision_config.hidden_act {cfg.str('hidden_act')!r} (herd has gelu)")
+    theta = 10000.0
+    for key in ("rope_parameters", "rope_scaling"):
+        part = cfg.object(key, None)
+        if part is not None:
+            theta = part.float("rope_theta", theta)
+    return VisionArgs(
+        dim=dim, n_layers=cfg.int("num_hidden_layers"), n_heads=cfg.int("num_attention_heads"), hidden_dim=hidden,
+        image_size=cfg.int("image_size"), patch_size=cfg.int("patch_size"), output_dim=out,
+        pixel_shuffle_ratio=ratio, rope_theta=theta, n_channels=cfg.int("num_channels", 3),
+        image_token_id=top.int("image_token_index", None) or top.int("image_token_id", 200092),
+    )
 
 
 def permute_for_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -185,7 +220,41 @@ LAYER_MAP = {
     "feed_forward.shared_expert.down_proj.weight": "feed_forward.shared_expert.w2.weight",
     "feed_forward.shared_expert.up_proj.weight": "feed_forward.shared_expert.w3.weight",
 }
-SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
+VISION_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
+SKIPPED_PREFIXES = VISION_PREFIXES
+# Llama4VisionModel names -> Meta's (llama-models vision/encoder.py, embedding.py), below vision_embeddings.
+VISION_MAP = {
+    "patch_embedding.linear.weight": "vision_encoder.conv1._linear.weight",
+    "class_embedding": "vision_encoder.class_embedding",
+    "positional_embedding_vlm": "vision_encoder.positional_embedding_vlm",
+    "layernorm_pre.weight": "vision_encoder.ln_pre.weight", "layernorm_pre.bias": "vision_encoder.ln_pre.bias",
+    "layernorm_post.weight": "vision_encoder.ln_post.weight", "layernorm_post.bias": "vision_encoder.ln_post.bias",
+    "vision_adapter.mlp.fc1.weight": "vision_adapter.mlp.c_fc.weight",
+    "vision_adapter.mlp.fc2.weight": "vision_adapter.mlp.c_proj.weight",
+}
+VISION_LAYER_MAP = {
+    "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+    "self_attn.o_proj": "attn.wo", "input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+}
+
+
+def vision_tensor_name(name: str) -> str | None:
+    """An HF Llama 4 vision-tower tensor name -> herd's (Meta's), or None when it has no place."""
+    key = name.removeprefix("model.")
+    if key == "multi_modal_projector.linear_1.weight":
+        return "vision_projection.weight"
+    if not key.startswith("vision_model."):
+        return None
+    key = key.removeprefix("vision_model.")
+    if key in VISION_MAP:
+        return "vision_embeddings." + VISION_MAP[key]
+    parts = key.split(".")
+    if len(parts) in (5, 6) and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        module = VISION_LAYER_MAP.get(".".join(parts[3:-1]))
+        if module is not None:
+            return f"vision_embeddings.vision_encoder.transformer.resblocks.{int(parts[2])}.{module}.{parts[-1]}"
+    return None
 
 
 def canonical_tensors(raw: dict[str, Any], args: ModelArgs, sources: dict[str, Path] | None = None) -> dict[str, torch.Tensor]:
@@ -202,7 +271,15 @@ def canonical_tensors(raw: dict[str, Any], args: ModelArgs, sources: dict[str, P
 
     hd = args.head_dim
     for name, tensor in raw.items():
-        if name.startswith(SKIPPED_PREFIXES) or name.endswith("rotary_emb.inv_freq"):
+        if name.startswith(VISION_PREFIXES):
+            if args.vision is None:
+                continue  # loaded as text only (args_from_hf_config decided)
+            herd_name = vision_tensor_name(name)
+            if herd_name is None:
+                raise UnexpectedTensor(f"{where(name)}: no place for this tensor in Llama 4's vision encoder")
+            out[herd_name] = tensor
+            continue
+        if name.endswith("rotary_emb.inv_freq"):
             continue
         key = name
         # Llama4ForConditionalGeneration nests the text model: language_model.model.* (hub files) or
@@ -364,8 +441,21 @@ def read_hf(path: Path) -> Checkpoint:
         generation=guess_generation(args),
         quantization=", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in raw.values()})),
         eos_token_ids=_eos_ids(path, config),
-        metadata={"architectures": config.get("architectures"), "name": config.get("_name_or_path", path.name)},
+        metadata={"architectures": config.get("architectures"), "name": config.get("_name_or_path", path.name),
+                  **_vision_note(config, args, path)},
     )
+
+
+def _vision_note(config: dict, args: ModelArgs, path: Path) -> dict:
+    """A vision checkpoint whose image weights are absent runs as text only, and says so."""
+    if "vision_config" in config and args.vision is None:
+        note = (f"{path}: the config describes an image encoder, but the checkpoint has none of its weights; "
+                "loaded as a text-only model")
+        import warnings
+
+        warnings.warn(f"herd: {note}", stacklevel=3)
+        return {"note": note}
+    return {}
 
 
 def _tokenizer_source(path: Path) -> TokenizerSource | None:

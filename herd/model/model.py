@@ -20,6 +20,7 @@ from torch import nn
 from herd.config import LayerSpec, ModelArgs, layer_plan
 from herd.model.cache import Batch
 from herd.model.rope import apply_rope, inverse_frequencies, rope_angles
+from herd.model.vision import VisionEmbeddings
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -196,18 +197,34 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        if args.vision is not None:  # Llama 4: image features take the place of <|patch|> embeddings
+            self.vision_embeddings = VisionEmbeddings(args.vision)
+            self.vision_projection = nn.Linear(args.vision.output_dim, args.dim, bias=False)
         self.register_buffer("inv_freq", inverse_frequencies(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, batch: Batch | None = None, last_only: bool = False) -> torch.Tensor:
+    def encode_images(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Image tiles [N, C, H, W] (preprocessed, herd.images) → [N, patches_per_tile, dim]: the embeddings of
+        the tiles' <|patch|> tokens, in order."""
+        if self.args.vision is None:
+            raise ValueError("this model has no image encoder")
+        dtype = self.vision_projection.weight.dtype
+        return self.vision_projection(self.vision_embeddings(tiles.to(dtype)))
+
+    def forward(self, tokens: torch.Tensor, batch: Batch | None = None, last_only: bool = False,
+                image_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (float32) for tokens [B, T].
 
         `batch` (herd.model.cache.Batch) gives each token's position and each row's cache blocks; without
         one, the rows are whole sequences at positions 0..T-1 and nothing is cached. `last_only` computes
-        logits only where generation needs them: each row's last token."""
+        logits only where generation needs them: each row's last token. `image_embeds` (mask [B, T], rows
+        [mask.sum(), dim]) replaces the embeddings of the masked tokens, in row-major order (encode_images)."""
         if batch is None:
             batch = Batch.prompt(tokens.shape[1], tokens.shape[0], tokens.device)
         ctx = ForwardContext(batch, rope_angles(self.inv_freq, batch.positions))
         h = self.tok_embeddings(tokens)
+        if image_embeds is not None:
+            mask, rows = image_embeds
+            h = h.masked_scatter(mask[..., None].to(h.device), rows.to(h.dtype))
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, ctx, layer_id)
         if last_only:
