@@ -105,10 +105,11 @@ class VisionArgs:
     norm_eps: float = 1e-5
     image_token_id: int = 200092
     n_channels: int = 3
+    max_tiles: int = 16  # preprocessing: most tiles an image is cut into (HF max_patches), the global one aside
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "hidden_dim", "image_size", "patch_size", "output_dim",
-                     "n_channels"):
+                     "n_channels", "max_tiles"):
             _positive_int(f"vision.{name}", getattr(self, name))
         _positive_float("vision.rope_theta", self.rope_theta)
         _positive_float("vision.norm_eps", self.norm_eps)

@@ -13,6 +13,17 @@ class QueueFull(Exception):
     """The engine's waiting queue is at its bound; the caller should retry later (HTTP 429)."""
 
 
+@dataclass(frozen=True, eq=False)
+class ImagePlacement:
+    """One image of a prompt: its preprocessed `tiles` (a tensor the model's encode_images takes), `digest`
+    (SHA-256 of the tiles: the key of the encoder-output cache and of the prefix-cache blocks it touches),
+    and `positions`, the prompt indices whose embeddings its feature rows replace, in order."""
+
+    tiles: Any
+    digest: str
+    positions: tuple[int, ...]
+
+
 @dataclass
 class Request:
     request_id: str  # unique among live requests; abort() and outputs use it
@@ -25,6 +36,7 @@ class Request:
     prompt_logprobs: int | None = None  # None, or n >= 0: logprobs of every prompt token (first is None)
     constraint: Any = None  # a herd.engine.constrained.Constraint factory (json_schema / json_object), or None
     adapter: int = 0  # which of the model's LoRA adapters computes this request (0: the base alone)
+    images: tuple[ImagePlacement, ...] = ()  # images whose features replace prompt embeddings (Llama 4)
 
 
 @dataclass

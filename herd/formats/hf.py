@@ -181,8 +181,12 @@ def _llama4_vision(cfg: Fields, top: Fields, path) -> VisionArgs:
         part = cfg.object(key, None)
         if part is not None:
             theta = part.float("rope_theta", theta)
+    max_tiles = 16
+    processor = Path(path).parent / "preprocessor_config.json"
+    if processor.is_file():
+        max_tiles = Fields(read_json(processor, ConfigError), str(processor)).int("max_patches", 16)
     return VisionArgs(
-        dim=dim, n_layers=cfg.int("num_hidden_layers"), n_heads=cfg.int("num_attention_heads"), hidden_dim=hidden,
+        max_tiles=max_tiles, dim=dim, n_layers=cfg.int("num_hidden_layers"), n_heads=cfg.int("num_attention_heads"), hidden_dim=hidden,
         image_size=cfg.int("image_size"), patch_size=cfg.int("patch_size"), output_dim=out,
         pixel_shuffle_ratio=ratio, rope_theta=theta, n_channels=cfg.int("num_channels", 3),
         image_token_id=top.int("image_token_index", None) or top.int("image_token_id", 200092),
