@@ -137,7 +137,10 @@ def args_from_hf_config(config: dict, path: Path | str = "config.json",
         vision = None
         if "vision_config" in config and tensor_names is not None and any(
                 n.startswith(VISION_PREFIXES) for n in tensor_names):
-            vision = _llama4_vision(top.object("vision_config"), top, path)
+            try:
+                vision = _llama4_vision(top.object("vision_config"), top, path)
+            except (UnsupportedArchitecture, ConfigError):
+                vision = None  # the text model still runs; read_hf's note says why images do not
         return ModelArgs(
             hidden_dim=cfg.int("intermediate_size_mlp", None) or cfg.int("intermediate_size"),
             moe=MoEArgs(
@@ -446,20 +449,27 @@ def read_hf(path: Path) -> Checkpoint:
         quantization=", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in raw.values()})),
         eos_token_ids=_eos_ids(path, config),
         metadata={"architectures": config.get("architectures"), "name": config.get("_name_or_path", path.name),
-                  **_vision_note(config, args, path)},
+                  **_vision_note(config, args, path, names)},
     )
 
 
-def _vision_note(config: dict, args: ModelArgs, path: Path) -> dict:
-    """A vision checkpoint whose image weights are absent runs as text only, and says so."""
-    if "vision_config" in config and args.vision is None:
-        note = (f"{path}: the config describes an image encoder, but the checkpoint has none of its weights; "
-                "loaded as a text-only model")
-        import warnings
+def _vision_note(config: dict, args: ModelArgs, path: Path, names) -> dict:
+    """A vision checkpoint whose image weights are absent, or whose vision config herd cannot build, runs as
+    text only, and says so."""
+    if "vision_config" not in config or args.vision is not None:
+        return {}
+    reason = "the checkpoint has none of its weights"
+    if any(n.startswith(VISION_PREFIXES) for n in names):
+        try:
+            _llama4_vision(Fields(config, str(path / "config.json")).object("vision_config"),
+                           Fields(config, str(path / "config.json")), path / "config.json")
+        except (UnsupportedArchitecture, ConfigError) as e:
+            reason = f"herd cannot build it ({e})"
+    note = f"{path}: the config describes an image encoder, but {reason}; loaded as a text-only model"
+    import warnings
 
-        warnings.warn(f"herd: {note}", stacklevel=3)
-        return {"note": note}
-    return {}
+    warnings.warn(f"herd: {note}", stacklevel=3)
+    return {"note": note}
 
 
 def _tokenizer_source(path: Path) -> TokenizerSource | None:
