@@ -272,3 +272,28 @@ def test_fingerprint_covers_image_weights(tiny, tmp_path):
     state[name][0, 0] += 1.0
     save_file(state, file, metadata={"format": "pt"})
     assert herd.load(tmp_path / "m", dtype="float32").fingerprint != herd.load(tiny[0], dtype="float32").fingerprint
+
+
+def test_meta_checkpoint_of_the_same_weights_gives_the_same_logits(tiny, llm, processor, tmp_path):
+    """The tiny weights written in Meta's layout (params.json vision_args, vision_embeddings.* and
+    vision_projection.weight in consolidated.00.pth): herd's logits equal HF's on a prompt with two images."""
+    import herd
+
+    meta = herd.load(V.write_meta(tiny[1], tmp_path / "meta"), dtype="float32")
+    import dataclasses
+
+    # the same architecture (the image token id and the tile limit live in HF's config and processor files)
+    assert meta.checkpoint.format == "meta" and meta.config.vision == dataclasses.replace(
+        llm.config.vision, image_token_id=meta.config.vision.image_token_id, max_tiles=16)
+    assert meta.fingerprint == llm.fingerprint
+    ours, theirs = messages([V.image(120, 110, seed=5), V.image(40, 40, seed=6)], ["t5", "t6 t7"])
+    ids, placed = llm.chat_inputs(ours)  # the Meta directory has no tokenizer: the same ids, placed the same
+    want = hf_inputs(processor, theirs)
+    with torch.no_grad():
+        ref = tiny[1](input_ids=want["input_ids"], pixel_values=want["pixel_values"].float()).logits[0]
+        mask = torch.zeros(1, len(ids), dtype=torch.bool)
+        for image in placed:
+            mask[0, list(image.positions)] = True
+        rows = torch.cat([meta.model.encode_images(p.tiles).flatten(0, 1) for p in placed])
+        got = meta.model(torch.tensor([ids]), image_embeds=(mask, rows))[0]
+    assert (got - ref).abs().max() < TOL
