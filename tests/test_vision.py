@@ -297,3 +297,138 @@ def test_meta_checkpoint_of_the_same_weights_gives_the_same_logits(tiny, llm, pr
         rows = torch.cat([meta.model.encode_images(p.tiles).flatten(0, 1) for p in placed])
         got = meta.model(torch.tensor([ids]), image_embeds=(mask, rows))[0]
     assert (got - ref).abs().max() < TOL
+
+
+# -- herd serve ---------------------------------------------------------------------------------------------
+
+
+def _user(picture_url: str, text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": picture_url}},
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def picture_site(tmp_path_factory):
+    """A loopback HTTP server with one small and one oversized picture."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path_factory.mktemp("site")
+    (root / "small.png").write_bytes(V.image(120, 110, seed=11))
+    (root / "big.png").write_bytes(b"\x89PNG" + b"\0" * 300_000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{site.server_address[1]}"
+    site.shutdown()
+
+
+def test_server_answers_images_like_llm_chat_and_batches_them_with_text(llm, picture_site):
+    """The official openai client sends image_url parts (data URLs, and http URLs on a server started with
+    --allow-image-urls); greedy answers equal LLM.chat's, also while a text request runs in the same batch."""
+    import concurrent.futures
+
+    import openai
+
+    from herd.server import create_app
+    from tests.fixtures.serving import ServerThread
+
+    picture = data_url(V.image(200, 90, seed=12))
+    with_image, text_only = _user(picture, "t5 t6"), [{"role": "user", "content": "t7 t8 t9"}]
+    remote = _user(picture_site + "/small.png", "t5")
+    want = {name: llm.chat(m, max_tokens=6, temperature=0).text
+            for name, m in [("image", with_image), ("text", text_only),
+                            ("remote", _user(data_url(V.image(120, 110, seed=11)), "t5"))]}
+    app = create_app(llm, max_batch=4, context=512, model_id="tiny", allow_image_urls=True,
+                     image_url_max_bytes=100_000)
+    with ServerThread(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(messages):
+            r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+            return r.choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = dict(zip(["image", "text", "remote"], pool.map(ask, [with_image, text_only, remote])))
+        assert got == want
+        with pytest.raises(openai.BadRequestError, match="limit"):
+            ask(_user(picture_site + "/big.png", "t5"))
+
+
+def test_server_400s_for_bad_images_urls_and_blind_models(llm, tiny, tmp_path):
+    import openai
+    from safetensors.torch import load_file, save_file
+
+    import herd
+    from herd.server import create_app
+    from tests.fixtures.serving import ServerThread
+
+    llm.max_image_pixels = 300 * 300
+    try:
+        with ServerThread(create_app(llm, max_batch=2, context=256, model_id="tiny")) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+            def ask(url):
+                client.chat.completions.create(model="tiny", messages=_user(url, "t5"), max_tokens=2)
+
+            with pytest.raises(openai.BadRequestError, match="not an image Pillow can read"):
+                ask(data_url(b"GIF89a but not really"))
+            with pytest.raises(openai.BadRequestError, match="exceeds the limit"):
+                ask(data_url(V.image(301, 300)))
+            with pytest.raises(openai.BadRequestError, match="--allow-image-urls"):
+                ask("https://example.com/cat.png")
+    finally:
+        llm.max_image_pixels = None
+    shutil.copytree(tiny[0], tmp_path / "m")
+    file = tmp_path / "m" / "model.safetensors"
+    save_file({k: v for k, v in load_file(file).items() if "vision" not in k and "multi_modal" not in k}, file,
+              metadata={"format": "pt"})
+    with pytest.warns(UserWarning):
+        blind = herd.load(tmp_path / "m", dtype="float32")
+    with ServerThread(create_app(blind, max_batch=2, context=256, model_id="blind")) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError, match="cannot see images"):
+            client.chat.completions.create(model="blind", messages=_user(data_url(V.image(40, 40)), "t5"),
+                                           max_tokens=2)
+        r = client.chat.completions.create(model="blind", messages=[{"role": "user", "content": "t5"}], max_tokens=2)
+        assert r.choices[0].message.content is not None
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+
+def test_herd_run_image_and_herd_chat_slash_image(tiny, llm, tmp_path):
+    import subprocess
+    import sys
+
+    import pexpect
+
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(V.image(120, 110, seed=21))
+    question = "t5 t6"
+    want = llm.chat(_user(str(picture), question), max_tokens=6, temperature=0).text.strip()
+    run = subprocess.run([sys.executable, "-m", "herd", "run", str(tiny[0]), "--image", str(picture), question,
+                          "--temperature", "0", "--max-tokens", "6"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == want
+
+    child = pexpect.spawn(sys.executable, ["-m", "herd", "chat", str(tiny[0]), "--temperature", "0", "--max-tokens",
+                                            "6"], encoding="utf-8", timeout=120, dimensions=(40, 200))
+    try:
+        child.expect_exact(">>> ")
+        child.sendline(f"/image {tmp_path / 'missing.png'}")
+        child.expect_exact("no such image file")
+        child.expect_exact(">>> ")
+        child.sendline(f"/image {picture}")
+        child.expect_exact("attached to your next message")
+        child.expect_exact(">>> ")
+        child.sendline(question)
+        child.expect_exact(">>> ")
+        answer = child.before.replace("\r\n", "\n").split(question, 1)[1].strip()
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert answer == want
