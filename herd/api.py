@@ -83,8 +83,9 @@ class LLM:
             raise ValueError(f"token_ids must be a non-empty [T] or [B, T] sequence, got shape {tuple(tokens.shape)}")
         if tokens.shape[-1] > self.config.max_seq_len:
             raise ContextOverflow(f"{tokens.shape[-1]} tokens exceed the model's context of {self.config.max_seq_len}")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
+        rows = self.config.vocab_size + self.config.extra_embeddings
+        if int(tokens.min()) < 0 or int(tokens.max()) >= rows:
+            raise ValueError(f"token ids must lie in 0..{rows - 1}")
         out = self.model(tokens[None] if tokens.dim() == 1 else tokens)
         return out[0] if tokens.dim() == 1 else out
 

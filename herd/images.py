@@ -195,4 +195,63 @@ def preprocess_llama4(img, tile: int = 336, max_tiles: int = 16) -> ImageInput:
     return ImageInput(tiles, (rows, cols), digest)
 
 
-__all__ = ["decode_image", "load_image", "image_bytes", "preprocess_llama4", "ImageInput", "MAX_PIXELS", "MAX_BYTES"]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Llama 3.2 Vision's normalisation (HF preprocessor_config.json)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class MllamaImage:
+    """One image for Llama 3.2 Vision: `tiles` [1, max_tiles, 3, T, T] float32 (tiles past n_tiles are zero),
+    the arrangement id (1-based into the model's aspect_ratios) and `digest` (SHA-256 of the tiles)."""
+
+    tiles: torch.Tensor
+    n_tiles: int
+    ratio_id: int
+    digest: str
+
+
+def mllama_canvas(height: int, width: int, tile: int, max_tiles: int) -> tuple[int, int]:
+    """HF MllamaImageProcessor's canvas: the arrangements (a, b), a*b <= max_tiles, a outer, as (height, width)
+    in tiles; the least upscaling (else least downscaling), ties to the smallest area; float64 as numpy."""
+    arrangements = [(a, b) for a in range(1, max_tiles + 1) for b in range(1, max_tiles + 1) if a * b <= max_tiles]
+    scales = [min(b * tile / width, a * tile / height) for a, b in arrangements]
+    up = [x for x in scales if x >= 1]
+    chosen = min(up) if up else max(x for x in scales if x < 1)
+    candidates = [arr for arr, x in zip(arrangements, scales) if x == chosen]
+    return min(candidates, key=lambda arr: arr[0] * arr[1])
+
+
+def preprocess_mllama(img, tile: int = 560, max_tiles: int = 4, mean=CLIP_MEAN, std=CLIP_STD,
+                      aspect_ratios: tuple[tuple[int, int], ...] | None = None) -> MllamaImage:
+    """An RGB PIL image -> Llama 3.2 Vision's tiles (HF MllamaImageProcessor; llama-models
+    llama3/multimodal/image_transform.py): the canvas of tiles that needs the least rescaling, the image
+    resized into it keeping its aspect ratio (never below one tile a side), zero padding right and bottom,
+    normalised in float32, cut into tiles and padded with empty tiles to max_tiles."""
+    import numpy as np
+
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()[None]
+    height, width = pixels.shape[-2:]
+    rows, cols = mllama_canvas(height, width, tile, max_tiles)
+    target_h, target_w = min(max(height, tile), rows * tile), min(max(width, tile), cols * tile)
+    scale_h, scale_w = target_h / height, target_w / width
+    if scale_w < scale_h:
+        new_h, new_w = min(math.floor(height * scale_w) or 1, target_h), target_w
+    else:
+        new_h, new_w = target_h, min(math.floor(width * scale_h) or 1, target_w)
+    fitted = F.pad(resize(pixels, new_h, new_w), (0, cols * tile - new_w, 0, rows * tile - new_h))
+    tiles = fitted.reshape(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(-1, 3, tile, tile)
+    scaled_mean = torch.tensor(mean) * (1.0 / (1 / 255))  # rescaling folded into the normalisation, as HF does
+    scaled_std = torch.tensor(std) * (1.0 / (1 / 255))
+    tiles = (tiles.float() - scaled_mean.view(-1, 1, 1)) / scaled_std.view(-1, 1, 1)
+    out = torch.zeros(1, max_tiles, 3, tile, tile)
+    out[0, : rows * cols] = tiles
+    ratios = list(aspect_ratios) if aspect_ratios is not None else [
+        (a, b) for a in range(1, max_tiles + 1) for b in range(1, max_tiles + 1) if a * b <= max_tiles]
+    if (rows, cols) not in ratios:
+        raise ImageError(f"the tile arrangement {rows}x{cols} is not among the model's aspect ratios")
+    digest = hashlib.sha256(out.numpy().tobytes()).hexdigest()
+    return MllamaImage(out, rows * cols, ratios.index((rows, cols)) + 1, digest)
+
+
+__all__ = ["decode_image", "load_image", "image_bytes", "preprocess_llama4", "preprocess_mllama", "ImageInput",
+           "MllamaImage", "MAX_PIXELS", "MAX_BYTES"]

@@ -61,8 +61,9 @@ class Engine:
         if not request.prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.runner.vocab_size
-        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= vocab:
-            raise ValueError(f"prompt token ids must lie in 0..{vocab - 1}")
+        rows = vocab + getattr(self.runner.model.args, "extra_embeddings", 0)  # Llama 3.2 Vision's <|image|> rows
+        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= rows:
+            raise ValueError(f"prompt token ids must lie in 0..{rows - 1}")
         if request.params.logit_bias and max(int(k) for k in request.params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias names a token past the vocabulary (ids 0..{vocab - 1})")
         if request.images:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from herd.config import ModelArgs, MoEArgs, RopeScaling, VisionArgs
+from herd.config import MllamaVisionArgs, ModelArgs, MoEArgs, RopeScaling, VisionArgs
 from herd.errors import (
     ConfigError,
     FormatError,
@@ -31,6 +31,7 @@ from herd.formats.fields import Fields, check_layer_count, naming, read_json
 
 LLAMA_ARCHS = {"LlamaForCausalLM"}
 LLAMA4_ARCHS = {"Llama4ForCausalLM", "Llama4ForConditionalGeneration"}
+MLLAMA_ARCHS = {"MllamaForConditionalGeneration"}
 
 # Settings that change the maths and that herd does not implement: (key, value herd accepts).
 UNSUPPORTED_IF_NOT = {
@@ -93,11 +94,13 @@ def args_from_hf_config(config: dict, path: Path | str = "config.json",
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise top.fail("architectures", "a list of class names", archs)
     model_type = top.str("model_type", None)
-    if not (set(archs) & (LLAMA_ARCHS | LLAMA4_ARCHS)) and model_type not in ("llama", "llama4", "llama4_text"):
+    if not (set(archs) & (LLAMA_ARCHS | LLAMA4_ARCHS | MLLAMA_ARCHS)) and model_type not in (
+            "llama", "llama4", "llama4_text", "mllama"):
         raise UnsupportedArchitecture(
             f"{path}: architectures={archs} model_type={model_type!r}; herd runs "
-            f"{sorted(LLAMA_ARCHS | LLAMA4_ARCHS)}"
+            f"{sorted(LLAMA_ARCHS | LLAMA4_ARCHS | MLLAMA_ARCHS)}"
         )
+    mllama = model_type == "mllama" or bool(set(archs) & MLLAMA_ARCHS)
     cfg = top.object("text_config") if model_type == "llama4" or "text_config" in config else top
     for key, accepted in UNSUPPORTED_IF_NOT.items():
         if key in cfg and cfg.data[key] not in (accepted, None):
@@ -121,6 +124,8 @@ def args_from_hf_config(config: dict, path: Path | str = "config.json",
             head_dim=cfg.int("head_dim", None),
             tie_embeddings=bool(cfg.bool("tie_word_embeddings", False)),
         )
+        if mllama:
+            return _mllama_args(cfg, top, path, tensor_names, common)
         if model_type not in ("llama4", "llama4_text") and not set(archs) & LLAMA4_ARCHS:
             return ModelArgs(hidden_dim=cfg.int("intermediate_size"), **common)
         step = cfg.int("interleave_moe_layer_step", 1)
@@ -160,6 +165,43 @@ def args_from_hf_config(config: dict, path: Path | str = "config.json",
             vision=vision,
             **common,
         )
+
+
+def _mllama_args(cfg: Fields, top: Fields, path, tensor_names, common: dict) -> ModelArgs:
+    """MllamaTextConfig counts its cross-attention layers among num_hidden_layers; herd's layers are the
+    self-attention ones, and each cross-attention layer runs before the self-attention layer that followed it."""
+    cross = sorted(cfg.int_list("cross_attention_layers", []))
+    total = common["n_layers"]
+    if any(not 0 <= c < total for c in cross):
+        raise ConfigError(f"{path}: text_config.cross_attention_layers {cross} are outside 0..{total - 1}")
+    fusion = tuple(c - k for k, c in enumerate(cross))
+    vision = None
+    if tensor_names is not None and any(n.startswith(VISION_PREFIXES) for n in tensor_names):
+        try:
+            vision = _mllama_vision(top.object("vision_config"), top, path)
+        except (UnsupportedArchitecture, ConfigError):
+            vision = None  # read_hf's note says why
+    return ModelArgs(hidden_dim=cfg.int("intermediate_size"), **{**common, "n_layers": total - len(cross)},
+                     cross_attention_layers=fusion, extra_embeddings=8, vision=vision)
+
+
+def _mllama_vision(cfg: Fields, top: Fields, path) -> MllamaVisionArgs:
+    if cfg.str("hidden_act", "gelu") != "gelu":
+        raise UnsupportedArchitecture(f"{path}: vision_config.hidden_act {cfg.str('hidden_act')!r} (herd has gelu)")
+    ratios = cfg.data.get("supported_aspect_ratios")
+    if not isinstance(ratios, list) or not all(isinstance(r, list) and len(r) == 2 for r in ratios):
+        raise ConfigError(f"{path}: vision_config.supported_aspect_ratios must be a list of [rows, columns]")
+    args = MllamaVisionArgs(
+        dim=cfg.int("hidden_size"), n_layers=cfg.int("num_hidden_layers"), n_global_layers=cfg.int("num_global_layers"),
+        n_heads=cfg.int("attention_heads"), hidden_dim=cfg.int("intermediate_size"), image_size=cfg.int("image_size"),
+        patch_size=cfg.int("patch_size"), max_num_tiles=cfg.int("max_num_tiles"),
+        intermediate_layers=tuple(cfg.int_list("intermediate_layers_indices")),
+        aspect_ratios=tuple((int(r), int(c)) for r, c in ratios), norm_eps=cfg.float("norm_eps", 1e-5),
+        image_token_id=top.int("image_token_index", 128256), n_channels=cfg.int("num_channels", 3))
+    if cfg.int("vision_output_dim", args.output_dim) != args.output_dim:
+        raise UnsupportedArchitecture(f"{path}: vision_config.vision_output_dim {cfg.int('vision_output_dim')} is not "
+                                      f"hidden_size x (1 + intermediate layers) = {args.output_dim}")
+    return args
 
 
 def _llama4_vision(cfg: Fields, top: Fields, path) -> VisionArgs:
@@ -262,6 +304,100 @@ def vision_tensor_name(name: str) -> str | None:
         if module is not None:
             return f"vision_embeddings.vision_encoder.transformer.resblocks.{int(parts[2])}.{module}.{parts[-1]}"
     return None
+
+
+MLLAMA_VISION_MAP = {
+    "class_embedding": "class_embedding",
+    "gated_positional_embedding.embedding": "positional_embedding",
+    "gated_positional_embedding.gate": "gated_positional_embedding_gate",
+    "gated_positional_embedding.tile_embedding.weight": "gated_positional_embedding.embedding",
+    "pre_tile_positional_embedding.embedding.weight": "pre_tile_pos_embed.embedding",
+    "pre_tile_positional_embedding.gate": "pre_tile_pos_embed.gate",
+    "post_tile_positional_embedding.embedding.weight": "post_tile_pos_embed.embedding",
+    "post_tile_positional_embedding.gate": "post_tile_pos_embed.gate",
+    "layernorm_pre.weight": "ln_pre.weight", "layernorm_pre.bias": "ln_pre.bias",
+    "layernorm_post.weight": "ln_post.weight", "layernorm_post.bias": "ln_post.bias",
+}
+MLLAMA_VISION_LAYER_MAP = {**VISION_LAYER_MAP, "gate_attn": "gate_attn", "gate_ffn": "gate_ffn"}
+MLLAMA_CROSS_MAP = {
+    "cross_attn.q_proj.weight": "attention.wq.weight", "cross_attn.k_proj.weight": "attention.wk.weight",
+    "cross_attn.v_proj.weight": "attention.wv.weight", "cross_attn.o_proj.weight": "attention.wo.weight",
+    "cross_attn.q_norm.weight": "attention.q_norm.weight", "cross_attn.k_norm.weight": "attention.k_norm.weight",
+    "cross_attn_attn_gate": "gate_attn", "cross_attn_mlp_gate": "gate_ffwd",
+    "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+}
+
+
+def _vision_layer_name(rest: str) -> str | None:
+    """An HF vision encoder layer's tensor (below layers.N.) -> Meta's, or None."""
+    if rest in MLLAMA_VISION_LAYER_MAP:  # the global layers' gates
+        return MLLAMA_VISION_LAYER_MAP[rest]
+    module, _, leaf = rest.rpartition(".")
+    return f"{MLLAMA_VISION_LAYER_MAP[module]}.{leaf}" if module in MLLAMA_VISION_LAYER_MAP else None
+
+
+def mllama_tensors(raw: dict[str, Any], args: ModelArgs, hf_cross: list[int],
+                   sources: dict[str, Path] | None = None) -> dict[str, Any]:
+    """MllamaForConditionalGeneration names and layouts -> herd's (see herd.model.mllama): the self-attention
+    layers renumbered without the cross-attention ones, q/k put in interleaved RoPE order, the patch
+    convolution as Meta's unfold-linear."""
+    def where(name: str) -> str:
+        return f"{sources[name]}: tensor {name}" if sources and name in sources else f"tensor {name}"
+
+    cross_index = {c: k for k, c in enumerate(sorted(hf_cross))}
+    out: dict[str, Any] = {}
+    for name, tensor in raw.items():
+        key = name.removeprefix("model.")
+        if key.startswith(("vision_model.", "multi_modal_projector.")):
+            if args.vision is None:
+                continue
+            if key.startswith("multi_modal_projector."):
+                out["vision_model.vision_projection." + key.split(".", 1)[1]] = tensor
+                continue
+            key = key.removeprefix("vision_model.")
+            base = "vision_model.vision_encoder."
+            parts = key.split(".")
+            if key == "patch_embedding.weight":
+                out[base + "conv1._linear.weight"] = tensor.reshape(tensor.shape[0], -1)
+            elif key in MLLAMA_VISION_MAP:
+                out[base + MLLAMA_VISION_MAP[key]] = tensor
+            elif len(parts) >= 4 and parts[0] in ("transformer", "global_transformer") and parts[1] == "layers" \
+                    and parts[2].isdigit() and _vision_layer_name(".".join(parts[3:])) is not None:
+                rest = _vision_layer_name(".".join(parts[3:]))
+                out[f"{base}{parts[0]}.resblocks.{int(parts[2])}.{rest}"] = tensor
+            else:
+                raise UnexpectedTensor(f"{where(name)}: no place for this tensor in Llama 3.2 Vision's image encoder")
+            continue
+        while key.startswith(("language_model.", "model.")):
+            key = key.split(".", 1)[1]
+        if key == "embed_tokens.weight":
+            out["tok_embeddings.weight"] = tensor
+        elif key == "norm.weight":
+            out["norm.weight"] = tensor
+        elif key == "lm_head.weight":
+            out["output.weight"] = tensor
+        elif key.startswith("layers.") and key.split(".")[1].isdigit():
+            _, index, rest = key.split(".", 2)
+            index = int(index)
+            if index in cross_index:
+                if rest not in MLLAMA_CROSS_MAP:
+                    raise UnexpectedTensor(f"{where(name)}: no place for this tensor in a cross-attention layer")
+                out[f"cross_attention_layers.{cross_index[index]}.{MLLAMA_CROSS_MAP[rest]}"] = tensor
+                continue
+            if rest not in LAYER_MAP:
+                raise UnexpectedTensor(f"{where(name)}: no place for this tensor in a Llama model")
+            if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+                heads = args.n_heads if rest.startswith("self_attn.q") else args.n_kv_heads
+                if tuple(tensor.shape) != (heads * args.head_dim, args.dim):
+                    raise ShapeMismatch(f"{where(name)} has shape {tuple(tensor.shape)}, the config implies "
+                                        f"{(heads * args.head_dim, args.dim)}")
+                tensor = permute_for_interleaved(tensor, heads)
+            out[f"layers.{index - sum(c < index for c in cross_index)}.{LAYER_MAP[rest]}"] = tensor
+        elif not key.endswith("rotary_emb.inv_freq"):
+            raise UnexpectedTensor(f"{where(name)}: no place for this tensor in a Llama model")
+    return out
 
 
 def canonical_tensors(raw: dict[str, Any], args: ModelArgs, sources: dict[str, Path] | None = None) -> dict[str, torch.Tensor]:
@@ -440,7 +576,8 @@ def read_hf(path: Path) -> Checkpoint:
             raise MissingTensor(f"{path}: tensors listed in the index are absent: {sorted(missing)[:5]}")
     return Checkpoint(
         args=args,
-        tensors=canonical_tensors(raw, args, names),
+        tensors=mllama_tensors(raw, args, _hf_cross_layers(config), names) if args.cross_attention_layers
+        else canonical_tensors(raw, args, names),
         format="hf",
         path=path,
         tokenizer=_tokenizer_source(path),
@@ -453,6 +590,10 @@ def read_hf(path: Path) -> Checkpoint:
     )
 
 
+def _hf_cross_layers(config: dict) -> list[int]:
+    return list((config.get("text_config") or {}).get("cross_attention_layers") or [])
+
+
 def _vision_note(config: dict, args: ModelArgs, path: Path, names) -> dict:
     """A vision checkpoint whose image weights are absent, or whose vision config herd cannot build, runs as
     text only, and says so."""
@@ -460,9 +601,10 @@ def _vision_note(config: dict, args: ModelArgs, path: Path, names) -> dict:
         return {}
     reason = "the checkpoint has none of its weights"
     if any(n.startswith(VISION_PREFIXES) for n in names):
+        top = Fields(config, str(path / "config.json"))
+        build = _mllama_vision if args.cross_attention_layers else _llama4_vision
         try:
-            _llama4_vision(Fields(config, str(path / "config.json")).object("vision_config"),
-                           Fields(config, str(path / "config.json")), path / "config.json")
+            build(top.object("vision_config"), top, path / "config.json")
         except (UnsupportedArchitecture, ConfigError) as e:
             reason = f"herd cannot build it ({e})"
     note = f"{path}: the config describes an image encoder, but {reason}; loaded as a text-only model"
@@ -536,6 +678,8 @@ def guess_generation(args: ModelArgs) -> str:
     """Which Llama generation these facts describe (chooses the built-in chat format)."""
     if args.is_llama4:
         return "4"
+    if args.cross_attention_layers:
+        return "3.2"  # Llama 3.2 Vision
     if args.vocab_size >= 128256:
         if args.rope_scaling is None:
             return "3"

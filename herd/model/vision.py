@@ -43,10 +43,10 @@ def rotate_pairs(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 class PatchEmbedding(nn.Module):
     """Non-overlapping patches, unfolded channel-major (C, row, column), through one linear map."""
 
-    def __init__(self, args: VisionArgs):
+    def __init__(self, n_channels: int, patch_size: int, dim: int):
         super().__init__()
-        self.patch_size = args.patch_size
-        self._linear = nn.Linear(args.n_channels * args.patch_size ** 2, args.dim, bias=False)
+        self.patch_size = patch_size
+        self._linear = nn.Linear(n_channels * patch_size ** 2, dim, bias=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         patches = F.unfold(pixels, kernel_size=self.patch_size, stride=self.patch_size)  # [N, C*p*p, P]
@@ -110,7 +110,7 @@ class VisionEncoder(nn.Module):
     def __init__(self, args: VisionArgs):
         super().__init__()
         side = args.image_size // args.patch_size
-        self.conv1 = PatchEmbedding(args)
+        self.conv1 = PatchEmbedding(args.n_channels, args.patch_size, args.dim)
         self.class_embedding = nn.Parameter(torch.zeros(args.dim))
         self.positional_embedding_vlm = nn.Parameter(torch.zeros(side * side + 1, args.dim))
         self.ln_pre = nn.LayerNorm(args.dim, eps=args.norm_eps)
