@@ -171,21 +171,29 @@ class LLM:
         ids = render(messages, self.tokenizer, self.chat_format, tools=tools, add_generation_prompt=True)
         if not sources:
             return ids, []
-        from herd.images import MAX_BYTES, MAX_PIXELS, decode_image, image_bytes, preprocess_llama4
+        from herd.images import MAX_BYTES, MAX_PIXELS, decode_image, image_bytes, preprocess_llama4, preprocess_mllama
 
         vision = self.config.vision
-        inputs = []
+        pictures = []
         for source in sources:
             if fetch is not None and isinstance(source, str) and source.startswith(("http://", "https://")):
                 data, name = fetch(source), source
             else:
                 data, name = image_bytes(source, self.max_image_bytes or MAX_BYTES)
-            image = decode_image(data, name, self.max_image_pixels or MAX_PIXELS)
-            inputs.append(preprocess_llama4(image, vision.image_size, vision.max_tiles))
+            pictures.append(decode_image(data, name, self.max_image_pixels or MAX_PIXELS))
         marker = self.tokenizer.special_id(IMAGE_TOKEN)
         at = [i for i, t in enumerate(ids) if t == marker]
-        if len(at) != len(inputs):
-            raise ImageError(f"the chat format placed {len(at)} image(s) for the {len(inputs)} given")
+        if len(at) != len(pictures):
+            raise ImageError(f"the chat format placed {len(at)} image(s) for the {len(pictures)} given")
+        if self.config.cross_attention_layers:  # Llama 3.2 Vision: the <|image|> token stays; its tiles are read
+            placements = []  # by the cross-attention layers, which every token's keys depend on
+            for where, picture in zip(at, pictures):
+                image = preprocess_mllama(picture, vision.image_size, vision.max_num_tiles,
+                                          aspect_ratios=vision.aspect_ratios)
+                placements.append(ImagePlacement(image.tiles, image.digest, (where,), affects_from=0,
+                                                 ratio_id=image.ratio_id, n_tiles=image.n_tiles))
+            return ids, placements
+        inputs = [preprocess_llama4(picture, vision.image_size, vision.max_tiles) for picture in pictures]
         patch = self.tokenizer.special_id("<|patch|>")
         out, placements, last = [], [], 0
         for where, image in zip(at, inputs):

@@ -15,13 +15,16 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True, eq=False)
 class ImagePlacement:
-    """One image of a prompt: its preprocessed `tiles` (a tensor the model's encode_images takes), `digest`
-    (SHA-256 of the tiles: the key of the encoder-output cache and of the prefix-cache blocks it touches),
-    and `positions`, the prompt indices whose embeddings its feature rows replace, in order."""
+    """One image of a prompt: its preprocessed `tiles`, `digest` (SHA-256 of the tiles: the key of the
+    encoder-output cache and of the prefix-cache blocks it touches) and `positions`: for Llama 4 the prompt
+    indices whose embeddings its feature rows replace, in order; for Llama 3.2 Vision its <|image|> token."""
 
     tiles: Any
     digest: str
     positions: tuple[int, ...]
+    affects_from: int | None = None  # first position whose keys depend on the image (None: positions[0])
+    ratio_id: int = 0  # Llama 3.2 Vision: the tile arrangement's id
+    n_tiles: int = 0  # Llama 3.2 Vision: tiles the image fills (the rest of tiles is padding)
 
 
 @dataclass

@@ -64,15 +64,22 @@ class ImageFeatures:
         self._rows: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.encoded = 0  # images run through the encoder (a cache miss each)
 
-    def get(self, model: Transformer, image) -> torch.Tensor:
-        """[len(image.positions), dim] rows for an ImagePlacement."""
+    def get(self, model: Transformer, image):
+        """For an ImagePlacement: Llama 4's [len(image.positions), dim] rows; Llama 3.2 Vision's keys and values
+        of every cross-attention layer."""
         rows = self._rows.get(image.digest)
         if rows is None:
-            rows = model.encode_images(image.tiles.to(model.tok_embeddings.weight.device))
-            rows = rows.reshape(-1, rows.shape[-1])
-            if rows.shape[0] != len(image.positions):
-                raise ValueError(f"the image gives {rows.shape[0]} feature rows for {len(image.positions)} "
-                                 "image tokens")
+            device = model.tok_embeddings.weight.device
+            if model.args.cross_attention_layers:
+                tiles = image.tiles.to(device)
+                tile_mask = (torch.arange(tiles.shape[1], device=device) < image.n_tiles).long()[None]
+                rows = model.cross_attention_states(tiles, torch.tensor([image.ratio_id], device=device), tile_mask)
+            else:
+                rows = model.encode_images(image.tiles.to(device))
+                rows = rows.reshape(-1, rows.shape[-1])
+                if rows.shape[0] != len(image.positions):
+                    raise ValueError(f"the image gives {rows.shape[0]} feature rows for {len(image.positions)} "
+                                     "image tokens")
             self.encoded += 1
             self._rows[image.digest] = rows
             while len(self._rows) > self.capacity:
@@ -123,8 +130,7 @@ class Runner:
             tokens = [c.seq.token_ids[c.start:c.end] + [0] * (steps - c.end + c.start) for c in group]
             self._select_adapters([c.seq for c in group])
             every = any(c.seq.request.prompt_logprobs is not None for c in group)
-            images = self._image_embeds(group, steps)
-            extra = {"image_embeds": images} if images is not None else {}
+            extra = self._image_inputs([c.seq for c in group], batch, lambda: self._image_embeds(group, steps))
             logits = self.model(self._tensor(tokens), batch, last_only=not every, **extra)  # [B, T or 1, V]
             for row, c in zip(logits, group):
                 seq, n = c.seq, c.end - c.start
@@ -140,13 +146,31 @@ class Runner:
             batch = Batch.rows(self.cache, [s.blocks.table for s in seqs], [len(s.token_ids) - 1 for s in seqs], 1,
                                self.device)
             self._select_adapters(seqs)
+            extra = self._image_inputs(seqs, batch, lambda: None)
             # captured graphs (CUDA), or a compiled step where one is attached, or the model itself
-            decode = self.static or getattr(self.model, "decode_step", None) or self.model
-            logits = decode(self._tensor([[s.token_ids[-1]] for s in seqs]), batch, last_only=True)[:, -1]  # [B, V]
+            decode = self.model if extra else self.static or getattr(self.model, "decode_step", None) or self.model
+            logits = decode(self._tensor([[s.token_ids[-1]] for s in seqs]), batch, last_only=True, **extra)[:, -1]
             for s, row in zip(seqs, logits):
                 self._computed(s, len(s.token_ids))
                 ready.append((s, row))
         return ready
+
+    def _image_inputs(self, seqs: list[Sequence], batch: Batch, llama4) -> dict:
+        """The forward's image keywords: Llama 3.2 Vision's cross-attention inputs for rows with images (every
+        step: each token reads them), Llama 4's image embeddings (`llama4()`, prefill only)."""
+        if not any(s.request.images for s in seqs):
+            return {}
+        if not self.model.args.cross_attention_layers:
+            embeds = llama4()
+            return {"image_embeds": embeds} if embeds is not None else {}
+        from herd.model.mllama import cross_inputs
+
+        vision = self.model.args.vision
+        if vision is None:
+            raise ValueError("this model cannot see images (it has no image encoder)")
+        rows = [[(im.positions[0], im.n_tiles, self.image_features.get(self.model, im)) for im in s.request.images]
+                for s in seqs]
+        return {"cross": cross_inputs(rows, batch.positions, vision.n_patches, vision.max_num_tiles)}
 
     def _image_embeds(self, group: list[PrefillChunk], steps: int):
         """(mask [B, steps], rows) for the image tokens of this group's chunks, or None when there are none."""

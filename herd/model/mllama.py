@@ -160,6 +160,7 @@ class CrossInputs:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
     text_on: torch.Tensor
+    rows: torch.Tensor | None = None  # the forward's rows these are for (the others skip the layers)
 
 
 class CrossAttention(nn.Module):
@@ -203,3 +204,59 @@ class CrossAttentionBlock(nn.Module):
     def forward(self, h, k, v, mask, text_on):
         h = h + self.gate_attn.tanh() * self.attention(self.attention_norm(h), k, v, mask)
         return h + self.gate_ffwd.tanh() * (self.feed_forward(self.ffn_norm(h)) * text_on.to(h.dtype))
+
+
+def image_ranges(locations: list[int]) -> list[tuple[int, float]]:
+    """The query positions [start, end) each image (at these <|image|> positions, ascending) is seen from:
+    from its token to the next image's; consecutive image tokens are seen together from the first to the
+    group's end; the last group stays in view for every later token (HF processing_mllama's
+    get_cross_attention_token_mask, and generation repeating the last row)."""
+    ends: list[float] = [*locations[1:], float("inf")]
+    last = ends[-1]
+    for i in range(len(locations) - 1, -1, -1):
+        if locations[i] == ends[i] - 1:
+            ends[i] = last
+        last = ends[i]
+    return list(zip(locations, ends))
+
+
+def cross_inputs(rows: list[list[tuple[int, int, list]]], positions: torch.Tensor, tile_positions: int,
+                 max_tiles: int) -> CrossInputs:
+    """CrossInputs for the rows of a forward that have images (CrossInputs.rows).
+
+    rows[b]: row b's images as (<|image|> position, real tiles, per-layer (k, v) [kv_heads, max_tiles *
+    tile_positions, hd]); positions [B, T]: each query's position. A query no image is in view for still
+    attends to every image position of its row (uniformly: nothing is masked), its feed-forward branch
+    dropped, which is what the references compute."""
+    with_images = [b for b, images in enumerate(rows) if images]
+    per_image = max_tiles * tile_positions
+    longest = max(len(rows[b]) for b in with_images) * per_image
+    steps = positions.shape[1]
+    n_layers = len(rows[with_images[0]][0][2])
+    mask = torch.zeros(len(with_images), 1, steps, longest, dtype=torch.bool, device=positions.device)
+    kv = [([], []) for _ in range(n_layers)]
+    for r, b in enumerate(with_images):
+        images = sorted(rows[b], key=lambda im: im[0])
+        query = positions[b]
+        for i, ((start, end), (_, tiles, _)) in enumerate(zip(image_ranges([im[0] for im in images]), images)):
+            seen = (query >= start) & (query < end)
+            mask[r, 0, seen, i * per_image: i * per_image + tiles * tile_positions] = True
+        unseen = ~mask[r, 0].any(-1)
+        mask[r, 0, unseen, : len(images) * per_image] = True
+        for layer in range(n_layers):
+            k = torch.cat([im[2][layer][0] for im in images], dim=1)
+            v = torch.cat([im[2][layer][1] for im in images], dim=1)
+            pad = longest - k.shape[1]
+            kv[layer][0].append(F.pad(k, (0, 0, 0, pad)))
+            kv[layer][1].append(F.pad(v, (0, 0, 0, pad)))
+    on = torch.stack([_text_on(rows[b], positions[b]) for b in with_images])[..., None]
+    stacked = [(torch.stack(k), torch.stack(v)) for k, v in kv]
+    return CrossInputs(stacked, mask, on, torch.tensor(with_images, device=positions.device))
+
+
+def _text_on(images: list, query: torch.Tensor) -> torch.Tensor:
+    """Which queries some image is in view for."""
+    on = torch.zeros_like(query, dtype=torch.bool)
+    for start, end in image_ranges(sorted(im[0] for im in images)):
+        on |= (query >= start) & (query < end)
+    return on.float()

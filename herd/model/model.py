@@ -223,6 +223,16 @@ class Transformer(nn.Module):
         states = self.vision_model(tiles.to(dtype), ratio_ids, tile_mask)
         return [layer.attention.keys_values(states.flatten(0, 1)) for layer in self.cross_attention_layers]
 
+    def _cross_attend(self, h, cross, index: int):
+        """One cross-attention layer, on the rows that have images (the others pass unchanged)."""
+        k, v = cross.kv[index]
+        layer = self.cross_attention_layers[index]
+        if cross.rows is None or len(cross.rows) == h.shape[0]:
+            return layer(h, k, v, cross.mask, cross.text_on)
+        out = h.clone()
+        out[cross.rows] = layer(h[cross.rows], k, v, cross.mask, cross.text_on)
+        return out
+
     def forward(self, tokens: torch.Tensor, batch: Batch | None = None, last_only: bool = False,
                 image_embeds: tuple[torch.Tensor, torch.Tensor] | None = None, cross=None) -> torch.Tensor:
         """Logits (float32) for tokens [B, T].
@@ -243,12 +253,10 @@ class Transformer(nn.Module):
         fused = dict(zip(self.args.cross_attention_layers, range(len(self.args.cross_attention_layers))))
         for layer_id, layer in enumerate(self.layers):
             if cross is not None and layer_id in fused:
-                k, v = cross.kv[fused[layer_id]]
-                h = self.cross_attention_layers[fused[layer_id]](h, k, v, cross.mask, cross.text_on)
+                h = self._cross_attend(h, cross, fused[layer_id])
             h = layer(h, ctx, layer_id)
         if cross is not None and len(self.layers) in fused:
-            k, v = cross.kv[fused[len(self.layers)]]
-            h = self.cross_attention_layers[fused[len(self.layers)]](h, k, v, cross.mask, cross.text_on)
+            h = self._cross_attend(h, cross, fused[len(self.layers)])
         if last_only:
             h = h[:, -1:] if batch.last is None else h[torch.arange(h.shape[0], device=h.device), batch.last, None]
         return self.output(self.norm(h)).float()
