@@ -171,3 +171,34 @@ def test_greedy_chat_equals_hf_generate_and_batches_with_text(tiny, llm, process
         for out in engine.step():
             tokens[out.request_id] += out.token_ids
     assert tokens["image"] == ref[:8] and tokens["text"] == alone
+
+
+def test_prefix_cache_keys_every_block_of_an_image_prompt_by_its_images(llm):
+    """In Llama 3.2 Vision even the tokens before an image read it (uniformly), so a prompt with another
+    picture shares no block, while the same picture again is served from the cache."""
+    from herd.engine import Engine, Request
+    from herd.sampling import SamplingParams
+
+    def request(rid, seed):
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "t3 t4 t5 t6 t7 t8 t9 t10 t11 t12"},
+                                             {"type": "image_url", "image_url": {"url": url(V.image(50, 30, seed))}},
+                                             {"type": "text", "text": "t5"}]}]
+        ids, images = llm.chat_inputs(msgs)
+        return Request(rid, ids, 4, SamplingParams(temperature=0), images=tuple(images)), msgs
+
+    engine = Engine(llm.model, llm.tokenizer, max_batch=2, block_size=4)
+
+    def run(req):
+        engine.add_request(req)
+        outs = []
+        while engine.has_work():
+            outs += engine.step()
+        return [t for o in outs for t in o.token_ids], outs[-1].cached_tokens
+
+    first, _ = run(request("a", 1)[0])
+    b, msgs_b = request("b", 2)
+    tokens_b, cached_b = run(b)
+    assert cached_b == 0
+    assert tokens_b == llm.chat(msgs_b, max_tokens=4, temperature=0).token_ids[:len(tokens_b)]
+    again, cached = run(request("a2", 1)[0])
+    assert cached > 0 and again == first
