@@ -73,6 +73,9 @@ def load_model(
     if quantized:
         if device.type != "cpu":
             raise HerdError(f"the quantized path runs on the CPU only; load on {device} with quantized=False")
+        if checkpoint.args.vision is not None or checkpoint.args.cross_attention_layers:
+            raise HerdError(f"{checkpoint.path}: the quantized CPU path does not cover image models yet; "
+                            "load with quantized=False")
         if dtype not in (None, torch.bfloat16):
             raise HerdError(f"the quantized CPU kernels compute in bfloat16, not {dtype}; pass quantized=False "
                             "for a dequantized model of that dtype")
