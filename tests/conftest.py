@@ -3,25 +3,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _declare_torchvision_ops() -> None:
-    """PyPI's torchvision wheels are built against CUDA torch; beside the CPU torch here their C extension does
-    not load and `import torchvision` fails ("operator torchvision::nms does not exist"), and with it every
-    transformers model module that imports image utilities (modeling_llama4). Declaring the two op schemas its
-    import checks lets it import; its transforms (all HF's Llama 4 image processor needs) then work. Test
-    set-up only: herd itself needs Pillow and torch, never torchvision."""
-    if importlib.util.find_spec("torchvision") is None:
-        return
-    import torch
-
-    for op in ("nms", "qnms"):
-        try:
-            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        except RuntimeError:
-            pass  # torchvision's own extension loaded and defined it
-
-
-_declare_torchvision_ops()
+import tests.fixtures  # noqa: F401  (declares torchvision's op schemas: see tests/fixtures/__init__.py)
 
 
 def package_file(package: str, name: str) -> Path | None:
