@@ -166,8 +166,9 @@ class LLM:
 
         messages, sources = extract_images(messages)
         if sources and not self.sees_images:
-            raise ImageError(f"{self.checkpoint.path.name} cannot see images (no image encoder"
-                             f"{' weights' if 'note' in self.checkpoint.metadata else ''}); send text only")
+            raise ImageError(f"an image part (type 'image_url'), but {self.checkpoint.path.name} cannot see images "
+                             f"(no image encoder{' weights' if 'note' in self.checkpoint.metadata else ''}): this "
+                             "model takes text only")
         ids = render(messages, self.tokenizer, self.chat_format, tools=tools, add_generation_prompt=True)
         if not sources:
             return ids, []
