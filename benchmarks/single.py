@@ -8,7 +8,8 @@ off so every prefill is computed. herd's are measured the same way inside herd's
 every path uses, its prefix cache off too): prefill is a `--prompt`-token request's time to its first token, decode is the rate of
 the next `--decode` tokens of a short prompt. Both ignore end-of-sequence tokens and decode greedily; the
 prompt is the same token ids for both. Each run alternates which engine goes first; medians are quoted.
-Also: herd's load time (herd.load, cold layout cache and cached), the first figure a user feels.
+herd is measured twice: as it loads by default, and with prompt_int8=True (int8 activations for prompts on q4
+weights, llama.cpp's arithmetic; herd/transforms/prompt_int8.py). Also: herd's load time (herd.load, cold layout cache and cached), the first figure a user feels.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ t = time.perf_counter()
 import herd
 from herd.engine import Engine, Request
 from herd.sampling import SamplingParams
-llm = herd.load(spec["path"], threads=spec["threads"])
+llm = herd.load(spec["path"], threads=spec["threads"], prompt_int8=spec["prompt_int8"])
 load_s = time.perf_counter() - t
 engine = Engine(llm.model, llm.tokenizer, max_batch=1, context=spec["prompt"] + spec["decode"] + 64,
                 prefill_budget=spec["prompt"], prefix_caching=False)  # as llama-server's cache_prompt=false
@@ -59,8 +60,9 @@ print("HERD-SINGLE " + json.dumps(out))
 """
 
 
-def herd_figures(path: str, ids: list[int], args) -> dict:
-    spec = dict(path=path, ids=ids, prompt=args.prompt, decode=args.decode, runs=1, threads=args.threads)
+def herd_figures(path: str, ids: list[int], args, prompt_int8: bool = False) -> dict:
+    spec = dict(path=path, ids=ids, prompt=args.prompt, decode=args.decode, runs=1, threads=args.threads,
+                prompt_int8=prompt_int8)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", HERD_WORKER, json.dumps(spec)], capture_output=True, text=True,
                          env=env, cwd=ROOT)
@@ -107,13 +109,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"the sample text has only {len(ids)} tokens")
     server_args = argparse.Namespace(context=args.prompt + args.decode + 64, slots=1, threads=args.threads,
                                      device="cpu", dtype=None)
-    runs = {"herd": [], "llama.cpp": []}
+    runs = {"herd": [], "llama.cpp": [], "herd int8": []}
     with tempfile.TemporaryDirectory() as logs:
         for run in range(args.runs):
-            order = ["herd", "llama.cpp"] if run % 2 == 0 else ["llama.cpp", "herd"]
+            order = list(runs) if run % 2 == 0 else list(runs)[::-1]
             for engine in order:
-                if engine == "herd":
-                    runs["herd"].append(herd_figures(str(path), ids, args))
+                if engine.startswith("herd"):
+                    runs[engine].append(herd_figures(str(path), ids, args, prompt_int8=engine == "herd int8"))
                 else:
                     with server("llama.cpp", Path(path), server_args, Path(logs)) as (url, _):
                         runs["llama.cpp"].append(llama_figures(url, ids, args))
@@ -125,6 +127,9 @@ def main(argv=None) -> int:
     print(f"  decode   herd {h['decode']:7.1f} tok/s   llama.cpp {l['decode']:7.1f} tok/s   ratio {h['decode'] / l['decode']:.2f}")
     print(f"  prefill  herd {h['prefill']:7.1f} tok/s   llama.cpp {l['prefill']:7.1f} tok/s   ratio {h['prefill'] / l['prefill']:.2f}"
           f"   ({args.prompt}-token prompt)")
+    i8 = med["herd int8"]
+    print(f"  prefill  herd, prompt_int8=True (int8 activations, as llama.cpp) {i8['prefill']:7.1f} tok/s   "
+          f"ratio {i8['prefill'] / l['prefill']:.2f}")
     print(f"  herd load {h['load_s']:.2f} s (import herd and herd.load, median; the first load of a file also repacks it)")
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "medians": med}, indent=2))

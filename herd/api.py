@@ -9,11 +9,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from herd.config import ModelArgs
-from herd.errors import ContextOverflow, HerdError
+from herd.errors import ContextOverflow, HerdError, ImageError
 from herd.fingerprint import fingerprint
 from herd.formats import Checkpoint, open_checkpoint
 from herd.decoding import TokenLogprob
-from herd.generate import Completion, GenerationStep, generate_steps
+from herd.generate import Completion, GenerationStep, ImageFeatures, ImagePlacement, generate_steps
 from herd.loader import apply_adapter, apply_adapters, check_vocabulary, load_model, mask_padding_rows
 from herd.models import resolve
 from herd.model import Transformer
@@ -36,6 +36,8 @@ class LLM:
         self._tokenizer = tokenizer
         self.adapter: dict | None = None  # settings of a LoRA adapter applied at load (herd.load(adapter=...))
         self.adapters: dict[str, dict] | None = None  # several, each request choosing (herd.load(adapters=...))
+        self.image_features = ImageFeatures()  # encoder outputs by image digest, kept across calls and turns
+        self.max_image_pixels = self.max_image_bytes = None  # None: herd.images' defaults
 
     @property
     def config(self) -> ModelArgs:
@@ -81,8 +83,9 @@ class LLM:
             raise ValueError(f"token_ids must be a non-empty [T] or [B, T] sequence, got shape {tuple(tokens.shape)}")
         if tokens.shape[-1] > self.config.max_seq_len:
             raise ContextOverflow(f"{tokens.shape[-1]} tokens exceed the model's context of {self.config.max_seq_len}")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
+        rows = self.config.vocab_size + self.config.extra_embeddings
+        if int(tokens.min()) < 0 or int(tokens.max()) >= rows:
+            raise ValueError(f"token ids must lie in 0..{rows - 1}")
         out = self.model(tokens[None] if tokens.dim() == 1 else tokens)
         return out[0] if tokens.dim() == 1 else out
 
@@ -96,13 +99,15 @@ class LLM:
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         logprobs: int | None = None,
+        images: Sequence[ImagePlacement] = (),
         **sampling,
     ) -> Iterator[GenerationStep]:
         """Yield GenerationSteps as tokens are produced; `step.text` is ready to print.
 
         Sampling keywords: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
         frequency_penalty, seed (see herd.sampling.SamplingParams). Generation ends at the model's
-        end-of-turn tokens, at `stop` strings (not included in the text) or after `max_tokens`."""
+        end-of-turn tokens, at `stop` strings (not included in the text) or after `max_tokens`. `images`
+        (from chat_inputs) put image features at their prompt positions."""
         unknown = set(sampling) - SAMPLING_FIELDS
         if unknown:
             raise TypeError(f"unknown sampling option(s): {sorted(unknown)}; known: {sorted(SAMPLING_FIELDS)}")
@@ -110,7 +115,8 @@ class LLM:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stop_ids = self.stop_ids | set(stop_token_ids or ())
         return generate_steps(
-            self.model, self.tokenizer, ids, max_tokens, SamplingParams(**sampling), stop_ids, stops, logprobs
+            self.model, self.tokenizer, ids, max_tokens, SamplingParams(**sampling), stop_ids, stops, logprobs,
+            images=images, image_features=self.image_features,
         )
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs) -> Completion:
@@ -137,10 +143,73 @@ class LLM:
         return chat_format_for(self.checkpoint.generation, self.checkpoint.chat_template)
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """The token ids the model sees for these OpenAI-shaped messages, ending with the assistant header."""
-        from herd.chat import render
+        """The token ids the model sees for these OpenAI-shaped messages, ending with the assistant header.
+        Messages with images need their features too: use chat_inputs."""
+        ids, images = self.chat_inputs(messages, tools)
+        if images:
+            raise ImageError("the messages hold images, whose features token ids alone cannot carry; use "
+                             "LLM.chat_inputs (ids and images) or LLM.chat")
+        return ids
 
-        return render(messages, self.tokenizer, self.chat_format, tools=tools, add_generation_prompt=True)
+    @property
+    def sees_images(self) -> bool:
+        """Whether this model has an image encoder (Llama 4 with its vision weights)."""
+        return self.config.vision is not None
+
+    def chat_inputs(self, messages: list[dict], tools: list[dict] | None = None,
+                    fetch=None) -> tuple[list[int], list[ImagePlacement]]:
+        """The prompt's token ids and its images (herd.engine.ImagePlacement) for OpenAI-shaped messages whose
+        content may hold image parts: {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
+        or a file path as the url. `fetch(url) -> bytes` reads http(s) URLs (the server's, with its limits);
+        without it they are refused. Raises herd.errors.ImageError for an image the model cannot take."""
+        from herd.chat import IMAGE_TOKEN, extract_images, llama4_image_tokens, render
+
+        messages, sources = extract_images(messages)
+        if sources and not self.sees_images:
+            raise ImageError(f"an image part (type 'image_url'), but {self.checkpoint.path.name} cannot see images "
+                             f"(no image encoder{' weights' if 'note' in self.checkpoint.metadata else ''}): this "
+                             "model takes text only")
+        ids = render(messages, self.tokenizer, self.chat_format, tools=tools, add_generation_prompt=True)
+        if not sources:
+            return ids, []
+        from herd.images import MAX_BYTES, MAX_PIXELS, decode_image, image_bytes, preprocess_llama4, preprocess_mllama
+
+        vision = self.config.vision
+        pictures = []
+        for source in sources:
+            if fetch is not None and isinstance(source, str) and source.startswith(("http://", "https://")):
+                data, name = fetch(source), source
+            else:
+                data, name = image_bytes(source, self.max_image_bytes or MAX_BYTES)
+            pictures.append(decode_image(data, name, self.max_image_pixels or MAX_PIXELS))
+        marker = self.tokenizer.special_id(IMAGE_TOKEN)
+        at = [i for i, t in enumerate(ids) if t == marker]
+        if len(at) != len(pictures):
+            raise ImageError(f"the chat format placed {len(at)} image(s) for the {len(pictures)} given")
+        if self.config.cross_attention_layers:  # Llama 3.2 Vision: the <|image|> token stays; its tiles are read
+            placements = []  # by the cross-attention layers, which every token's keys depend on
+            for where, picture in zip(at, pictures):
+                image = preprocess_mllama(picture, vision.image_size, vision.max_num_tiles,
+                                          aspect_ratios=vision.aspect_ratios)
+                placements.append(ImagePlacement(image.tiles, image.digest, (where,), affects_from=0,
+                                                 ratio_id=image.ratio_id, n_tiles=image.n_tiles))
+            return ids, placements
+        inputs = [preprocess_llama4(picture, vision.image_size, vision.max_tiles) for picture in pictures]
+        patch = self.tokenizer.special_id("<|patch|>")
+        out, placements, last = [], [], 0
+        for where, image in zip(at, inputs):
+            out += ids[last:where]
+            first = len(out)
+            for text in llama4_image_tokens(image.arrangement, vision.patches_per_tile):
+                token = self.tokenizer.special_id(text)
+                if token is None:
+                    raise ImageError(f"the tokenizer has no {text} token, which Llama 4's image layout needs")
+                out.append(token)
+            positions = tuple(i for i in range(first, len(out)) if out[i] == patch)
+            placements.append(ImagePlacement(image.tiles, image.digest, positions))
+            last = where + 1
+        out += ids[last:]
+        return out, placements
 
     def end_of_turn(self, fmt=None):
         """What ends a reply in chat format `fmt` (default: the model's): herd.chat.formats.EndOfTurn, with
@@ -156,12 +225,14 @@ class LLM:
 
     def chat_stream(self, messages: list[dict], tools: list[dict] | None = None, **kwargs) -> Iterator[GenerationStep]:
         """Stream the assistant's reply to a conversation. Same options as `stream`."""
-        return self.stream(self.chat_prompt(messages, tools), **self._chat_stops(kwargs))
+        ids, images = self.chat_inputs(messages, tools)
+        return self.stream(ids, images=images, **self._chat_stops(kwargs))
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, **kwargs) -> Completion:
         """Answer a conversation (OpenAI message shape). Same options as `generate`; max_tokens defaults to 512."""
         kwargs.setdefault("max_tokens", 512)
-        return self.generate(self.chat_prompt(messages, tools), **self._chat_stops(kwargs))
+        ids, images = self.chat_inputs(messages, tools)
+        return self.generate(ids, images=images, **self._chat_stops(kwargs))
 
     def follow(self) -> None:
         """On a rank other than 0 of a tensor-parallel job (herd.load(tp=N)): run the forwards rank 0
@@ -185,6 +256,7 @@ def load(
     threads: int | None = None,
     adapter: str | os.PathLike | None = None,
     adapters: dict[str, str | os.PathLike] | None = None,
+    prompt_int8: bool = False,
     tp: int | None = None,
     ep: int | None = None,
 ) -> LLM:
@@ -203,6 +275,8 @@ def load(
     `adapters`: {name: directory}, several adapters over one base, each engine request choosing one
     (Request.adapter: the 1-based position in this dict, 0 the base), as herd serve's `model` field does;
     `llm.adapters` holds their settings. Generation through `llm.generate` uses the base.
+    `prompt_int8`: prompts of 64+ tokens on q4 weights with int8 activations, as llama.cpp computes them
+    (faster, no longer exact or batch-independent: herd.transforms.prompt_int8).
     `tp`, `ep`: inside a torchrun job, tensor parallelism over `tp` processes and Llama 4's routed experts
     split over `ep` (herd.transforms.tensor_parallel); each rank reads only its share of the weights. Rank 0
     drives: its `llm` generates as usual, and every other rank calls `llm.follow()`."""
@@ -236,6 +310,12 @@ def load(
         model = load_model(checkpoint, device=device, dtype=dtype, progress=progress, quantized=quantized)
     settings = apply_adapter(model, adapter, checkpoint.args) if adapter is not None else None
     several = apply_adapters(model, adapters, checkpoint.args) if adapters else None
+    if prompt_int8:
+        from herd.loader import use_int8_prompts
+
+        if not use_int8_prompts(model):
+            raise HerdError("prompt_int8 applies to herd's packed quantized linears; this model has none "
+                            "(a quantized file on the CPU, with herd's kernels built)")
     if tokenizer is not None:
         mask_padding_rows(model, tokenizer.vocab_size)
     compile_decode(model, compile)

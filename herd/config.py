@@ -86,6 +86,102 @@ class MoEArgs:
 
 
 @dataclass(frozen=True)
+class VisionArgs:
+    """Llama 4's image encoder (llama-models models/llama4/args.py VisionArgs, vision/encoder.py): a ViT over
+    square tiles of `image_size` pixels cut in `patch_size` patches, with 2D RoPE (theta `rope_theta`) and a
+    class token; its patches pixel-shuffled by `pixel_shuffle_ratio` into a GELU MLP of width `output_dim`
+    (the vision adapter), then projected to the text width. `image_token_id` is the token (<|patch|>) whose
+    embeddings the image's features replace."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    hidden_dim: int  # the encoder MLP's width (Meta: mlp_ratio * dim)
+    image_size: int
+    patch_size: int
+    output_dim: int
+    pixel_shuffle_ratio: float = 0.5
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    image_token_id: int = 200092
+    n_channels: int = 3
+    max_tiles: int = 16  # preprocessing: most tiles an image is cut into (HF max_patches), the global one aside
+
+    def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "hidden_dim", "image_size", "patch_size", "output_dim",
+                     "n_channels", "max_tiles"):
+            _positive_int(f"vision.{name}", getattr(self, name))
+        _positive_float("vision.rope_theta", self.rope_theta)
+        _positive_float("vision.norm_eps", self.norm_eps)
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
+            raise _bad("vision.n_heads", f"vision dim {self.dim} / n_heads {self.n_heads} must be a whole head size "
+                                         "divisible by 4 (2D RoPE rotates x and y halves)")
+        if self.image_size % self.patch_size:
+            raise _bad("vision.patch_size", f"image_size {self.image_size} is not a multiple of patch_size "
+                                            f"{self.patch_size}")
+        ratio, side = self.pixel_shuffle_ratio, self.image_size // self.patch_size
+        if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1) or (side * ratio) % 1 or (1 / ratio**2) % 1 \
+                or self.dim % round(1 / ratio**2):
+            raise _bad("vision.pixel_shuffle_ratio", f"pixel_shuffle_ratio {ratio!r} must shrink the {side}x{side} "
+                                                     f"patch grid and the width {self.dim} by whole factors")
+
+    @property
+    def patches_per_tile(self) -> int:
+        """Image tokens (<|patch|>) per tile after pixel shuffle."""
+        side = self.image_size // self.patch_size
+        return round(side * side * self.pixel_shuffle_ratio ** 2)
+
+
+@dataclass(frozen=True)
+class MllamaVisionArgs:
+    """Llama 3.2 Vision's image encoder (HF MllamaVisionConfig; llama-models models/llama3/multimodal/model.py):
+    a ViT over up to `max_num_tiles` tiles of `image_size` pixels, with aspect-ratio tile embeddings, a gated
+    positional embedding, `n_layers` local and `n_global_layers` gated global layers; the outputs of the local
+    layers `intermediate_layers` are concatenated to the last, then projected to the text width for the text
+    model's cross-attention layers. `aspect_ratios` lists the tile arrangements (rows, columns) in the order
+    their embeddings are numbered, from 1."""
+
+    dim: int
+    n_layers: int
+    n_global_layers: int
+    n_heads: int
+    hidden_dim: int
+    image_size: int
+    patch_size: int
+    max_num_tiles: int
+    intermediate_layers: tuple[int, ...]
+    aspect_ratios: tuple[tuple[int, int], ...]
+    norm_eps: float = 1e-5
+    image_token_id: int = 128256
+    n_channels: int = 3
+
+    def __post_init__(self):
+        for name in ("dim", "n_layers", "n_global_layers", "n_heads", "hidden_dim", "image_size", "patch_size",
+                     "max_num_tiles", "n_channels"):
+            _positive_int(f"vision.{name}", getattr(self, name))
+        if self.dim % self.n_heads:
+            raise _bad("vision.n_heads", f"vision dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        if self.image_size % self.patch_size:
+            raise _bad("vision.patch_size", f"image_size {self.image_size} is not a multiple of patch_size "
+                                            f"{self.patch_size}")
+        bad = [i for i in self.intermediate_layers if not (isinstance(i, int) and 0 <= i < self.n_layers)]
+        if bad:
+            raise _bad("vision.intermediate_layers", f"intermediate layers {bad} are outside 0..{self.n_layers - 1}")
+        if not self.aspect_ratios or any(r * c > self.max_num_tiles for r, c in self.aspect_ratios):
+            raise _bad("vision.aspect_ratios", f"tile arrangements {list(self.aspect_ratios)[:6]} must exist and fit "
+                                               f"max_num_tiles {self.max_num_tiles}")
+
+    @property
+    def n_patches(self) -> int:
+        """Positions per tile: the patches and the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def output_dim(self) -> int:
+        return self.dim * (1 + len(self.intermediate_layers))
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     dim: int
     n_layers: int
@@ -107,6 +203,11 @@ class ModelArgs:
     attn_temperature_tuning: bool = False  # scale q on NoPE layers by 1 + attn_scale*ln(1+floor((pos+1)/floor_scale))
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
+    vision: VisionArgs | MllamaVisionArgs | None = None  # the image encoder, when the checkpoint has its weights
+    # Llama 3.2 Vision: gated cross-attention layers, each run before the self-attention layer of its index
+    # (n_layers: after the last)
+    cross_attention_layers: tuple[int, ...] = ()
+    extra_embeddings: int = 0  # embedding rows past vocab_size (Llama 3.2 Vision's 8, <|image|> among them)
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
@@ -132,6 +233,13 @@ class ModelArgs:
         if isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, (int, float)) \
                 or not math.isfinite(self.attn_scale):
             raise _bad("attn_scale", f"config field attn_scale must be a finite number, got {self.attn_scale!r}")
+        if isinstance(self.extra_embeddings, bool) or not isinstance(self.extra_embeddings, int) \
+                or self.extra_embeddings < 0:
+            raise _bad("extra_embeddings", f"extra_embeddings must be >= 0, got {self.extra_embeddings!r}")
+        late = [i for i in self.cross_attention_layers if isinstance(i, bool) or not isinstance(i, int)
+                or not 0 <= i <= self.n_layers]
+        if late:
+            raise _bad("cross_attention_layers", f"cross-attention layers {late[:8]} are outside 0..{self.n_layers}")
         ids = (*self.nope_layers, *(self.moe.layers if self.moe else ()))
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers]
         if bad:
@@ -199,4 +307,4 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None,
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-__all__ = ["ModelArgs", "RopeScaling", "MoEArgs", "LayerSpec", "layer_plan", "parameter_counts", "ffn_hidden_dim"]
+__all__ = ["ModelArgs", "VisionArgs", "MllamaVisionArgs", "RopeScaling", "MoEArgs", "LayerSpec", "layer_plan", "parameter_counts", "ffn_hidden_dim"]

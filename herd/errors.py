@@ -56,3 +56,8 @@ class TemplateError(HerdError):
 class DataError(HerdError):
     """A training or evaluation data file holds a line that is not what its format needs, or an example
     that does not fit; the message names the file and line."""
+
+
+class ImageError(HerdError):
+    """An image that cannot be used: not an image Pillow can read, empty, truncated, larger than the pixel
+    limit, or given to a model that cannot see images. The message names the image."""

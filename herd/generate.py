@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from herd.decoding import TokenLogprob, check_context
-from herd.engine import Engine, Request
+from herd.engine import Engine, ImageFeatures, ImagePlacement, Request
 from herd.model import Transformer
 from herd.sampling import SamplingParams
 from herd.tokenizer import Tokenizer
@@ -46,13 +46,17 @@ def generate_steps(
     stop: Sequence[str] = (),
     logprobs: int | None = None,
     context: int | None = None,
+    images: Sequence = (),
+    image_features=None,
 ) -> Iterator[GenerationStep]:
     """Yield one GenerationStep per generated token. `logprobs`: None for none, n ≥ 0 for the chosen
     token's logprob plus the top n alternatives (of the model's own distribution, before sampling
     transforms). Raises ContextOverflow before any work if prompt + max_tokens exceeds `context`.
 
     One request is a batch of one on the serving engine (herd.engine): its scheduler, paged cache and
-    runner, with a cache sized for this request and the whole prompt prefilled in one forward."""
+    runner, with a cache sized for this request and the whole prompt prefilled in one forward. `images`
+    (herd.engine.ImagePlacement) put image features at their prompt positions; `image_features`
+    (herd.engine.ImageFeatures) keeps encoder outputs across calls."""
     params = params or SamplingParams()
     context = context or model.args.max_seq_len
     if not prompt_ids:
@@ -62,9 +66,9 @@ def generate_steps(
         return iter(())
     n = len(prompt_ids)
     engine = Engine(model, tokenizer, max_batch=1, context=n + max_tokens, max_queue=1, prefill_budget=n,
-                    prefix_caching=False)
+                    prefix_caching=False, image_features=image_features)
     engine.add_request(Request("generate", list(prompt_ids), max_tokens, params, frozenset(stop_ids), tuple(stop),
-                               logprobs=logprobs))  # checked here (token ids, logit_bias), not at the first next()
+                               logprobs=logprobs, images=tuple(images)))  # checked here (token ids, logit_bias), not at the first next()
     return _steps(engine)
 
 

@@ -73,6 +73,9 @@ def load_model(
     if quantized:
         if device.type != "cpu":
             raise HerdError(f"the quantized path runs on the CPU only; load on {device} with quantized=False")
+        if checkpoint.args.vision is not None or checkpoint.args.cross_attention_layers:
+            raise HerdError(f"{checkpoint.path}: the quantized CPU path does not cover image models yet; "
+                            "load with quantized=False")
         if dtype not in (None, torch.bfloat16):
             raise HerdError(f"the quantized CPU kernels compute in bfloat16, not {dtype}; pass quantized=False "
                             "for a dequantized model of that dtype")
@@ -109,7 +112,7 @@ def _check_sizes(checkpoint: Checkpoint) -> None:
     args, tensors, path = checkpoint.args, checkpoint.tensors, checkpoint.path
     check_layer_count(args.n_layers, tensors, r"layers\.(\d+)\.", path, "n_layers")
     wants = {
-        "tok_embeddings.weight": (args.vocab_size, args.dim),
+        "tok_embeddings.weight": (args.vocab_size + args.extra_embeddings, args.dim),
         "layers.0.attention.wq.weight": (args.n_heads * args.head_dim, args.dim),
         "layers.0.attention.wk.weight": (args.n_kv_heads * args.head_dim, args.dim),
     }
@@ -168,7 +171,7 @@ def _no_init():
 def check_vocabulary(checkpoint: Checkpoint, tokenizer) -> None:
     """Every id the tokenizer can produce must have an embedding row. More rows than tokens is common
     (HF checkpoints pad the embedding to a round size); see mask_padding_rows for those."""
-    rows, n = checkpoint.args.vocab_size, tokenizer.vocab_size
+    rows, n = checkpoint.args.vocab_size + checkpoint.args.extra_embeddings, tokenizer.vocab_size
     if n > rows:
         raise ShapeMismatch(
             f"{checkpoint.path}: the tokenizer has {n} tokens, but the embedding has {rows} rows; "
@@ -198,6 +201,10 @@ def mask_padding_rows(model: Transformer, n_tokens: int) -> Transformer:
 
 def _finish(model: Transformer, checkpoint: Checkpoint, device: torch.device) -> Transformer:
     model.inv_freq = inverse_frequencies(checkpoint.args).to(device)  # buffers built on "meta" hold no values
+    if checkpoint.args.vision is not None and not checkpoint.args.cross_attention_layers:
+        from herd.model.vision import vision_rope_angles
+
+        model.vision_embeddings.vision_encoder.rot = vision_rope_angles(checkpoint.args.vision).to(device)
     return model.eval().requires_grad_(False)
 
 
@@ -247,6 +254,13 @@ def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
     # identical; bf16's 8-bit mantissa changed 4 of 16 within 64 tokens). The fp32 reference path keeps fp32.
     model.kv_dtype = torch.float16
     return model
+
+
+def use_int8_prompts(model: Transformer) -> int:
+    """The opt-in prompt transform (herd.transforms.prompt_int8); the number of linears it changed."""
+    from herd.transforms.prompt_int8 import use_int8_prompts as transform
+
+    return transform(model)
 
 
 def _has_param(model: nn.Module, name: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from herd.errors import ShapeMismatch
+from herd.errors import HerdError, ShapeMismatch
 from herd.formats.slices import read_slice
 from herd.loader import _finish, _skeleton, default_dtype
 from herd.model import Transformer
@@ -31,6 +31,9 @@ def _set(module: nn.Module, attr: str, tensor: torch.Tensor, device) -> None:
 def load_parallel(checkpoint, layout: Layout, device: torch.device, dtype: torch.dtype | None) -> Transformer:
     """This rank's share of the checkpoint as a sharded model (see the module docstring)."""
     args = checkpoint.args
+    if getattr(args, "vision", None) is not None or getattr(args, "cross_attention_layers", None):
+        raise HerdError(f"{checkpoint.path}: tensor/expert parallelism covers the text model only; "
+                        "this checkpoint has an image encoder or cross-attention layers")
     check_layout(args, layout.tp, layout.ep, layout.world, str(checkpoint.path))
     dtype = dtype or default_dtype(checkpoint, device)
     model, expected = _skeleton(checkpoint)

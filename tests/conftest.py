@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import tests.fixtures  # noqa: F401  (declares torchvision's op schemas: see tests/fixtures/__init__.py)
+
 
 def package_file(package: str, name: str) -> Path | None:
     spec = importlib.util.find_spec(package)

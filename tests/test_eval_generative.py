@@ -202,3 +202,23 @@ def test_smollm2_end_to_end(smollm2_q, tmp_path):
 
     page = write_html(report, tmp_path / "r.html").read_text()
     assert "data:image/png;base64," in page and report["model"]["fingerprint"] in page
+
+
+def test_chat_mode_sends_hf_templated_prompts(smollm2_q, hf_smollm2):
+    """With `chat`, retrieval and reasoning items go to the model as one user turn in its chat template:
+    the token ids the engine saw (bound in each record's prompt_sha256) are HF's apply_chat_template's."""
+    from herd.eval.data import sha256_json
+
+    _, tok = hf_smollm2
+    for name, options in (("retrieval", dict(lengths=[160], depths=[0.5], repeats=2)),
+                          ("reasoning", dict(steps=[1, 2], per_depth=3))):
+        task = make_task(name, chat=True, max_tokens=8, **options)
+        result = task.run(EngineBackend(smollm2_q, 8))
+        assert result.compute["generation"]["greedy"]["chat_template"] is True
+        for item, record in zip(task.items(EngineBackend(smollm2_q)), result.items):
+            messages, _ = task.prompt(item, cot=False)
+            assert [m["role"] for m in messages] == ["user"] and not messages[0]["content"].endswith("Answer:")
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            assert record["prompt_sha256"] == sha256_json(ids) and record["prompt_tokens"] == len(ids)
+            assert record["output"]

@@ -254,14 +254,19 @@ def test_shared_contexts_score_their_continuations_as_whole_sequences_do(path, s
     enc = lambda t: llm.tokenizer.encode(t, bos=False)  # noqa: E731
     pairs = []
     for question in ("Question: What is 2 + 3?\nAnswer:", "The capital of France is", "Roses are"):
-        for choice in (" 5", " Paris, the city of light", " red and violets are blue", " x"):
+        for choice in (" 5", " Paris, the city of light", " red and violets are blue", " x", " 168", " 161"):
             pairs.append((llm.tokenizer.encode(question), enc(choice)))
     pairs.append((llm.tokenizer.encode("Alone here"), enc(" and nowhere else")))
+    # choices that share more than their context (the prefix runs once with it), and one that is all prefix
+    for choice in (" 1,000 apples", " 1,000 apples and pears", " 1,000 pears", " 1,000"):
+        pairs.append((llm.tokenizer.encode("How many?"), enc(choice)))
+    pairs.append((llm.tokenizer.encode("One choice"), enc(" only, and long enough to share")))
     got = continuation_logprobs(llm.model, pairs, batch_size=2)
-    tolerance = 1e-4 if path == "reference" else 2e-3
+    # bf16 activations round differently in differently shaped products: a relative bound as well
+    tolerance = dict(abs=1e-4) if path == "reference" else dict(abs=2e-3, rel=1e-3)
     for (context, continuation), (lps, greedy) in zip(pairs, got):
         whole = torch.log_softmax(llm.logits(context + continuation), dim=-1)
         at = range(len(context) - 1, len(context) + len(continuation) - 1)
         want = [float(whole[p, t]) for p, t in zip(at, continuation)]
-        assert lps == pytest.approx(want, abs=tolerance)
+        assert lps == pytest.approx(want, **tolerance)
         assert greedy == all(int(whole[p].argmax()) == t for p, t in zip(at, continuation))

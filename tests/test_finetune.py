@@ -6,6 +6,7 @@ an uninterrupted one; packing keeps examples apart (each gives transformers' log
 
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -427,7 +428,7 @@ def llama_cpp_greedy(path, prompt_ids, want):
 
     server = tools_dir() / "bin" / "llama-server"
     if server.is_file():
-        return _llama_server_greedy(server, path, prompt_ids, want)
+        return _llama_server_greedy(path, prompt_ids, want)
     if importlib.util.find_spec("llama_cpp") is None:
         return
     from llama_cpp import Llama
@@ -441,41 +442,19 @@ def llama_cpp_greedy(path, prompt_ids, want):
     assert got == want
 
 
-def _llama_server_greedy(server, path, prompt_ids, want):
-    import socket
-    import subprocess
-    import time
-    import urllib.request
+def _llama_server_greedy(path, prompt_ids, want):
+    from tests.fixtures.llamacpp import llama_server
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([str(server), "-m", str(path), "--port", str(port), "-c", "512", "-t", "2", "-np", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, "llama-server could not load the exported GGUF"
-                time.sleep(0.2)
-        body = dict(prompt=list(prompt_ids), n_predict=len(want), temperature=0, top_k=1, samplers=["top_k"],
-                    cache_prompt=False, return_tokens=True)
-        req = urllib.request.Request(url + "/completion", json.dumps(body).encode(), {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            reply = json.loads(r.read())
-        got = reply["tokens"]
-        # herd's token ids end with the end-of-turn token it stopped at; llama.cpp stops there too, and
-        # leaves that token out of what it returns
-        ended = len(got) < len(want)
-        assert got == want[: len(got)] and (not ended or len(got) == len(want) - 1)
-        if ended:
-            assert reply.get("stop_type") == "eos" or reply.get("stopped_eos"), reply.get("stop_type")
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with llama_server(path) as post:
+        reply = post("/completion", dict(prompt=list(prompt_ids), n_predict=len(want), temperature=0, top_k=1,
+                                         samplers=["top_k"], cache_prompt=False, return_tokens=True))
+    got = reply["tokens"]
+    # herd's token ids end with the end-of-turn token it stopped at; llama.cpp stops there too, and
+    # leaves that token out of what it returns
+    ended = len(got) < len(want)
+    assert got == want[: len(got)] and (not ended or len(got) == len(want) - 1)
+    if ended:
+        assert reply.get("stop_type") == "eos" or reply.get("stopped_eos"), reply.get("stop_type")
 
 
 def test_smollm2_lora_learns_an_answer_tag(tmp_path, smollm2_path):
@@ -506,20 +485,32 @@ def test_smollm2_lora_learns_an_answer_tag(tmp_path, smollm2_path):
     assert not any("<ans>" in base.chat(q, max_tokens=24, temperature=0).text for q in questions)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "dpo-full"])
 def test_two_processes_under_torchrun_equal_one_with_the_same_global_batch(tmp_path, method):
     """torchrun --nproc-per-node 2 (gloo), 2 rows per process, against one process with 4 rows: the same weights
     after 3 steps (up to summation order). LoRA replicates the model and sums gradients with all_reduce; full
-    fine-tuning shards parameters, gradients and optimizer state with FSDP2's fully_shard."""
+    fine-tuning and full DPO shard parameters, gradients and optimizer state with FSDP2's fully_shard (DPO's
+    reference log-probabilities computed once, over the sharded model, each process scoring its share; an odd
+    number of eval pairs leaves one process a batch short)."""
     import os
     import subprocess
 
     from herd.formats import open_checkpoint
 
     gguf = B.reference(GEN).gguf("F32")
-    data = prompt_completion_data(tmp_path / "train.jsonl", n=16)
+    if method == "dpo-full":
+        words = ["sat on the mat", "ran off", "ate the hat", "slept", "jumped high", "hid"]
+        pairs = [{"prompt": f"the cat {i}", "chosen": " " + words[i % 6], "rejected": " " + words[(i * 5 + 1) % 6]}
+                 for i in range(16)]
+        data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+        dev = write_jsonl(tmp_path / "dev.jsonl", pairs[:5])
+        extra = ["--method", "dpo", "--dpo-base", "full", "--dpo-beta", "0.5", "--lr", "3e-4",
+                 "--eval-data", str(dev), "--eval-every", "2"]
+    else:
+        data = prompt_completion_data(tmp_path / "train.jsonl", n=16)
+        extra = ["--method", method, "--lr", "1e-2" if method == "lora" else "1e-3"]
     common = ["finetune", str(gguf), "--data", str(data), "--steps", "3", "--grad-accum", "2", "--threads", "1",
-              "--seed", "5", "--no-packing", "--method", method, "--lr", "1e-2" if method == "lora" else "1e-3"]
+              "--seed", "5", "--no-packing", *extra]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "herd", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
@@ -539,8 +530,16 @@ def test_two_processes_under_torchrun_equal_one_with_the_same_global_batch(tmp_p
         start = open_checkpoint(gguf).tensors
         moved = list(b)
     assert a.keys() == b.keys()
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    print(f"{method}: two processes vs one, max |Δweight| {diff:.2e}")
+    assert diff < 1e-5
     assert max((b[k].float() - start[k].float()).abs().max().item() for k in moved) > 1e-4  # it did train
+    if method == "dpo-full":  # the eval losses (the reference's scores inside them) agree too
+        logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+                for run in ("two", "one")]
+        evals = [[r["eval_loss"] for r in log if "eval_loss" in r] for log in logs]
+        assert len(evals[0]) == len(evals[1]) >= 2 and abs(evals[0][0] - math.log(2)) < 1e-6
+        assert max(abs(x - y) for x, y in zip(*evals)) < 1e-5
 
 
 @pytest.mark.parametrize("method", ["qlora", "dpo", "full"])

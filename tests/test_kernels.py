@@ -254,3 +254,26 @@ def test_ops_have_shape_functions_for_tracing():
                              torch.empty(2, 1, 8, 2, **meta), torch.empty(2, dtype=torch.long, **meta),
                              torch.empty(2, 1, dtype=torch.long, **meta), 2, 1, 1e-5, True)
     assert block.shape == (2, 1, 64) and block.device.type == "meta"
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("tokens", [1, 6, 70])
+def test_int8_prompt_activations_are_their_definition(qtype, tokens):
+    """prompt_int8's path: activations rounded to int8 per block of 32 (scale amax/127), times the weights the
+    layer holds, exactly (integer products); from `int8_tokens` tokens on, and never for fewer."""
+    from herd.transforms.prompt_int8 import use_int8_prompts
+
+    rng = np.random.default_rng(tokens)
+    gguf_w, _ = gguf_tensor(qtype, rng.standard_normal((70, 96)) * 0.05)
+    layer = q4_from_ggml([gguf_w])
+    w = layer.dequantize()
+    x = torch.randn(tokens, 96)
+    blocks = x.view(tokens, -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    want = (torch.round(blocks / d) * d).view(tokens, 96) @ w.T
+    got = torch.ops.herd.linear(x, layer.packed, 70, 1)
+    assert rel_err(got, want) < 1e-6
+    assert rel_err(got, x @ w.T) < 2e-2  # int8 rounding: ~5e-3 typical
+    assert use_int8_prompts(torch.nn.Sequential(layer), min_tokens=6) == 1
+    exact = rel_err(layer(x), x @ w.T) < 1e-4
+    assert exact == (tokens < 6)  # int16 below the threshold

@@ -12,6 +12,7 @@ TOP_LEVEL = sorted(p.name.removesuffix(".py") for p in PACKAGE.iterdir()
 # top-level module under herd/ → the herd modules it may import (besides itself)
 ALLOWED = {
     "errors": set(),
+    "images": {"errors"},
     "config": {"errors"},
     "quant": {"errors", "kernels"},
     "kernels": {"errors"},
@@ -32,14 +33,16 @@ ALLOWED = {
     "decoding": {"tokenizer", "errors"},
     "generate": {"model", "sampling", "tokenizer", "errors", "decoding", "engine"},
     "engine": {"model", "sampling", "tokenizer", "errors", "decoding", "chat"},
-    "api": {"chat", "config", "errors", "fingerprint", "formats", "decoding", "generate", "loader", "model",
+    "api": {"chat", "config", "errors", "images", "fingerprint", "formats", "decoding", "generate", "loader", "model",
             "models", "runtime", "sampling", "tokenizer", "sharded_loader", "distributed"},
     "finetune": {"chat", "config", "errors", "fingerprint", "formats", "model", "quant", "tokenizer", "transforms",
                  "jsonl"},
     "jsonl": {"errors"},
-    "server": {"api", "engine", "chat", "errors", "sampling", "tokenizer"},
+    "server": {"api", "engine", "chat", "errors", "images", "sampling", "tokenizer"},
     # a client of the API and the engine (never of the server's internals; --server speaks HTTP)
     "eval": {"api", "engine", "errors", "sampling", "fingerprint", "formats", "jsonl"},
+    # the arena: a client of the API and the engine too (endpoints are spoken to over HTTP)
+    "arena": {"api", "engine", "errors", "sampling", "jsonl"},
     "cli": set(TOP_LEVEL) - {"cli", "__main__"},
     "__init__": {"api", "sampling", "errors", "finetune", "eval"},
     "__main__": {"cli"},
@@ -109,7 +112,7 @@ def test_known_violations_are_still_real():
 
 def test_nothing_below_the_api_imports_cli_server_or_engine():
     for module, imported in module_graph().items():
-        if module in ("cli", "server", "__main__", "__init__", "api", "engine", "generate", "eval"):
+        if module in ("cli", "server", "__main__", "__init__", "api", "engine", "generate", "eval", "arena"):
             continue
         assert not imported & {"cli", "server", "engine", "api"}, (module, imported)
 

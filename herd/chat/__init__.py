@@ -16,6 +16,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from herd.chat.formats import (
+    IMAGE_TOKEN,
+    extract_images,
+    llama4_image_tokens,
     GENERATIONS,
     ChatFormat,
     Llama2Format,
@@ -56,5 +59,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'herd.chat' has no attribute {name!r}")
 
 
-__all__ = ["chat_format_for", "render", "openai_messages", "parse_reply", "ChatFormat", "Llama2Format", "Llama3Format",
+__all__ = ["extract_images", "llama4_image_tokens", "IMAGE_TOKEN", "chat_format_for", "render", "openai_messages", "parse_reply", "ChatFormat", "Llama2Format", "Llama3Format",
            "Llama4Format", "TemplateFormat", "GENERATIONS"]

@@ -33,8 +33,13 @@ class Special:
 
 
 
+IMAGE_MARK = "\U000f0002"  # where an image part stood in a message's text (never kept from user text)
+IMAGE_TOKEN = "<|image|>"  # what every format writes for an image; the model's own layout replaces it
+
+
 def content_text(content: Any, where: str = "message") -> str:
-    """The text of a message's content: a string, None (""), or a list of {"type": "text"} parts."""
+    """The text of a message's content: a string, None (""), or a list of {"type": "text"} parts; an
+    {"type": "image"} part (herd.chat.extract_images makes them) is IMAGE_MARK."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -43,15 +48,68 @@ def content_text(content: Any, where: str = "message") -> str:
         parts = []
         for part in content:
             if isinstance(part, str):
-                parts.append(part)
+                parts.append(part.replace(IMAGE_MARK, ""))
             elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
+                parts.append(part["text"].replace(IMAGE_MARK, ""))
+            elif isinstance(part, dict) and part.get("type") == "image" and set(part) == {"type"}:
+                parts.append(IMAGE_MARK)
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise TemplateError(f"{where}: content part of type {kind!r} is not supported: this model takes "
                                     "text only ({'type': 'text', 'text': ...} parts)")
         return "".join(parts)
     raise TemplateError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
+
+
+IMAGE_PART_TYPES = ("image_url", "image", "input_image")
+
+
+def extract_images(messages: Sequence[dict]) -> tuple[list[dict], list[Any]]:
+    """Messages with each image part replaced by a bare {"type": "image"} part, and the images' sources in
+    order: the URL of an OpenAI {"type": "image_url", "image_url": {"url": ...}} part (a data URL, a file
+    path or an http(s) URL), or the `image`/`path`/`url` of an HF-style {"type": "image", ...} part."""
+    if not isinstance(messages, (list, tuple)):
+        return messages, []
+    out, sources = [], []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str) and IMAGE_MARK in content:  # text can never stand for an image
+            m = {**m, "content": content.replace(IMAGE_MARK, "")}
+        if not isinstance(content, (list, tuple)) or not any(
+                isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in content):
+            out.append(m)
+            continue
+        parts = []
+        for j, p in enumerate(content):
+            if not (isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES):
+                parts.append(p)
+                continue
+            ref = p.get("image_url", p.get("image", p.get("path", p.get("url"))))
+            if isinstance(ref, dict):
+                ref = ref.get("url")
+            if ref is None or (isinstance(ref, str) and not ref):
+                raise TemplateError(f"messages[{i}].content[{j}]: an image part needs its image "
+                                    "({'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,...'}})")
+            sources.append(ref)
+            parts.append({"type": "image"})
+        out.append({**m, "content": parts})
+    return out, sources
+
+
+def llama4_image_tokens(arrangement: tuple[int, int], patches_per_tile: int) -> list[str]:
+    """Llama 4's tokens for one image (llama-models llama4/chat_format.py _encode_image): with more than one
+    tile, each tile's <|patch|> tokens row by row, <|tile_x_separator|> between columns and
+    <|tile_y_separator|> after each row; then <|image|> and the global tile's patches."""
+    rows, cols = arrangement
+    out = ["<|image_start|>"]
+    if rows * cols > 1:
+        for _ in range(rows):
+            for col in range(cols):
+                out += ["<|patch|>"] * patches_per_tile
+                if col < cols - 1:
+                    out.append("<|tile_x_separator|>")
+            out.append("<|tile_y_separator|>")
+    return out + ["<|image|>"] + ["<|patch|>"] * patches_per_tile + ["<|image_end|>"]
 
 
 def tool_result_text(content: Any, where: str) -> str:
@@ -80,7 +138,7 @@ def openai_messages(messages: Sequence[dict]) -> list[dict]:
         m = {**m, "role": role}
         content = m.get("content")
         if isinstance(content, (list, tuple)):
-            texts = all(isinstance(p, str) or (isinstance(p, dict) and p.get("type", "text") == "text")
+            texts = all(isinstance(p, str) or (isinstance(p, dict) and p.get("type", "text") in ("text", "image"))
                         for p in content)
             if role not in ("tool", "ipython") or texts:  # a tool result may be any JSON value: kept as it is
                 m["content"] = content_text(content, where)
@@ -196,9 +254,11 @@ def encode_pieces(pieces: Iterable[str | Special], tokenizer: Tokenizer, fmt_nam
 
     def flush():
         if text:
-            joined = "".join(text)
-            if joined:
-                ids.extend(tokenizer.encode(joined, bos=False, eos=False, special=False))
+            for k, joined in enumerate("".join(text).split(IMAGE_MARK)):
+                if k:
+                    ids.append(special_id(tokenizer, Special(IMAGE_TOKEN), fmt_name))
+                if joined:
+                    ids.extend(tokenizer.encode(joined, bos=False, eos=False, special=False))
             text.clear()
 
     for p in pieces:

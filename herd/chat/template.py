@@ -43,7 +43,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import Namespace
 from markupsafe import EscapeFormatter, Markup
 
-from herd.chat.formats import ChatFormat, normalize_generation
+from herd.chat.formats import IMAGE_MARK, IMAGE_TOKEN, ChatFormat, Special, normalize_generation, special_id
 from herd.errors import TemplateError
 from herd.tokenizer.base import Tokenizer
 
@@ -497,9 +497,14 @@ class TemplateFormat(ChatFormat):
         text = self._render(messages, tools, documents, add_generation_prompt, bos, eos, kwargs, mark)
         ids: list[int] = []
         inside = False  # between markers: text from the caller's data, encoded as plain text
-        for piece in re.split(f"({_START}|{_END})", text):
+        image_id = None
+        for piece in re.split(f"({_START}|{_END}|{IMAGE_MARK})", text):
             if piece in (_START, _END):
                 inside = piece == _START
+            elif piece == IMAGE_MARK:  # an image part, from herd.chat.extract_images
+                if image_id is None:
+                    image_id = special_id(tokenizer, Special(IMAGE_TOKEN), "template")
+                ids.append(image_id)
             elif piece:
                 ids += tokenizer.encode(piece, bos=False, eos=False, special=not inside)
         bos_id = tokenizer.bos_id

@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("herd.cli.export", "merge an adapter and write a model as an HF or Meta directory or a GGUF file"),
     "bench": ("herd.cli.bench", "decode/prefill speed, first-token time and memory vs llama.cpp and HF"),
     "eval": ("herd.cli.eval", "score a model on tasks; verify, compare and sign the reports"),
+    "arena": ("herd.cli.arena", "battle arena: serve, rate a battle log, judge with a model"),
     "plan": ("herd.cli.plan", "memory per device under each parallel layout, from the config alone"),
 }
 

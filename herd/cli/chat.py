@@ -1,6 +1,7 @@
 """`herd chat [SOURCE]`: an interactive, multi-turn, streaming chat.
 
-/reset forgets the conversation, /exit (or Ctrl-D) leaves. Ctrl-C while the model is answering
+/image PATH attaches a picture to the next message (models that see images), /reset forgets the
+conversation, /exit (or Ctrl-D) leaves. Ctrl-C while the model is answering
 stops that answer and keeps what was said so far; Ctrl-C at the prompt leaves.
 """
 
@@ -10,7 +11,8 @@ import sys
 
 from herd.cli import add_model_options, add_sampling_options, load_with_progress, model_options, sampling_kwargs
 
-HELP = "Type a message. /reset starts over, /exit leaves (Ctrl-D too); Ctrl-C stops an answer."
+HELP = ("Type a message. /image PATH attaches a picture to the next one, /reset starts over, /exit leaves "
+        "(Ctrl-D too); Ctrl-C stops an answer.")
 
 
 def add_arguments(parser, name):
@@ -29,6 +31,7 @@ def main(args):
     options = dict(sampling_kwargs(args), max_tokens=1024 if args.max_tokens is None else args.max_tokens)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
+    images: list[str] = []  # /image paths waiting for the next message
     print(f"herd chat: {llm.checkpoint.path.name}. {HELP}")
     while True:
         try:
@@ -42,13 +45,27 @@ def main(args):
         if text in ("/exit", "/quit", "/bye"):
             return 0
         if text == "/reset":
-            messages = list(system)
+            messages, images = list(system), []
             print("(conversation cleared)")
             continue
         if text in ("/help", "/?"):
             print(HELP)
             continue
-        messages.append({"role": "user", "content": line})
+        if text.startswith("/image"):
+            path = text.removeprefix("/image").strip()
+            error = image_problem(llm, path)
+            if error:
+                print(f"error: {error}", file=sys.stderr)
+            else:
+                images.append(path)
+                print(f"(image {path} attached to your next message)")
+            continue
+        if images:
+            parts = [{"type": "image_url", "image_url": {"url": p}} for p in images]
+            messages.append({"role": "user", "content": parts + [{"type": "text", "text": line}]})
+            images = []
+        else:
+            messages.append({"role": "user", "content": line})
         reply = []
         try:
             for step in llm.chat_stream(messages, **options):
@@ -63,3 +80,19 @@ def main(args):
             continue
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def image_problem(llm, path: str) -> str | None:
+    """Why `path` cannot be attached (no path, a model that cannot see, an unreadable image), or None."""
+    from herd.errors import ImageError
+    from herd.images import load_image
+
+    if not path:
+        return "give the picture's path: /image PATH"
+    if not llm.sees_images:
+        return f"{llm.checkpoint.path.name} cannot see images"
+    try:
+        load_image(path)
+    except ImageError as e:
+        return str(e)
+    return None

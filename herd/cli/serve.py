@@ -34,6 +34,12 @@ def add_arguments(parser, name):
                         help="KV cache dtype (default: float16 for quantized models on the CPU, whose greedy "
                              "outputs it keeps; else the model's activations: float32 on the CPU's reference path, "
                              "bfloat16 on a GPU)")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="fetch http(s) image_url parts (default: only data URLs are accepted)")
+    parser.add_argument("--image-url-max-mb", type=float, default=20.0,
+                        help="largest image the server downloads, in MiB (default 20)")
+    parser.add_argument("--image-url-timeout", type=float, default=10.0,
+                        help="seconds an image download may take (default 10)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     add_model_options(parser)
 
@@ -56,7 +62,9 @@ def main(args):
     app = create_app(llm, max_batch=args.max_batch, context=context, max_queue=args.max_queue,
                      api_key=args.api_key, model_id=model_id, aliases=aliases,
                      max_body_bytes=int(args.max_body_mb * 2**20), header_timeout=args.header_timeout,
-                     body_timeout=args.body_timeout, kv_dtype=getattr(torch, args.kv_dtype) if args.kv_dtype else None)
+                     body_timeout=args.body_timeout, kv_dtype=getattr(torch, args.kv_dtype) if args.kv_dtype else None,
+                     allow_image_urls=args.allow_image_urls, image_url_max_bytes=int(args.image_url_max_mb * 2**20),
+                     image_url_timeout=args.image_url_timeout)
     engine = app.state.served.engine.engine
     kv = engine.kv_cache_bytes
     print(f"herd serve: {model_id} ({llm.checkpoint.format}, {llm.device}, {llm.model.tok_embeddings.weight.dtype})",

@@ -3,6 +3,7 @@
 from herd.engine.async_engine import AsyncEngine
 from herd.engine.engine import Engine
 from herd.engine.metrics import Metrics
-from herd.engine.request import QueueFull, Request, RequestOutput
+from herd.engine.request import ImagePlacement, QueueFull, Request, RequestOutput
+from herd.engine.runner import ImageFeatures
 
-__all__ = ["AsyncEngine", "Engine", "Metrics", "QueueFull", "Request", "RequestOutput"]
+__all__ = ["ImagePlacement", "ImageFeatures", "AsyncEngine", "Engine", "Metrics", "QueueFull", "Request", "RequestOutput"]

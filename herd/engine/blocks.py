@@ -23,10 +23,17 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 
-def block_key(previous: bytes, tokens: Sequence[int]) -> bytes:
+def block_key(previous: bytes, tokens: Sequence[int], extra: bytes = b"") -> bytes:
     """A cryptographic hash (so that no prompt can be made to collide with another's prefix) of a block's
-    tokens and of the key of the block before it."""
-    return hashlib.blake2b(previous + array("q", tokens).tobytes(), digest_size=16).digest()
+    tokens, of the key of the block before it and of `extra` (the images whose features it holds)."""
+    return hashlib.blake2b(previous + array("q", tokens).tobytes() + extra, digest_size=16).digest()
+
+
+def image_extra(images: Sequence[tuple[int, int, bytes]], begin: int, end: int) -> bytes:
+    """What a block of positions begin..end-1 holds besides its token ids: the digest and first position of
+    every image (first, last position, digest) with features in it. An image's tokens are the same ids
+    whatever the picture, so two images never share a block."""
+    return b"".join(b"%d:" % first + digest for first, last, digest in images if first < end and last >= begin)
 
 
 @dataclass
@@ -38,6 +45,7 @@ class Blocks:
     keys: list[bytes] = field(default_factory=list)
     reserved: int = 0
     salt: bytes = b""  # what else the keys depend on (the adapter whose weights computed them)
+    images: tuple = ()  # (first, last position, digest) of each image in the prompt: part of its blocks' keys
 
 
 class BlockManager:
@@ -68,19 +76,21 @@ class BlockManager:
         return sum(1 for r in self.refs if r > 0)
 
     # -- prefix caching --------------------------------------------------------------------------------------
-    def keys(self, tokens: Sequence[int], salt: bytes = b"") -> list[bytes]:
-        """The chained hash of every full block of `tokens` (computed by the weights `salt` names)."""
+    def keys(self, tokens: Sequence[int], salt: bytes = b"", images: Sequence = ()) -> list[bytes]:
+        """The chained hash of every full block of `tokens` (computed by the weights `salt` names, holding
+        the features of `images`: (first, last position, digest) each)."""
         out, bs = [], self.block_size
         for i in range(len(tokens) // bs):
-            out.append(block_key(out[-1] if out else salt, tokens[i * bs : (i + 1) * bs]))
+            extra = image_extra(images, i * bs, (i + 1) * bs) if images else b""
+            out.append(block_key(out[-1] if out else salt, tokens[i * bs : (i + 1) * bs], extra))
         return out
 
-    def cached_prefix(self, tokens: Sequence[int], salt: bytes = b"") -> list[int]:
+    def cached_prefix(self, tokens: Sequence[int], salt: bytes = b"", images: Sequence = ()) -> list[int]:
         """The cached blocks that hold the longest prefix of full blocks of `tokens` (not yet taken)."""
         if not self.prefix_caching:
             return []
         blocks = []
-        for key in self.keys(tokens, salt):
+        for key in self.keys(tokens, salt, images):
             block = self.by_key.get(key)
             if block is None:
                 break
@@ -88,13 +98,14 @@ class BlockManager:
         return blocks
 
     # -- one sequence's blocks -------------------------------------------------------------------------------
-    def admit(self, tokens: Sequence[int], total: int, share: bool = True, salt: bytes = b"") -> Blocks | None:
+    def admit(self, tokens: Sequence[int], total: int, share: bool = True, salt: bytes = b"",
+              images: Sequence = ()) -> Blocks | None:
         """Blocks for a sequence whose prompt is `tokens` and which may grow to `total` tokens: the cached
         blocks of its prompt's prefix, shared, and the rest reserved; None if they do not fit now. At least
         one prompt token is always left to compute (its logits start generation). len(table) * block_size
         tokens are then already computed. share=False computes the whole prompt (prompt logprobs need it).
         `salt`: keys computed by other weights (a LoRA adapter) are other keys, never shared with the base's."""
-        shared = self.cached_prefix(tokens, salt) if share else []
+        shared = self.cached_prefix(tokens, salt, images) if share else []
         while shared and len(shared) * self.block_size >= len(tokens):
             shared.pop()
         need = self.blocks_for(total) - len(shared)
@@ -106,7 +117,7 @@ class BlockManager:
         self.reserved += need
         self.queries += len(tokens)
         self.hits += len(shared) * self.block_size
-        return Blocks(list(shared), [self.key_of[b] for b in shared], need, salt)
+        return Blocks(list(shared), [self.key_of[b] for b in shared], need, salt, tuple(images))
 
     def grow(self, blocks: Blocks, tokens: int) -> None:
         """Allocate reserved blocks until the table holds `tokens` tokens."""
@@ -123,7 +134,8 @@ class BlockManager:
         bs = self.block_size
         while (len(blocks.keys) + 1) * bs <= done:
             i = len(blocks.keys)
-            key = block_key(blocks.keys[-1] if blocks.keys else blocks.salt, tokens[i * bs : (i + 1) * bs])
+            extra = image_extra(blocks.images, i * bs, (i + 1) * bs) if blocks.images else b""
+            key = block_key(blocks.keys[-1] if blocks.keys else blocks.salt, tokens[i * bs : (i + 1) * bs], extra)
             blocks.keys.append(key)
             block = blocks.table[i]
             # the same text computed twice at once (two sequences prefilling it together): keep the first

@@ -35,7 +35,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, context: int | None = None,
                  max_queue: int = 256, prefill_budget: int = 256, metrics: Metrics | None = None,
                  block_size: int = 16, kv_blocks: int | None = None, prefix_caching: bool = True,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, image_features=None):
         self.context = context or model.args.max_seq_len
         if self.context > model.args.max_seq_len:
             raise ValueError(f"context {self.context} exceeds the model's context of {model.args.max_seq_len} tokens")
@@ -46,7 +46,7 @@ class Engine:
             raise ValueError(f"{num_blocks} KV blocks of {block_size} tokens cannot hold one {self.context}-token sequence")
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(max_batch, max_queue, self.blocks, prefill_budget)
-        self.runner = Runner(model, tokenizer, self.blocks, kv_dtype, max_batch, self.context)
+        self.runner = Runner(model, tokenizer, self.blocks, kv_dtype, max_batch, self.context, image_features)
         self.metrics = metrics or Metrics()
         self.metrics.gauges["herd_kv_cache_bytes"] = self.runner.cache.nbytes()
         self.metrics.live = self.gauges
@@ -61,10 +61,19 @@ class Engine:
         if not request.prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.runner.vocab_size
-        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= vocab:
-            raise ValueError(f"prompt token ids must lie in 0..{vocab - 1}")
+        rows = vocab + getattr(self.runner.model.args, "extra_embeddings", 0)  # Llama 3.2 Vision's <|image|> rows
+        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= rows:
+            raise ValueError(f"prompt token ids must lie in 0..{rows - 1}")
         if request.params.logit_bias and max(int(k) for k in request.params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias names a token past the vocabulary (ids 0..{vocab - 1})")
+        if request.images:
+            if getattr(self.runner.model.args, "vision", None) is None:
+                raise ValueError("this model cannot see images (it has no image encoder)")
+            n = len(request.prompt_ids)
+            for image in request.images:
+                p = image.positions
+                if not p or any(b <= a for a, b in zip(p, p[1:])) or p[0] < 0 or p[-1] >= n:
+                    raise ValueError("an image's positions must be ascending prompt indices")
         # One position more than prompt + output is never written: the last token is not fed back.
         check_context(len(request.prompt_ids), request.max_tokens, self.context)
 

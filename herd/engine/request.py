@@ -13,6 +13,20 @@ class QueueFull(Exception):
     """The engine's waiting queue is at its bound; the caller should retry later (HTTP 429)."""
 
 
+@dataclass(frozen=True, eq=False)
+class ImagePlacement:
+    """One image of a prompt: its preprocessed `tiles`, `digest` (SHA-256 of the tiles: the key of the
+    encoder-output cache and of the prefix-cache blocks it touches) and `positions`: for Llama 4 the prompt
+    indices whose embeddings its feature rows replace, in order; for Llama 3.2 Vision its <|image|> token."""
+
+    tiles: Any
+    digest: str
+    positions: tuple[int, ...]
+    affects_from: int | None = None  # first position whose keys depend on the image (None: positions[0])
+    ratio_id: int = 0  # Llama 3.2 Vision: the tile arrangement's id
+    n_tiles: int = 0  # Llama 3.2 Vision: tiles the image fills (the rest of tiles is padding)
+
+
 @dataclass
 class Request:
     request_id: str  # unique among live requests; abort() and outputs use it
@@ -25,6 +39,7 @@ class Request:
     prompt_logprobs: int | None = None  # None, or n >= 0: logprobs of every prompt token (first is None)
     constraint: Any = None  # a herd.engine.constrained.Constraint factory (json_schema / json_object), or None
     adapter: int = 0  # which of the model's LoRA adapters computes this request (0: the base alone)
+    images: tuple[ImagePlacement, ...] = ()  # images whose features replace prompt embeddings (Llama 4)
 
 
 @dataclass

@@ -13,6 +13,7 @@ single-request generator uses.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import torch
 
@@ -53,10 +54,45 @@ def prefill_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
     return groups
 
 
+class ImageFeatures:
+    """The image encoder's output per image digest, least recently used dropped past `capacity` images: an
+    image is encoded once, however many chunks its tokens are prefilled in and however many turns of a
+    conversation (or requests) send it again."""
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self._rows: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoded = 0  # images run through the encoder (a cache miss each)
+
+    def get(self, model: Transformer, image):
+        """For an ImagePlacement: Llama 4's [len(image.positions), dim] rows; Llama 3.2 Vision's keys and values
+        of every cross-attention layer."""
+        rows = self._rows.get(image.digest)
+        if rows is None:
+            device = model.tok_embeddings.weight.device
+            if model.args.cross_attention_layers:
+                tiles = image.tiles.to(device)
+                tile_mask = (torch.arange(tiles.shape[1], device=device) < image.n_tiles).long()[None]
+                rows = model.cross_attention_states(tiles, torch.tensor([image.ratio_id], device=device), tile_mask)
+            else:
+                rows = model.encode_images(image.tiles.to(device))
+                rows = rows.reshape(-1, rows.shape[-1])
+                if rows.shape[0] != len(image.positions):
+                    raise ValueError(f"the image gives {rows.shape[0]} feature rows for {len(image.positions)} "
+                                     "image tokens")
+            self.encoded += 1
+            self._rows[image.digest] = rows
+            while len(self._rows) > self.capacity:
+                self._rows.popitem(last=False)
+        self._rows.move_to_end(image.digest)
+        return rows
+
+
 class Runner:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, blocks: BlockManager, kv_dtype: torch.dtype | None = None,
-                 max_batch: int = 8, context: int | None = None):
+                 max_batch: int = 8, context: int | None = None, image_features: ImageFeatures | None = None):
         self.model = model
+        self.image_features = image_features or ImageFeatures()
         self.tokenizer = tokenizer
         self.blocks = blocks
         weight = model.tok_embeddings.weight
@@ -94,7 +130,8 @@ class Runner:
             tokens = [c.seq.token_ids[c.start:c.end] + [0] * (steps - c.end + c.start) for c in group]
             self._select_adapters([c.seq for c in group])
             every = any(c.seq.request.prompt_logprobs is not None for c in group)
-            logits = self.model(self._tensor(tokens), batch, last_only=not every)  # [B, T or 1, V]
+            extra = self._image_inputs([c.seq for c in group], batch, lambda: self._image_embeds(group, steps))
+            logits = self.model(self._tensor(tokens), batch, last_only=not every, **extra)  # [B, T or 1, V]
             for row, c in zip(logits, group):
                 seq, n = c.seq, c.end - c.start
                 if seq.request.prompt_logprobs is not None:
@@ -109,13 +146,52 @@ class Runner:
             batch = Batch.rows(self.cache, [s.blocks.table for s in seqs], [len(s.token_ids) - 1 for s in seqs], 1,
                                self.device)
             self._select_adapters(seqs)
+            extra = self._image_inputs(seqs, batch, lambda: None)
             # captured graphs (CUDA), or a compiled step where one is attached, or the model itself
-            decode = self.static or getattr(self.model, "decode_step", None) or self.model
-            logits = decode(self._tensor([[s.token_ids[-1]] for s in seqs]), batch, last_only=True)[:, -1]  # [B, V]
+            decode = self.model if extra else self.static or getattr(self.model, "decode_step", None) or self.model
+            logits = decode(self._tensor([[s.token_ids[-1]] for s in seqs]), batch, last_only=True, **extra)[:, -1]
             for s, row in zip(seqs, logits):
                 self._computed(s, len(s.token_ids))
                 ready.append((s, row))
         return ready
+
+    def _image_inputs(self, seqs: list[Sequence], batch: Batch, llama4) -> dict:
+        """The forward's image keywords: Llama 3.2 Vision's cross-attention inputs for rows with images (every
+        step: each token reads them), Llama 4's image embeddings (`llama4()`, prefill only)."""
+        if not any(s.request.images for s in seqs):
+            return {}
+        if not self.model.args.cross_attention_layers:
+            embeds = llama4()
+            return {"image_embeds": embeds} if embeds is not None else {}
+        from herd.model.mllama import cross_inputs
+
+        vision = self.model.args.vision
+        if vision is None:
+            raise ValueError("this model cannot see images (it has no image encoder)")
+        rows = [[(im.positions[0], im.n_tiles, self.image_features.get(self.model, im)) for im in s.request.images]
+                for s in seqs]
+        return {"cross": cross_inputs(rows, batch.positions, vision.n_patches, vision.max_num_tiles)}
+
+    def _image_embeds(self, group: list[PrefillChunk], steps: int):
+        """(mask [B, steps], rows) for the image tokens of this group's chunks, or None when there are none."""
+        if not any(c.seq.request.images for c in group):
+            return None
+        mask = torch.zeros(len(group), steps, dtype=torch.bool)
+        rows = []
+        for b, c in enumerate(group):
+            for image in c.seq.request.images:
+                wanted = [i for i, p in enumerate(image.positions) if c.start <= p < c.end]
+                if not wanted:
+                    continue
+                features = self.image_features.get(self.model, image)
+                rows.append((b, [image.positions[i] - c.start for i in wanted], features[wanted]))
+        if not rows:
+            return None
+        for b, offsets, _ in rows:
+            mask[b, offsets] = True
+        # masked_scatter fills row-major: each row's positions in order (a row's images are in prompt order)
+        ordered = sorted(rows, key=lambda r: (r[0], r[1][0]))
+        return mask.to(self.device), torch.cat([r[2] for r in ordered])
 
     def _select_adapters(self, seqs: list[Sequence]) -> None:
         """Each row's LoRA adapter, for a model serving several (herd.transforms.lora.use_adapters attaches

@@ -86,7 +86,10 @@ class Scheduler:
             adapter = seq.request.adapter
             blocks = self.blocks.admit(seq.token_ids, seq.n_prompt + seq.request.max_tokens,
                                        share=seq.request.prompt_logprobs is None,
-                                       salt=b"adapter:%d" % adapter if adapter else b"")
+                                       salt=b"adapter:%d" % adapter if adapter else b"",
+                                       images=[(im.positions[0] if im.affects_from is None else im.affects_from,
+                                                im.positions[-1], im.digest.encode())
+                                               for im in seq.request.images])
             if blocks is None:  # not enough cache now; first come first served, so the rest wait too
                 break
             self.waiting.popleft()

@@ -126,7 +126,7 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
                       "records": len(items), "examples": len(items), "truncated": cut}
         eval_info = ({"path": Path(eval_data).resolve(), "sha256": file_sha256(Path(eval_data)), "kind": "preference",
                       "records": len(eval_items)} if eval_data else None)
-        trainer = DPOTrainer(llm.model, config, items, eval_items, pad_id, device)
+        trainer = DPOTrainer(llm.model, config, items, eval_items, pad_id, device, shard=not config.uses_lora)
     else:
         train_ds = load_dataset(data, tokenizer, chat_format, config.max_len, config.truncate)
         eval_ds = load_dataset(eval_data, tokenizer, chat_format, config.max_len, config.truncate) if eval_data else None

@@ -7,7 +7,8 @@ The training forward (herd.finetune.forward) calls the embedding, blocks, norm a
 than through Transformer.forward, so the loss is wrapped in one module, Objective, which is the FSDP root:
 its unit holds the embedding, final norm and output (tied or not) and each block is a unit of its own.
 FSDP2 averages gradients over processes; herd's loss is a sum over the global batch divided by its target
-count, so the loss is multiplied by the number of processes to make the average that sum."""
+count, so the loss is multiplied by the number of processes to make the average that sum. Other passes
+over the sharded model (DPO's reference log-probabilities) go through Objective too, with their own function."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.loss = model, loss
 
-    def forward(self, batch):
-        return self.loss(self.model, batch)
+    def forward(self, batch, fn: Callable | None = None):
+        """The loss of `batch`, or `fn(model, batch)`: anything that runs the model must come through here,
+        so that FSDP gathers the root unit's parameters (embedding, norm, output) around it."""
+        return (fn or self.loss)(self.model, batch)
 
 
 def shard_for_training(model: nn.Module, loss: Callable) -> Objective:

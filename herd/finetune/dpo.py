@@ -3,12 +3,14 @@
 loss = -log σ(β · ((log π(chosen) - log π(rejected)) - (log π_ref(chosen) - log π_ref(rejected)))), averaged
 over pairs (TRL's "sigmoid" loss), where log π(y) sums the log-probabilities of the completion's tokens.
 The reference is the model before training, so its log-probabilities are computed once, before the first
-step, and no second model is kept. A prompt may be a string (plain text, BOS first) or a list of chat
+step, and no second model is kept (with full DPO under torchrun, over the FSDP-sharded model, each process
+scoring its share). A prompt may be a string (plain text, BOS first) or a list of chat
 messages (rendered with the model's chat format, assistant header last; then the completions end with
 the format's end of turn as the tokenizer's EOS)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,20 +79,39 @@ def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float) -> torch.T
 
 
 class DPOTrainer(Trainer):
-    def __init__(self, model, config, items: list[Pair], eval_items=None, pad_id: int = 0, device=None):
-        super().__init__(model, config, items, eval_items, pad_id, device)
+    """`shard`: full-model DPO under torch.distributed with FSDP2, as Trainer's full fine-tuning."""
+
+    def __init__(self, model, config, items: list[Pair], eval_items=None, pad_id: int = 0, device=None,
+                 shard: bool = False):
+        super().__init__(model, config, items, eval_items, pad_id, device, shard)
         self.reference_logprobs(self.items + self.eval_items)
 
     @torch.no_grad()
     def reference_logprobs(self, pairs: list[Pair]) -> None:
+        """Each process scores its share of the pairs (every process runs the same number of forwards, as
+        FSDP's collectives need; a process short of a batch scores a spare one and drops it); the scores are
+        then exchanged, so every process holds every pair's."""
+        import torch.distributed as dist
+
         self.model.eval()
-        for a in range(0, len(pairs), self.config.batch_size):
-            chunk = pairs[a:a + self.config.batch_size]
+        size = self.config.batch_size
+        mine = list(range(self.rank, len(pairs), self.world))
+        rounds = math.ceil(math.ceil(len(pairs) / self.world) / size)
+        scores = {}
+        for r in range(rounds):
+            index = mine[r * size:(r + 1) * size]
+            chunk = [pairs[i] for i in index] or pairs[:1]
             batch, _ = self.make_batch(chunk)
             with self.autocast():
-                logps = sequence_logprobs(self.model, batch).float().cpu()
-            for i, pair in enumerate(chunk):
-                pair.ref_chosen, pair.ref_rejected = float(logps[i]), float(logps[len(chunk) + i])
+                logps = self.apply(sequence_logprobs, batch).float().cpu()
+            for k, i in enumerate(index):
+                scores[i] = (float(logps[k]), float(logps[len(chunk) + k]))
+        if self.world > 1:
+            shares = [None] * self.world
+            dist.all_gather_object(shares, scores)
+            scores = {i: v for share in shares for i, v in share.items()}
+        for i, pair in enumerate(pairs):
+            pair.ref_chosen, pair.ref_rejected = scores[i]
 
     def make_batch(self, items: list[Pair]):
         rows = [p.chosen for p in items] + [p.rejected for p in items]
@@ -103,9 +124,9 @@ class DPOTrainer(Trainer):
     def batch_tokens(self, batch) -> int:
         return int((batch[0].segments >= 0).sum())
 
-    def loss(self, batch) -> torch.Tensor:
+    def loss_of(self, model, batch) -> torch.Tensor:
         rows, ref = batch
-        logps = sequence_logprobs(self.model, rows, self.config.activation_checkpointing)
+        logps = sequence_logprobs(model, rows, self.config.activation_checkpointing)
         n = logps.shape[0] // 2
         ref = ref.to(logps.dtype)
         return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.config.dpo_beta).sum()

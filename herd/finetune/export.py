@@ -54,17 +54,51 @@ def _rope_divisors(args):
     return (plain / inverse_frequencies(args).double()).float().numpy()
 
 
+def llama3_rope_from_divisors(args):
+    """A GGUF source states llama3 RoPE scaling only as per-frequency divisors (rope_freqs), which HF and
+    Meta configs cannot hold: the llama3 parameters that give exactly those divisors (factor = the largest;
+    the low/high factors and original context found by trying the values models use), else `args` as they
+    are (the writer then says why it cannot)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from herd.config import RopeScaling
+
+    scaling = args.rope_scaling
+    if scaling is None or scaling.kind != "divisors":
+        return args
+    want = np.asarray(scaling.divisors, dtype=np.float64)
+    factor = float(want.max())
+    if np.allclose(want, 1.0, rtol=0, atol=1e-6):
+        return replace(args, rope_scaling=None)
+    for original in (8192, *(2 ** k for k in range(4, 22))):
+        for low in (1.0, 2.0):
+            for high in (1.0, 2.0, 4.0, 8.0):
+                if high < low:
+                    continue
+                candidate = replace(args, rope_scaling=RopeScaling(
+                    "llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                    original_max_position=original))
+                if np.allclose(_rope_divisors(candidate), want, rtol=1e-5, atol=0):
+                    return candidate
+    return args
+
+
 def gguf_tokenizer_keys(tokenizer, vocab_size: int, eos_token_ids=()) -> dict:
-    """An HF tokenizer.json (byte-level BPE: Llama 3, Llama 4, SmolLM ...) as GGUF `tokenizer.ggml.*` keys, laid
+    """A SentencePiece tokenizer.model as sentencepiece_gguf_keys writes it, or an HF tokenizer.json (byte-level BPE: Llama 3, Llama 4, SmolLM ...) as GGUF `tokenizer.ggml.*` keys, laid
     out as llama.cpp's converter does (get_vocab_base): one token per embedding row, added special tokens
     CONTROL, other added tokens USER_DEFINED, ids without a token `[PADn]` UNUSED; the merges as "a b"; the
     pre-tokenizer named by its split regex (herd.tokenizer's table of llama.cpp names)."""
     from herd.errors import FormatError
     from herd.tokenizer.gguf_vocab import PRE_TOKENIZERS
 
+    if tokenizer is not None and tokenizer.kind == "sentencepiece":
+        return sentencepiece_gguf_keys(tokenizer, vocab_size, eos_token_ids)
     if tokenizer is None or tokenizer.kind != "hf_json":
         kind = tokenizer.kind if tokenizer is not None else "none"
-        raise FormatError(f"GGUF export needs a GGUF tokenizer or an HF tokenizer.json; this model's is {kind}")
+        raise FormatError(f"GGUF export needs a GGUF tokenizer, an HF tokenizer.json or a SentencePiece "
+                          f"tokenizer.model; this model's is {kind}")
     data = json.loads(Path(tokenizer.path).read_text(encoding="utf-8"))
     model = data.get("model") or {}
     if model.get("type") != "BPE":
@@ -106,6 +140,72 @@ def gguf_tokenizer_keys(tokenizer, vocab_size: int, eos_token_ids=()) -> dict:
     return keys
 
 
+# llama.cpp's SentencePieceTokenTypes (= gguf.TokenType)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def sentencepiece_gguf_keys(tokenizer, vocab_size: int, eos_token_ids=()) -> dict:
+    """A SentencePiece tokenizer.model (Llama 1/2) as GGUF keys, laid out as llama.cpp's converter does
+    (_set_vocab_sentencepiece / _create_vocab_sentencepiece): model "llama", pre "default"; one token per
+    embedding row, each piece with its score and a type from sentencepiece's own predicates (unknown, control,
+    unused, byte, else normal: the converter gives user-defined pieces NORMAL too); rows past the model's
+    pieces `[PADi]` UNUSED with score -10000; tokenizer_config.json's added_tokens_decoder entries CONTROL
+    (special) or USER_DEFINED with score -1000. bos/eos/unk ids are the model's; add_bos_token defaults to
+    true as for Llama. The one key the converter leaves to llama.cpp's default, add_space_prefix (true),
+    is written only when the model turns its dummy prefix off."""
+    import sentencepiece
+
+    from herd.errors import FormatError
+
+    path = Path(tokenizer.path)
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as e:
+        raise FormatError(f"{path}: sentencepiece cannot load it ({e})") from None
+    n = sp.GetPieceSize()
+    if n > vocab_size:
+        raise FormatError(f"{path}: {n} pieces, but the model's embedding has only {vocab_size} rows")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [_UNUSED] * vocab_size
+    for i in range(n):
+        tokens[i], scores[i] = sp.IdToPiece(i), float(sp.GetScore(i))
+        types[i] = (_UNKNOWN if sp.IsUnknown(i) else _CONTROL if sp.IsControl(i) else _UNUSED if sp.IsUnused(i)
+                    else _BYTE if sp.IsByte(i) else _NORMAL)
+    config = tokenizer.config or {}
+    for key, entry in (config.get("added_tokens_decoder") or {}).items():
+        if not (str(key).isdigit() and isinstance(entry, dict) and isinstance(entry.get("content"), str)):
+            raise FormatError(f"tokenizer_config.json: added_tokens_decoder[{key!r}] is not {{id: {{content}}}}")
+        i = int(key)
+        if i >= vocab_size:
+            raise FormatError(f"tokenizer_config.json: added token id {i} is outside the {vocab_size} embedding rows")
+        special = bool(entry.get("special"))
+        tokens[i] = entry["content"] if special else entry["content"].replace("\u2581", " ")
+        types[i], scores[i] = (_CONTROL if special else _USER_DEFINED), -1000.0
+    keys = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types}
+    eos = sp.eos_id() if sp.eos_id() >= 0 else next(iter(eos_token_ids), -1)
+    for role, value in (("bos", sp.bos_id()), ("eos", eos), ("unknown", sp.unk_id()), ("padding", sp.pad_id())):
+        if value >= 0:
+            keys[f"tokenizer.ggml.{role}_token_id"] = int(value)
+    if sp.bos_id() >= 0:
+        keys["tokenizer.ggml.add_bos_token"] = bool(config.get("add_bos_token", True))
+    if "add_eos_token" in config:
+        keys["tokenizer.ggml.add_eos_token"] = bool(config["add_eos_token"])
+    if not _adds_dummy_prefix(path):
+        keys["tokenizer.ggml.add_space_prefix"] = False
+    return keys
+
+
+def _adds_dummy_prefix(path: Path) -> bool:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return proto.normalizer_spec.add_dummy_prefix
+
+
 def _walk(node):
     if isinstance(node, dict):
         yield node
@@ -134,7 +234,7 @@ def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str 
         new_fp = fingerprint(stored)
         if lineage is not None:
             lineage = {**lineage, "fingerprint": new_fp}
-        return write_meta(out, ck.args, stored, ck.tokenizer, lineage), new_fp
+        return write_meta(out, llama3_rope_from_divisors(ck.args), stored, ck.tokenizer, lineage), new_fp
     if to == "hf":
         from herd.formats.hf_writer import write_hf
 
@@ -142,19 +242,19 @@ def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str 
         new_fp = fingerprint(stored)
         if lineage is not None:
             lineage = {**lineage, "fingerprint": new_fp}
-        path = write_hf(out, ck.args, stored, ck.tokenizer, ck.chat_template, ck.eos_token_ids, lineage)
+        path = write_hf(out, llama3_rope_from_divisors(ck.args), stored, ck.tokenizer, ck.chat_template,
+                        ck.eos_token_ids, lineage)
         return path, new_fp
     import gguf
 
-    from herd.formats.gguf_writer import write_gguf
+    from herd.formats.gguf_writer import gguf_name, stored_type, write_gguf
     from herd.quant.ggml import GGMLType
 
     # the bytes gguf-py will write, fingerprinted as herd reads them back
     stored = {}
     for k, v in tensors.items():
         arr = v.detach().float().cpu().numpy()
-        qtype = gguf.GGMLQuantizationType.F32 if arr.ndim <= 1 or k.endswith("norm.weight") else \
-            getattr(gguf.GGMLQuantizationType, gguf_type)
+        qtype = stored_type(gguf_name(k, ck.args), arr.ndim, gguf_type)
         try:
             data = gguf.quants.quantize(arr, qtype)
         except gguf.QuantError:

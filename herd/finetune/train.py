@@ -109,9 +109,13 @@ class Trainer:
         return loss_sum(model, batch, self.config.activation_checkpointing)
 
     def loss(self, batch) -> torch.Tensor:
+        return self.apply(self.loss_of, batch)
+
+    def apply(self, fn: Callable, batch):
+        """fn(model, batch), through the FSDP root when sharded (a collective: every process calls it)."""
         if self.objective is not None:
-            return self.objective(batch)
-        return self.loss_of(self.model, batch)
+            return self.objective(batch, fn)
+        return fn(self.model, batch)
 
     # ---- one step -----------------------------------------------------------------------------------
     def autocast(self):
@@ -171,11 +175,19 @@ class Trainer:
         c, dist = self.config, _dist()
         total, count = torch.zeros(()), torch.zeros(())
         mine = self.eval_items[self.rank::self.world]
-        for a in range(0, len(mine), c.batch_size):
-            batch = self.make_batch(mine[a:a + c.batch_size])
+        # sharded, every process must run as many forwards as the others (FSDP's collectives): one short of
+        # a batch evaluates a spare one and does not count it
+        rounds = math.ceil(math.ceil(len(self.eval_items) / self.world) / c.batch_size)
+        if self.objective is None:
+            rounds = math.ceil(len(mine) / c.batch_size)
+        for r in range(rounds):
+            chunk = mine[r * c.batch_size:(r + 1) * c.batch_size]
+            batch = self.make_batch(chunk or self.eval_items[:1])
             with self.autocast():
-                total += self.loss(batch).float().cpu()
-            count += self.count(batch)
+                loss = self.loss(batch).float().cpu()
+            if chunk:
+                total += loss
+                count += self.count(batch)
         if dist:
             dist.all_reduce(total)
             dist.all_reduce(count)

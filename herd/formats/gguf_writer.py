@@ -1,9 +1,16 @@
-"""Writing a GGUF file (arch "llama") with gguf-py, as llama.cpp's convert_hf_to_gguf.py lays it out: the
-metadata keys it writes, tensors under GGUF names in Meta's interleaved q/k order (herd's own), norms and
+"""Writing a GGUF file (arch "llama", or "llama4") with gguf-py, as llama.cpp's convert_hf_to_gguf.py lays it
+out (LlamaModel, Llama4Model): the metadata keys it writes, tensors under GGUF names in Meta's interleaved q/k order (herd's own), norms and
 1-D tensors in F32, matrices in F16 or Q8_0 (rows not a multiple of 32 fall back to F16, as the converter
 does), llama3-style RoPE scaling as the `rope_freqs` divisors. The tokenizer comes as GGUF keys: a GGUF
 source's own, or an HF tokenizer.json converted by the caller (herd.finetune.export.gguf_tokenizer_keys);
 a lineage record goes in `general.herd.lineage` (JSON text).
+
+Llama 4: the routed experts as ffn_{gate,up,down}_exps (one 3-D tensor each, GGUF shape [D, F, E] / [F, D, E]),
+the router ffn_gate_inp (always F32), the shared expert as *_shexp; q/k as they are. llama.cpp hard-codes NoPE
+on every 4th layer, temperature tuning on those, and QK norm iff the model does not have 128 experts, so a
+model that differs is refused; the chunk size, temperature floor and scale go in the gguf-py keys
+attention.sliding_window / temperature_length / temperature_scale (what herd's reader and the test
+fixtures use; llama.cpp's defaults are 8192 / 8192 / 0.1).
 
 gguf-py is optional (`pip install gguf`); only this writer needs it."""
 
@@ -27,7 +34,58 @@ _LAYER = {"attention_norm.weight": "attn_norm.weight", "attention.wq.weight": "a
           "attention.wo.weight": "attn_output.weight", "ffn_norm.weight": "ffn_norm.weight",
           "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w2.weight": "ffn_down.weight",
           "feed_forward.w3.weight": "ffn_up.weight"}
+_LAYER4 = {**_LAYER, "feed_forward.router.weight": "ffn_gate_inp.weight",
+           "feed_forward.experts.w1": "ffn_gate_exps.weight", "feed_forward.experts.w3": "ffn_up_exps.weight",
+           "feed_forward.experts.w2": "ffn_down_exps.weight",
+           "feed_forward.shared_expert.w1.weight": "ffn_gate_shexp.weight",
+           "feed_forward.shared_expert.w3.weight": "ffn_up_shexp.weight",
+           "feed_forward.shared_expert.w2.weight": "ffn_down_shexp.weight"}
 OUT_TYPES = ("F16", "Q8_0", "F32")
+
+
+def stored_type(gguf_name: str, ndim: int, out_type: str):
+    """The GGML type the converter gives a tensor: 1-D, norms and the MoE router F32, the rest `out_type`
+    (callers fall back to F16 where a row does not fill Q8_0 blocks)."""
+    Q = _gguf().GGMLQuantizationType
+    if ndim <= 1 or gguf_name.endswith("norm.weight") or gguf_name.endswith(".ffn_gate_inp.weight"):
+        return Q.F32
+    return getattr(Q, out_type)
+
+
+def gguf_name(key: str, args: ModelArgs) -> str:
+    """herd's canonical tensor name -> its GGUF name."""
+    if key in _GLOBAL:
+        return _GLOBAL[key]
+    table = _LAYER4 if args.is_llama4 else _LAYER
+    parts = key.split(".", 2)
+    if len(parts) != 3 or parts[0] != "layers" or parts[2] not in table:
+        raise UnsupportedArchitecture(f"tensor {key} has no GGUF {'llama4' if args.is_llama4 else 'llama'} name")
+    return f"blk.{int(parts[1])}.{table[parts[2]]}"
+
+
+def _check_llama4(args: ModelArgs) -> None:
+    """What llama.cpp's llama4 graph hard-codes; anything else would load there as a different model."""
+    n = args.n_layers
+    problems = []
+    if args.moe is None:
+        problems.append("it has no experts")
+    else:
+        step = next((s for s in range(1, n + 1) if tuple(range(s - 1, n, s)) == tuple(args.moe.layers)), None)
+        if step is None:
+            problems.append(f"its MoE layers {list(args.moe.layers)} are not every k-th layer")
+        if args.use_qk_norm != (args.moe.num_experts != 128):
+            problems.append(f"llama.cpp uses QK norm iff there are not 128 experts (use_qk_norm="
+                            f"{args.use_qk_norm}, {args.moe.num_experts} experts)")
+    if tuple(args.nope_layers) != tuple(range(3, n, 4)):
+        problems.append(f"llama.cpp puts NoPE on every 4th layer, this model on {list(args.nope_layers)}")
+    if args.attention_chunk_size is None:
+        problems.append("its RoPE layers attend without chunks")
+    if args.floor_scale != int(args.floor_scale):
+        problems.append(f"its temperature floor {args.floor_scale} is not a whole number (GGUF stores an integer)")
+    if not args.attn_temperature_tuning:
+        problems.append("llama.cpp always tunes the NoPE layers' attention temperature")
+    if problems:
+        raise UnsupportedArchitecture("this Llama 4 model cannot be written as GGUF: " + "; ".join(problems))
 
 
 def _gguf():
@@ -61,7 +119,7 @@ def write_gguf(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor
     (herd.model.rope computes both; the caller passes them, as formats know no model maths)."""
     gguf = _gguf()
     if args.is_llama4:
-        raise UnsupportedArchitecture("writing Llama 4 as GGUF is not supported yet")
+        _check_llama4(args)
     if out_type not in OUT_TYPES:
         raise ValueError(f"GGUF export type must be one of {', '.join(OUT_TYPES)}, got {out_type!r}")
     if tokenizer is None or not tokenizer.gguf_metadata:
@@ -73,7 +131,8 @@ def write_gguf(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor
     Q = gguf.GGMLQuantizationType
     file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                  "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
-    w = gguf.GGUFWriter(str(out), "llama")
+    arch = "llama4" if args.is_llama4 else "llama"
+    w = gguf.GGUFWriter(str(out), arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_block_count(args.n_layers)
@@ -84,11 +143,20 @@ def write_gguf(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor
     w.add_head_count_kv(args.n_kv_heads)
     w.add_rope_freq_base(args.rope_theta)
     w.add_layer_norm_rms_eps(args.norm_eps)
+    if args.is_llama4:
+        w.add_expert_count(args.moe.num_experts)
+        w.add_expert_used_count(args.moe.top_k)
     w.add_key_length(args.head_dim)
     w.add_value_length(args.head_dim)
     w.add_file_type(file_type)
     w.add_vocab_size(args.vocab_size)
     w.add_rope_dimension_count(args.head_dim)
+    if args.is_llama4:
+        w.add_interleave_moe_layer_step(args.moe.layers[0] + 1)
+        w.add_expert_feed_forward_length(args.moe.hidden_dim)
+        w.add_sliding_window(args.attention_chunk_size)
+        w.add_attn_temperature_length(int(args.floor_scale))
+        w.add_attn_temperature_scale(args.attn_scale)
     if args.rope_scaling is not None and args.rope_scaling.kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(args.rope_scaling.factor)
@@ -108,21 +176,15 @@ def write_gguf(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor
     for key in sorted(tensors, key=_order):
         if key == "output.weight" and args.tie_embeddings:
             continue
-        if key in _GLOBAL:
-            gguf_name = _GLOBAL[key]
-        else:
-            _, layer, rest = key.split(".", 2)
-            if rest not in _LAYER:
-                raise UnsupportedArchitecture(f"tensor {key} has no GGUF llama name")
-            gguf_name = f"blk.{int(layer)}.{_LAYER[rest]}"
+        name_in_file = gguf_name(key, args)
         arr = tensors[key].detach().float().cpu().numpy()
-        qtype = Q.F32 if arr.ndim <= 1 or gguf_name.endswith("norm.weight") else getattr(Q, out_type)
+        qtype = stored_type(name_in_file, arr.ndim, out_type)
         try:
             data = gguf.quants.quantize(arr, qtype)
         except gguf.QuantError:
             qtype = Q.F16
             data = gguf.quants.quantize(arr, qtype)
-        w.add_tensor(gguf_name, data, raw_dtype=qtype)
+        w.add_tensor(name_in_file, data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -136,4 +198,4 @@ def _order(key: str):
     return (0 if key == "tok_embeddings.weight" else 2, 0, key)
 
 
-__all__ = ["write_gguf", "LINEAGE_KEY", "OUT_TYPES"]
+__all__ = ["write_gguf", "gguf_name", "stored_type", "LINEAGE_KEY", "OUT_TYPES"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from herd.config import ModelArgs, MoEArgs, RopeScaling
+from herd.config import MllamaVisionArgs, ModelArgs, MoEArgs, RopeScaling, VisionArgs
 from herd.errors import (
     ConfigError,
     FormatError,
@@ -31,6 +31,7 @@ from herd.formats.fields import Fields, check_layer_count, naming, read_json
 
 LLAMA_ARCHS = {"LlamaForCausalLM"}
 LLAMA4_ARCHS = {"Llama4ForCausalLM", "Llama4ForConditionalGeneration"}
+MLLAMA_ARCHS = {"MllamaForConditionalGeneration"}
 
 # Settings that change the maths and that herd does not implement: (key, value herd accepts).
 UNSUPPORTED_IF_NOT = {
@@ -93,11 +94,13 @@ def args_from_hf_config(config: dict, path: Path | str = "config.json",
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise top.fail("architectures", "a list of class names", archs)
     model_type = top.str("model_type", None)
-    if not (set(archs) & (LLAMA_ARCHS | LLAMA4_ARCHS)) and model_type not in ("llama", "llama4", "llama4_text"):
+    if not (set(archs) & (LLAMA_ARCHS | LLAMA4_ARCHS | MLLAMA_ARCHS)) and model_type not in (
+            "llama", "llama4", "llama4_text", "mllama"):
         raise UnsupportedArchitecture(
             f"{path}: architectures={archs} model_type={model_type!r}; herd runs "
-            f"{sorted(LLAMA_ARCHS | LLAMA4_ARCHS)}"
+            f"{sorted(LLAMA_ARCHS | LLAMA4_ARCHS | MLLAMA_ARCHS)}"
         )
+    mllama = model_type == "mllama" or bool(set(archs) & MLLAMA_ARCHS)
     cfg = top.object("text_config") if model_type == "llama4" or "text_config" in config else top
     for key, accepted in UNSUPPORTED_IF_NOT.items():
         if key in cfg and cfg.data[key] not in (accepted, None):
@@ -121,6 +124,8 @@ def args_from_hf_config(config: dict, path: Path | str = "config.json",
             head_dim=cfg.int("head_dim", None),
             tie_embeddings=bool(cfg.bool("tie_word_embeddings", False)),
         )
+        if mllama:
+            return _mllama_args(cfg, top, path, tensor_names, common)
         if model_type not in ("llama4", "llama4_text") and not set(archs) & LLAMA4_ARCHS:
             return ModelArgs(hidden_dim=cfg.int("intermediate_size"), **common)
         step = cfg.int("interleave_moe_layer_step", 1)
@@ -134,6 +139,13 @@ def args_from_hf_config(config: dict, path: Path | str = "config.json",
         rope_flags = cfg.int_list("no_rope_layers", None) or [int((i + 1) % interval != 0) for i in range(n_layers)]
         if len(rope_flags) != n_layers:
             raise ConfigError(f"{path}: no_rope_layers has {len(rope_flags)} entries for {n_layers} layers")
+        vision = None
+        if "vision_config" in config and tensor_names is not None and any(
+                n.startswith(VISION_PREFIXES) for n in tensor_names):
+            try:
+                vision = _llama4_vision(top.object("vision_config"), top, path)
+            except (UnsupportedArchitecture, ConfigError):
+                vision = None  # the text model still runs; read_hf's note says why images do not
         return ModelArgs(
             hidden_dim=cfg.int("intermediate_size_mlp", None) or cfg.int("intermediate_size"),
             moe=MoEArgs(
@@ -150,8 +162,80 @@ def args_from_hf_config(config: dict, path: Path | str = "config.json",
             attn_temperature_tuning=cfg.bool("attn_temperature_tuning", True),
             floor_scale=cfg.float("floor_scale", 8192.0),
             attn_scale=cfg.float("attn_scale", 0.1),
+            vision=vision,
             **common,
         )
+
+
+def _mllama_args(cfg: Fields, top: Fields, path, tensor_names, common: dict) -> ModelArgs:
+    """MllamaTextConfig counts its cross-attention layers among num_hidden_layers; herd's layers are the
+    self-attention ones, and each cross-attention layer runs before the self-attention layer that followed it."""
+    cross = sorted(cfg.int_list("cross_attention_layers", []))
+    total = common["n_layers"]
+    if any(not 0 <= c < total for c in cross):
+        raise ConfigError(f"{path}: text_config.cross_attention_layers {cross} are outside 0..{total - 1}")
+    fusion = tuple(c - k for k, c in enumerate(cross))
+    vision = None
+    if tensor_names is not None and any(n.startswith(VISION_PREFIXES) for n in tensor_names):
+        try:
+            vision = _mllama_vision(top.object("vision_config"), top, path)
+        except (UnsupportedArchitecture, ConfigError):
+            vision = None  # read_hf's note says why
+    return ModelArgs(hidden_dim=cfg.int("intermediate_size"), **{**common, "n_layers": total - len(cross)},
+                     cross_attention_layers=fusion, extra_embeddings=8, vision=vision)
+
+
+def _mllama_vision(cfg: Fields, top: Fields, path) -> MllamaVisionArgs:
+    if cfg.str("hidden_act", "gelu") != "gelu":
+        raise UnsupportedArchitecture(f"{path}: vision_config.hidden_act {cfg.str('hidden_act')!r} (herd has gelu)")
+    ratios = cfg.data.get("supported_aspect_ratios")
+    if not isinstance(ratios, list) or not all(isinstance(r, list) and len(r) == 2 for r in ratios):
+        raise ConfigError(f"{path}: vision_config.supported_aspect_ratios must be a list of [rows, columns]")
+    args = MllamaVisionArgs(
+        dim=cfg.int("hidden_size"), n_layers=cfg.int("num_hidden_layers"), n_global_layers=cfg.int("num_global_layers"),
+        n_heads=cfg.int("attention_heads"), hidden_dim=cfg.int("intermediate_size"), image_size=cfg.int("image_size"),
+        patch_size=cfg.int("patch_size"), max_num_tiles=cfg.int("max_num_tiles"),
+        intermediate_layers=tuple(cfg.int_list("intermediate_layers_indices")),
+        aspect_ratios=tuple((int(r), int(c)) for r, c in ratios), norm_eps=cfg.float("norm_eps", 1e-5),
+        image_token_id=top.int("image_token_index", 128256), n_channels=cfg.int("num_channels", 3))
+    if cfg.int("vision_output_dim", args.output_dim) != args.output_dim:
+        raise UnsupportedArchitecture(f"{path}: vision_config.vision_output_dim {cfg.int('vision_output_dim')} is not "
+                                      f"hidden_size x (1 + intermediate layers) = {args.output_dim}")
+    return args
+
+
+def _llama4_vision(cfg: Fields, top: Fields, path) -> VisionArgs:
+    """Llama4VisionConfig -> VisionArgs. HF names one width, intermediate_size, for both the encoder MLP
+    and the pixel-shuffled adapter input; Meta's layout needs them equal, and the adapter square."""
+    dim, ratio = cfg.int("hidden_size"), cfg.float("pixel_shuffle_ratio", 0.5)
+    hidden = cfg.int("intermediate_size")
+    out = cfg.int("projector_output_dim")
+    if round(dim / ratio ** 2) != hidden:
+        raise UnsupportedArchitecture(f"{path}: vision_config.intermediate_size {hidden} is not hidden_size / "
+                                      f"pixel_shuffle_ratio^2 = {dim / ratio ** 2:g} (Meta's vision adapter)")
+    for key in ("projector_input_dim", "vision_output_dim"):
+        if cfg.int(key, out) != out:
+            raise UnsupportedArchitecture(f"{path}: vision_config.{key} {cfg.int(key)} differs from "
+                                          f"projector_output_dim {out}")
+    if cfg.bool("multi_modal_projector_bias", False):
+        raise UnsupportedArchitecture(f"{path}: vision_config.multi_modal_projector_bias is not supported")
+    if cfg.str("hidden_act", "gelu") != "gelu":
+        raise UnsupportedArchitecture(f"{path}: vision_config.hidden_act {cfg.str('hidden_act')!r} (herd has gelu)")
+    theta = 10000.0
+    for key in ("rope_parameters", "rope_scaling"):
+        part = cfg.object(key, None)
+        if part is not None:
+            theta = part.float("rope_theta", theta)
+    max_tiles = 16
+    processor = Path(path).parent / "preprocessor_config.json"
+    if processor.is_file():
+        max_tiles = Fields(read_json(processor, ConfigError), str(processor)).int("max_patches", 16)
+    return VisionArgs(
+        max_tiles=max_tiles, dim=dim, n_layers=cfg.int("num_hidden_layers"), n_heads=cfg.int("num_attention_heads"), hidden_dim=hidden,
+        image_size=cfg.int("image_size"), patch_size=cfg.int("patch_size"), output_dim=out,
+        pixel_shuffle_ratio=ratio, rope_theta=theta, n_channels=cfg.int("num_channels", 3),
+        image_token_id=top.int("image_token_index", None) or top.int("image_token_id", 200092),
+    )
 
 
 def permute_for_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -185,7 +269,135 @@ LAYER_MAP = {
     "feed_forward.shared_expert.down_proj.weight": "feed_forward.shared_expert.w2.weight",
     "feed_forward.shared_expert.up_proj.weight": "feed_forward.shared_expert.w3.weight",
 }
-SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
+VISION_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
+SKIPPED_PREFIXES = VISION_PREFIXES
+# Llama4VisionModel names -> Meta's (llama-models vision/encoder.py, embedding.py), below vision_embeddings.
+VISION_MAP = {
+    "patch_embedding.linear.weight": "vision_encoder.conv1._linear.weight",
+    "class_embedding": "vision_encoder.class_embedding",
+    "positional_embedding_vlm": "vision_encoder.positional_embedding_vlm",
+    "layernorm_pre.weight": "vision_encoder.ln_pre.weight", "layernorm_pre.bias": "vision_encoder.ln_pre.bias",
+    "layernorm_post.weight": "vision_encoder.ln_post.weight", "layernorm_post.bias": "vision_encoder.ln_post.bias",
+    "vision_adapter.mlp.fc1.weight": "vision_adapter.mlp.c_fc.weight",
+    "vision_adapter.mlp.fc2.weight": "vision_adapter.mlp.c_proj.weight",
+}
+VISION_LAYER_MAP = {
+    "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+    "self_attn.o_proj": "attn.wo", "input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+}
+
+
+def vision_tensor_name(name: str) -> str | None:
+    """An HF Llama 4 vision-tower tensor name -> herd's (Meta's), or None when it has no place."""
+    key = name.removeprefix("model.")
+    if key == "multi_modal_projector.linear_1.weight":
+        return "vision_projection.weight"
+    if not key.startswith("vision_model."):
+        return None
+    key = key.removeprefix("vision_model.")
+    if key in VISION_MAP:
+        return "vision_embeddings." + VISION_MAP[key]
+    parts = key.split(".")
+    if len(parts) in (5, 6) and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        module = VISION_LAYER_MAP.get(".".join(parts[3:-1]))
+        if module is not None:
+            return f"vision_embeddings.vision_encoder.transformer.resblocks.{int(parts[2])}.{module}.{parts[-1]}"
+    return None
+
+
+MLLAMA_VISION_MAP = {
+    "class_embedding": "class_embedding",
+    "gated_positional_embedding.embedding": "positional_embedding",
+    "gated_positional_embedding.gate": "gated_positional_embedding_gate",
+    "gated_positional_embedding.tile_embedding.weight": "gated_positional_embedding.embedding",
+    "pre_tile_positional_embedding.embedding.weight": "pre_tile_pos_embed.embedding",
+    "pre_tile_positional_embedding.gate": "pre_tile_pos_embed.gate",
+    "post_tile_positional_embedding.embedding.weight": "post_tile_pos_embed.embedding",
+    "post_tile_positional_embedding.gate": "post_tile_pos_embed.gate",
+    "layernorm_pre.weight": "ln_pre.weight", "layernorm_pre.bias": "ln_pre.bias",
+    "layernorm_post.weight": "ln_post.weight", "layernorm_post.bias": "ln_post.bias",
+}
+MLLAMA_VISION_LAYER_MAP = {**VISION_LAYER_MAP, "gate_attn": "gate_attn", "gate_ffn": "gate_ffn"}
+MLLAMA_CROSS_MAP = {
+    "cross_attn.q_proj.weight": "attention.wq.weight", "cross_attn.k_proj.weight": "attention.wk.weight",
+    "cross_attn.v_proj.weight": "attention.wv.weight", "cross_attn.o_proj.weight": "attention.wo.weight",
+    "cross_attn.q_norm.weight": "attention.q_norm.weight", "cross_attn.k_norm.weight": "attention.k_norm.weight",
+    "cross_attn_attn_gate": "gate_attn", "cross_attn_mlp_gate": "gate_ffwd",
+    "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+}
+
+
+def _vision_layer_name(rest: str) -> str | None:
+    """An HF vision encoder layer's tensor (below layers.N.) -> Meta's, or None."""
+    if rest in MLLAMA_VISION_LAYER_MAP:  # the global layers' gates
+        return MLLAMA_VISION_LAYER_MAP[rest]
+    module, _, leaf = rest.rpartition(".")
+    return f"{MLLAMA_VISION_LAYER_MAP[module]}.{leaf}" if module in MLLAMA_VISION_LAYER_MAP else None
+
+
+def mllama_tensors(raw: dict[str, Any], args: ModelArgs, hf_cross: list[int],
+                   sources: dict[str, Path] | None = None) -> dict[str, Any]:
+    """MllamaForConditionalGeneration names and layouts -> herd's (see herd.model.mllama): the self-attention
+    layers renumbered without the cross-attention ones, q/k put in interleaved RoPE order, the patch
+    convolution as Meta's unfold-linear."""
+    def where(name: str) -> str:
+        return f"{sources[name]}: tensor {name}" if sources and name in sources else f"tensor {name}"
+
+    cross_index = {c: k for k, c in enumerate(sorted(hf_cross))}
+    out: dict[str, Any] = {}
+    for name, tensor in raw.items():
+        key = name.removeprefix("model.")
+        if key.startswith(("vision_model.", "multi_modal_projector.")):
+            if args.vision is None:
+                continue
+            if key.startswith("multi_modal_projector."):
+                out["vision_model.vision_projection." + key.split(".", 1)[1]] = tensor
+                continue
+            key = key.removeprefix("vision_model.")
+            base = "vision_model.vision_encoder."
+            parts = key.split(".")
+            if key == "patch_embedding.weight":
+                out[base + "conv1._linear.weight"] = tensor.reshape(tensor.shape[0], -1)
+            elif key in MLLAMA_VISION_MAP:
+                out[base + MLLAMA_VISION_MAP[key]] = tensor
+            elif len(parts) >= 4 and parts[0] in ("transformer", "global_transformer") and parts[1] == "layers" \
+                    and parts[2].isdigit() and _vision_layer_name(".".join(parts[3:])) is not None:
+                rest = _vision_layer_name(".".join(parts[3:]))
+                out[f"{base}{parts[0]}.resblocks.{int(parts[2])}.{rest}"] = tensor
+            else:
+                raise UnexpectedTensor(f"{where(name)}: no place for this tensor in Llama 3.2 Vision's image encoder")
+            continue
+        while key.startswith(("language_model.", "model.")):
+            key = key.split(".", 1)[1]
+        if key == "embed_tokens.weight":
+            out["tok_embeddings.weight"] = tensor
+        elif key == "norm.weight":
+            out["norm.weight"] = tensor
+        elif key == "lm_head.weight":
+            out["output.weight"] = tensor
+        elif key.startswith("layers.") and key.split(".")[1].isdigit():
+            _, index, rest = key.split(".", 2)
+            index = int(index)
+            if index in cross_index:
+                if rest not in MLLAMA_CROSS_MAP:
+                    raise UnexpectedTensor(f"{where(name)}: no place for this tensor in a cross-attention layer")
+                out[f"cross_attention_layers.{cross_index[index]}.{MLLAMA_CROSS_MAP[rest]}"] = tensor
+                continue
+            if rest not in LAYER_MAP:
+                raise UnexpectedTensor(f"{where(name)}: no place for this tensor in a Llama model")
+            if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+                heads = args.n_heads if rest.startswith("self_attn.q") else args.n_kv_heads
+                if tuple(tensor.shape) != (heads * args.head_dim, args.dim):
+                    raise ShapeMismatch(f"{where(name)} has shape {tuple(tensor.shape)}, the config implies "
+                                        f"{(heads * args.head_dim, args.dim)}")
+                tensor = permute_for_interleaved(tensor, heads)
+            out[f"layers.{index - sum(c < index for c in cross_index)}.{LAYER_MAP[rest]}"] = tensor
+        elif not key.endswith("rotary_emb.inv_freq"):
+            raise UnexpectedTensor(f"{where(name)}: no place for this tensor in a Llama model")
+    return out
 
 
 def canonical_tensors(raw: dict[str, Any], args: ModelArgs, sources: dict[str, Path] | None = None,
@@ -204,7 +416,15 @@ def canonical_tensors(raw: dict[str, Any], args: ModelArgs, sources: dict[str, P
 
     hd = args.head_dim
     for name, tensor in raw.items():
-        if name.startswith(SKIPPED_PREFIXES) or name.endswith("rotary_emb.inv_freq"):
+        if name.startswith(VISION_PREFIXES):
+            if args.vision is None:
+                continue  # loaded as text only (args_from_hf_config decided)
+            herd_name = vision_tensor_name(name)
+            if herd_name is None:
+                raise UnexpectedTensor(f"{where(name)}: no place for this tensor in Llama 4's vision encoder")
+            out[herd_name] = tensor
+            continue
+        if name.endswith("rotary_emb.inv_freq"):
             continue
         key = name
         # Llama4ForConditionalGeneration nests the text model: language_model.model.* (hub files) or
@@ -367,7 +587,8 @@ def read_hf(path: Path, lazy: bool = False) -> Checkpoint:
             raise MissingTensor(f"{path}: tensors listed in the index are absent: {sorted(missing)[:5]}")
     return Checkpoint(
         args=args,
-        tensors=canonical_tensors(raw, args, names, lazy),
+        tensors=mllama_tensors(raw, args, _hf_cross_layers(config), names) if args.cross_attention_layers
+        else canonical_tensors(raw, args, names, lazy),
         format="hf",
         path=path,
         tokenizer=_tokenizer_source(path),
@@ -375,8 +596,33 @@ def read_hf(path: Path, lazy: bool = False) -> Checkpoint:
         generation=guess_generation(args),
         quantization=", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in raw.values()})),
         eos_token_ids=_eos_ids(path, config),
-        metadata={"architectures": config.get("architectures"), "name": config.get("_name_or_path", path.name)},
+        metadata={"architectures": config.get("architectures"), "name": config.get("_name_or_path", path.name),
+                  **_vision_note(config, args, path, names)},
     )
+
+
+def _hf_cross_layers(config: dict) -> list[int]:
+    return list((config.get("text_config") or {}).get("cross_attention_layers") or [])
+
+
+def _vision_note(config: dict, args: ModelArgs, path: Path, names) -> dict:
+    """A vision checkpoint whose image weights are absent, or whose vision config herd cannot build, runs as
+    text only, and says so."""
+    if "vision_config" not in config or args.vision is not None:
+        return {}
+    reason = "the checkpoint has none of its weights"
+    if any(n.startswith(VISION_PREFIXES) for n in names):
+        top = Fields(config, str(path / "config.json"))
+        build = _mllama_vision if args.cross_attention_layers else _llama4_vision
+        try:
+            build(top.object("vision_config"), top, path / "config.json")
+        except (UnsupportedArchitecture, ConfigError) as e:
+            reason = f"herd cannot build it ({e})"
+    note = f"{path}: the config describes an image encoder, but {reason}; loaded as a text-only model"
+    import warnings
+
+    warnings.warn(f"herd: {note}", stacklevel=3)
+    return {"note": note}
 
 
 def _tokenizer_source(path: Path) -> TokenizerSource | None:
@@ -443,6 +689,8 @@ def guess_generation(args: ModelArgs) -> str:
     """Which Llama generation these facts describe (chooses the built-in chat format)."""
     if args.is_llama4:
         return "4"
+    if args.cross_attention_layers:
+        return "3.2"  # Llama 3.2 Vision
     if args.vocab_size >= 128256:
         if args.rope_scaling is None:
             return "3"

@@ -1,7 +1,11 @@
-"""Writing an HF directory (config.json + model.safetensors + tokenizer files) that transformers loads as a
-LlamaForCausalLM: herd's canonical tensors renamed back to HF's (herd.formats.hf.LAYER_MAP inverted) and
-q/k rows permuted back to rotate_half order. Llama 1-3 only: Llama 4's HF layout (fused experts,
-vision towers) is not written."""
+"""Writing an HF directory (config.json + model.safetensors + tokenizer files) that transformers loads:
+herd's canonical tensors renamed back to HF's (herd.formats.hf.LAYER_MAP inverted).
+
+Llama 1-3 become a LlamaForCausalLM with q/k rows permuted back to rotate_half order. Llama 4 becomes a
+Llama4ForCausalLM (model_type llama4_text, the text model only): q/k stay as they are (HF Llama 4 is
+interleaved), the dense FFN and the router / shared expert live under `feed_forward.`, and each MoE layer's
+routed experts are fused as transformers stores them, gate_up_proj [E, D, 2F] (x @ W, gate first) and
+down_proj [E, F, D]."""
 
 from __future__ import annotations
 
@@ -19,37 +23,74 @@ from herd.formats.hf import LAYER_MAP, permute_for_rotate_half
 
 LINEAGE_FILE = "herd.json"
 _HERD_TO_HF = {v: k for k, v in LAYER_MAP.items() if k.startswith(("self_attn.", "mlp.", "input_", "post_"))}
+_HERD_TO_HF4 = {v: k for k, v in LAYER_MAP.items() if not k.startswith("mlp.")}
+_EXPERTS = ("feed_forward.experts.w1", "feed_forward.experts.w2", "feed_forward.experts.w3")
+
+
+def _rope_config(args: ModelArgs) -> dict | None:
+    scaling = args.rope_scaling
+    if scaling is None:
+        return None
+    if scaling.kind == "llama3":
+        return {"rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+                "high_freq_factor": scaling.high_freq_factor,
+                "original_max_position_embeddings": scaling.original_max_position}
+    if scaling.kind == "linear":
+        return {"rope_type": "linear", "factor": scaling.factor}
+    if any(abs(d - 1.0) > 0 for d in scaling.divisors):
+        raise UnsupportedArchitecture("this model's RoPE frequencies come as per-frequency divisors (GGUF "
+                                      "rope_freqs), which an HF config cannot state")
+    return None
+
+
+def _llama4_config(args: ModelArgs, common: dict) -> dict:
+    moe = args.moe
+    if moe is None:
+        raise UnsupportedArchitecture("a Llama 4 model without experts has no Llama4ForCausalLM layout")
+    if args.floor_scale != int(args.floor_scale):
+        raise UnsupportedArchitecture(f"temperature floor_scale {args.floor_scale} is not a whole number, which "
+                                      "Llama4TextConfig requires")
+    return {
+        **common, "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text",
+        "intermediate_size": moe.hidden_dim, "intermediate_size_mlp": args.hidden_dim,
+        "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+        "moe_layers": list(moe.layers), "interleave_moe_layer_step": _step(moe.layers, args.n_layers),
+        # 1 = this layer uses RoPE (transformers' convention)
+        "no_rope_layers": [int(i not in args.nope_layers) for i in range(args.n_layers)],
+        "attention_chunk_size": args.attention_chunk_size, "use_qk_norm": args.use_qk_norm,
+        "attn_temperature_tuning": args.attn_temperature_tuning, "floor_scale": int(args.floor_scale),
+        "attn_scale": args.attn_scale, "router_jitter_noise": 0.0, "router_aux_loss_coef": 0.001,
+    }
+
+
+def _step(layers: tuple[int, ...], n_layers: int) -> int:
+    """interleave_moe_layer_step for informational readers; moe_layers (always written) is what counts."""
+    for step in range(1, n_layers + 1):
+        if tuple(range(step - 1, n_layers, step)) == tuple(layers):
+            return step
+    return 1
 
 
 def hf_config(args: ModelArgs, eos_token_ids=(), bos_token_id: int | None = None) -> dict:
-    if args.is_llama4:
-        raise UnsupportedArchitecture("writing Llama 4 as an HF directory is not supported (export it to GGUF)")
-    scaling = args.rope_scaling
-    rope = None
-    if scaling is not None:
-        if scaling.kind == "llama3":
-            rope = {"rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
-                    "high_freq_factor": scaling.high_freq_factor,
-                    "original_max_position_embeddings": scaling.original_max_position}
-        elif scaling.kind == "linear":
-            rope = {"rope_type": "linear", "factor": scaling.factor}
-        elif any(abs(d - 1.0) > 0 for d in scaling.divisors):
-            raise UnsupportedArchitecture("this model's RoPE frequencies come as per-frequency divisors (GGUF "
-                                          "rope_freqs), which an HF config cannot state")
     eos = list(eos_token_ids)
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
-        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "intermediate_size": args.hidden_dim,
-        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-        "rope_scaling": rope, "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+    common = {
+        "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": _rope_config(args),
+        "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu", "attention_bias": False, "torch_dtype": "float32",
         "bos_token_id": bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
     }
+    if args.is_llama4:
+        return _llama4_config(args, common)
+    return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "intermediate_size": args.hidden_dim, "mlp_bias": False}
 
 
 def hf_tensors(tensors: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype | None = None) -> dict:
     out = {}
+    to_hf = _HERD_TO_HF4 if args.is_llama4 else _HERD_TO_HF
+    experts: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         t = t.detach().to("cpu")
         if dtype is not None:
@@ -64,14 +105,24 @@ def hf_tensors(tensors: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.d
             key = "lm_head.weight"
         else:
             _, layer, rest = name.split(".", 2)
-            if rest not in _HERD_TO_HF:
-                raise UnsupportedArchitecture(f"tensor {name} has no place in an HF LlamaForCausalLM")
-            key = f"model.layers.{layer}.{_HERD_TO_HF[rest]}"
-            if rest == "attention.wq.weight":
+            if args.is_llama4 and rest in _EXPERTS:
+                experts.setdefault(layer, {})[rest.rsplit(".", 1)[1]] = t
+                continue
+            if rest not in to_hf:
+                cls = "Llama4ForCausalLM" if args.is_llama4 else "LlamaForCausalLM"
+                raise UnsupportedArchitecture(f"tensor {name} has no place in an HF {cls}")
+            key = f"model.layers.{layer}.{to_hf[rest]}"
+            if not args.is_llama4 and rest == "attention.wq.weight":
                 t = permute_for_rotate_half(t, args.n_heads)
-            elif rest == "attention.wk.weight":
+            elif not args.is_llama4 and rest == "attention.wk.weight":
                 t = permute_for_rotate_half(t, args.n_kv_heads)
         out[key] = t.contiguous()
+    for layer, w in experts.items():  # herd: w1, w3 [E, F, D] and w2 [E, D, F], nn.Linear's [out, in] per expert
+        if w.keys() != {"w1", "w2", "w3"}:
+            raise UnsupportedArchitecture(f"layer {layer}: experts {sorted(w)} without the rest of w1, w2, w3")
+        prefix = f"model.layers.{layer}.feed_forward.experts."
+        out[prefix + "gate_up_proj"] = torch.cat([w["w1"].transpose(1, 2), w["w3"].transpose(1, 2)], -1).contiguous()
+        out[prefix + "down_proj"] = w["w2"].transpose(1, 2).contiguous()
     return out
 
 

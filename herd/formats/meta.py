@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from herd.config import ModelArgs, MoEArgs, RopeScaling, ffn_hidden_dim
+from herd.config import ModelArgs, MoEArgs, RopeScaling, VisionArgs, ffn_hidden_dim
 from herd.errors import (
     ConfigError,
     FormatError,
@@ -184,10 +184,31 @@ def args_from_params(params: dict, tensors: dict[str, torch.Tensor],
                 attn_temperature_tuning=p.bool("attn_temperature_tuning", False),
                 floor_scale=p.float("floor_scale", 8192.0),
                 attn_scale=p.float("attn_scale", 0.1),
+                vision=_vision_args(p, tensors, path),
                 **common,
             ),
             generation,
         )
+
+
+def _vision_args(p: Fields, tensors: dict, path) -> VisionArgs | None:
+    """params.json vision_args (llama-models llama4/args.py VisionArgs), when the checkpoint has the encoder."""
+    v = p.object("vision_args", None)
+    if v is None or not any(n.startswith("vision_embeddings.") for n in tensors):
+        return None
+    size, patch = v.object("image_size"), v.object("patch_size")
+    if size.int("height") != size.int("width") or patch.int("height") != patch.int("width"):
+        raise UnsupportedArchitecture(f"{path}: vision_args with non-square tiles or patches are not supported")
+    dim = v.int("dim")
+    ratio = v.float("mlp_ratio")
+    if not (math.isfinite(ratio) and ratio > 0):
+        raise v.fail("mlp_ratio", "a finite positive number", ratio)
+    if "vision_embeddings.vision_encoder.positional_embedding" in tensors:
+        raise UnsupportedArchitecture(f"{path}: a pre-release vision positional_embedding (resampled by Meta's load "
+                                      "hook); herd reads positional_embedding_vlm")
+    return VisionArgs(dim=dim, n_layers=v.int("n_layers"), n_heads=v.int("n_heads"), hidden_dim=int(ratio * dim),
+                      image_size=size.int("height"), patch_size=patch.int("height"), output_dim=v.int("output_dim"),
+                      pixel_shuffle_ratio=v.float("pixel_shuffle_ratio", 0.5))
 
 
 def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int, path: Path | str = "",
@@ -295,7 +316,8 @@ def read_meta(path: Path, lazy: bool = False) -> Checkpoint:
     if args.tie_embeddings:
         tensors.pop("output.weight", None)
     for name in tensors:
-        if not (name in ("tok_embeddings.weight", "norm.weight", "output.weight") or name.startswith("layers.")):
+        if not (name in ("tok_embeddings.weight", "norm.weight", "output.weight") or name.startswith("layers.")
+                or (args.vision is not None and name.startswith(("vision_embeddings.", "vision_projection.")))):
             raise UnexpectedTensor(f"{path}: {name}: no place for this tensor in a Llama model")
     tokenizer = None
     for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
@@ -313,5 +335,16 @@ def read_meta(path: Path, lazy: bool = False) -> Checkpoint:
         tokenizer=tokenizer,
         generation=generation,
         quantization=", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})),
-        metadata={"shards": len(files)},
+        metadata={"shards": len(files), **_vision_note(params, args, path)},
     )
+
+
+def _vision_note(params: dict, args: ModelArgs, path: Path) -> dict:
+    if params.get("vision_args") and args.vision is None:
+        import warnings
+
+        note = (f"{path}: params.json describes an image encoder, but the checkpoint has none of its weights; "
+                "loaded as a text-only model")
+        warnings.warn(f"herd: {note}", stacklevel=3)
+        return {"note": note}
+    return {}

@@ -118,7 +118,7 @@ def _register_fakes(torch) -> None:
     the meta device trace through them without running them. Packed weights are uint8 [N/8, K/32, record]."""
     fake = torch.library.register_fake
 
-    def linear(x, w, n=-1):
+    def linear(x, w, n=-1, int8_tokens=0):
         return x.new_empty((*x.shape[:-1], n if n >= 0 else w.shape[0] * 8), dtype=torch.float32)
 
     def dequantize(w, n=-1):

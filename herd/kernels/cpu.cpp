@@ -141,6 +141,53 @@ QuantizedActivations quantize_activations(const at::Tensor& x) {
   return a;
 }
 
+// Activations as int8 per block of 32, for prompts: many tokens share each unpacked weight vector, and
+// vpmaddubsw multiplies 32 byte pairs where vpmaddwd multiplies 16 int16 pairs, so a q4 block costs about
+// half the instructions (llama.cpp's prefill quantizes activations to 8 bits the same way). Decode keeps
+// int16 (see above). Each block's bytes are stored in the order of a q4 record's nibbles: a 32-bit lane r
+// of vector v holds row r's elements (8v, 8v+4, 8v+1, 8v+5) in its low nibbles and (8v+2, 8v+6, 8v+3,
+// 8v+7) in its high ones, so one broadcast of 4 activation bytes meets 8 rows' 4 weights.
+constexpr int Q4_NIBBLE_ORDER[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // stored byte t holds element Q4_NIBBLE_ORDER[t]
+
+struct QuantizedActivations8 {
+  at::Tensor q, d, s;  // int8 [M, K] in nibble order, fp32 [M, K/32] (d), fp32 [M, K/32] (d * sum of a)
+  const int8_t* qp;
+  const float *dp, *sp;
+};
+
+void quantize_row8(const float* x, int64_t k, int8_t* q, float* d, float* s) {
+  for (int64_t b = 0; b < k / QK; ++b) {
+    const float* xb = x + b * QK;
+    float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+    for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int v = 0; v < 4; ++v)
+      for (int t = 0; t < 8; ++t) {
+        const int a = static_cast<int>(std::nearbyint(xb[8 * v + Q4_NIBBLE_ORDER[t]] * inv));
+        q[b * QK + 8 * v + t] = static_cast<int8_t>(a);
+        sum += a;
+      }
+    d[b] = amax / 127.f;
+    s[b] = d[b] * static_cast<float>(sum);
+  }
+}
+
+QuantizedActivations8 quantize_activations8(const at::Tensor& x) {
+  const int64_t m = x.size(0), k = x.size(1);
+  QuantizedActivations8 a{at::empty({m, k}, x.options().dtype(at::kChar)), at::empty({m, k / QK}, x.options()),
+                          at::empty({m, k / QK}, x.options()), nullptr, nullptr, nullptr};
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = a.q.data_ptr<int8_t>();
+  float *dp = a.d.data_ptr<float>(), *sp = a.s.data_ptr<float>();
+  a.qp = qp, a.dp = dp, a.sp = sp;
+  at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) quantize_row8(xp + i * k, k, qp + i * k, dp + i * (k / QK), sp + i * (k / QK));
+  });
+  return a;
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -244,6 +291,40 @@ void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
   }
   for (int i = 0; i < T; ++i) _mm256_storeu_ps(out[i], _mm256_add_ps(acc[i], offset[i]));
 }
+// q4 / q4h records times int8 activations in nibble order: per block, 8 vpmaddubsw per token summed in
+// int16 (each at most 2 x 15 x 127, eight of them under 32767), widened once.
+template <int T, bool H>
+void q4_group8(const uint8_t* rec, const int8_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
+  constexpr int64_t record = H ? Q4H_RECORD : Q4_RECORD, values = H ? 32 : 64, scale_bytes = H ? 2 : 4;
+  const int64_t k = nb * QK;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[T], offset[T];
+  for (int i = 0; i < T; ++i) acc[i] = offset[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, rec += record) {
+    for (int l = 0; l < record; l += 64) _mm_prefetch(reinterpret_cast<const char*>(rec + PREFETCH + l), _MM_HINT_T0);
+    __m256i s16[T];
+    for (int v = 0; v < 4; ++v) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + values + 32 * v));
+      const __m256i lo = _mm256_and_si256(x, low4), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+      for (int i = 0; i < T; ++i) {
+        const int8_t* a = aq + i * k + b * QK + 8 * v;
+        int32_t a0, a1;
+        std::memcpy(&a0, a, 4);
+        std::memcpy(&a1, a + 4, 4);
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(a0)),
+                                           _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a1)));
+        s16[i] = v ? _mm256_add_epi16(s16[i], p) : p;
+      }
+    }
+    const __m256 d = scales8<H>(rec), m = scales8<H>(rec + ROWS * scale_bytes);
+    for (int i = 0; i < T; ++i) {
+      const __m256i isum = _mm256_madd_epi16(s16[i], ones);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(ad[i * nb + b])), acc[i]);
+      offset[i] = _mm256_fmadd_ps(m, _mm256_set1_ps(as[i * nb + b]), offset[i]);
+    }
+  }
+  for (int i = 0; i < T; ++i) _mm256_storeu_ps(out[i], _mm256_add_ps(acc[i], offset[i]));
+}
 #else
 // Without AVX2: each weight dequantized (weight_at) times the dequantized activation, one at a time.
 template <Kind kind, int T>
@@ -265,6 +346,19 @@ void q4_group(const uint8_t* rec, const int16_t* aq, const float* ad, const floa
 template <int T, bool X, bool H = false>
 void q8_group(const uint8_t* rec, const int16_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
   scalar_group<X ? (H ? Kind::q8xh : Kind::q8x) : Kind::q8, T>(rec, aq, ad, as, nb, out);
+}
+
+template <int T, bool H>
+void q4_group8(const uint8_t* rec, const int8_t* aq, const float* ad, const float* as, int64_t nb, float (*out)[ROWS]) {
+  constexpr int stored_at[8] = {0, 2, 4, 6, 1, 3, 5, 7};  // the inverse of Q4_NIBBLE_ORDER
+  const int64_t k = nb * QK, record = record_size(H ? Kind::q4h : Kind::q4);
+  for (int i = 0; i < T; ++i) std::fill(out[i], out[i] + ROWS, 0.f);
+  for (int64_t b = 0; b < nb; ++b, rec += record)
+    for (int64_t r = 0; r < ROWS; ++r)
+      for (int i = 0; i < T; ++i)
+        for (int64_t j = 0; j < QK; ++j)
+          out[i][r] += weight_at(H ? Kind::q4h : Kind::q4, rec, r, j) * ad[i * nb + b] *
+                       static_cast<float>(aq[i * k + b * QK + (j / 8) * 8 + stored_at[j % 8]]);
 }
 #endif
 
@@ -296,10 +390,16 @@ Packed packed(const at::Tensor& w, int64_t n) {
   return {static_cast<const uint8_t*>(w.data_ptr()), groups, w.size(1), n, record, kind};
 }
 
-// One thread's share of y [m, n] = x W^T, x already quantized: groups [lo, hi) (a padded last group's
-// extra rows are not written).
-void matmul_groups(const QuantizedActivations& a, int64_t m, const Packed& w, float* y, int64_t lo, int64_t hi) {
-  const GroupKernel* kernels = w.kernels();
+using GroupKernel8 = void (*)(const uint8_t* records, const int8_t* aq, const float* ad, const float* as, int64_t nb,
+                              float (*out)[ROWS]);
+constexpr GroupKernel8 kernel_table8[2][TILE + 1] = {  // q4, q4h
+    {nullptr, q4_group8<1, false>, q4_group8<2, false>, q4_group8<3, false>, q4_group8<4, false>},
+    {nullptr, q4_group8<1, true>, q4_group8<2, true>, q4_group8<3, true>, q4_group8<4, true>}};
+
+// One thread's share of y [m, n] = x W^T, x already quantized (int16, or int8 with `kernels8`): groups
+// [lo, hi) (a padded last group's extra rows are not written).
+template <typename A, typename Kernel>
+void matmul_groups_with(const A& a, int64_t m, const Packed& w, const Kernel* kernels, float* y, int64_t lo, int64_t hi) {
   const int64_t k = w.nb * QK, stride = w.nb * w.record;
   float out[TILE][ROWS];
   for (int64_t g = lo; g < hi; ++g)
@@ -310,6 +410,10 @@ void matmul_groups(const QuantizedActivations& a, int64_t m, const Packed& w, fl
     }
 }
 
+void matmul_groups(const QuantizedActivations& a, int64_t m, const Packed& w, float* y, int64_t lo, int64_t hi) {
+  matmul_groups_with(a, m, w, w.kernels(), y, lo, hi);
+}
+
 at::Tensor dequantize(const at::Tensor& w_, int64_t n);
 
 // From this many tokens on, dequantize and use a float GEMM. Measured (2-core AVX2 EPYC): dequantizing a whole
@@ -317,8 +421,22 @@ at::Tensor dequantize(const at::Tensor& w_, int64_t n);
 // 46-token prefill 25 tok/s through the GEMM, 69 through dot products; SmolLM2 at 512 tokens: 562 vs 502).
 constexpr int64_t GEMM_TOKENS = 512;
 
-// y [..., n] for x [..., K]: few tokens by integer dot products, many by a float GEMM of the dequantized weight.
-at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, int64_t n_) {
+bool takes_int8(const Packed& w) { return w.kind == Kind::q4 || w.kind == Kind::q4h; }
+
+at::Tensor linear_int8_rows(const at::Tensor& x, const Packed& w) {
+  const int64_t m = x.size(0);
+  const QuantizedActivations8 a = quantize_activations8(x);
+  at::Tensor y = at::empty({m, w.n}, x.options());
+  float* yp = y.data_ptr<float>();
+  const GroupKernel8* kernels = kernel_table8[w.kind == Kind::q4h ? 1 : 0];
+  at::parallel_for(0, w.groups, 4, [&](int64_t lo, int64_t hi) { matmul_groups_with(a, m, w, kernels, yp, lo, hi); });
+  return y;
+}
+
+// y [..., n] for x [..., K]: few tokens by integer dot products, many by a float GEMM of the dequantized
+// weight. `int8_tokens` > 0 opts in to int8 activations for q4 weights from that many tokens on (a prompt;
+// see quantize_row8): faster, and the arithmetic then depends on how many tokens share the call.
+at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, int64_t n_, int64_t int8_tokens) {
   const Packed w = packed(w_, n_);
   const int64_t k = w.nb * QK;
   TORCH_CHECK(x_.size(-1) == k, "x has ", x_.size(-1), " features, the weight ", k);
@@ -326,6 +444,7 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, int64_t n_) {
   shape.back() = w.n;
   const at::Tensor x = x_.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t m = x.size(0);
+  if (int8_tokens > 0 && m >= int8_tokens && takes_int8(w)) return linear_int8_rows(x, w).view(shape);
   if (m >= GEMM_TOKENS) return at::mm(x, dequantize(w_, w.n).t()).view(shape);
   const QuantizedActivations a = quantize_activations(x);
   at::Tensor y = at::empty({m, w.n}, x.options());
@@ -848,7 +967,7 @@ bool has_avx2() {
 // included, must route around: measured 5x slower decoding once fakes were added.)
 TORCH_LIBRARY(herd, lib) {
   lib.def("pack(Tensor q, Tensor d, Tensor? m=None) -> Tensor");
-  lib.def("linear(Tensor x, Tensor w, int n=-1) -> Tensor");
+  lib.def("linear(Tensor x, Tensor w, int n=-1, int int8_tokens=0) -> Tensor");
   lib.def("dequantize(Tensor w, int n=-1) -> Tensor");
   lib.def("dequantize_rows(Tensor w, Tensor rows, int n=-1) -> Tensor");
   lib.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");

@@ -74,7 +74,8 @@ class Batch:
     `start` is set when every row's positions are start..start+T-1 (plain causal attention may then need
     no mask). `last` [B], when set, is the index of each row's last real token: rows shorter than T are
     padded at the end (prompts of several requests in one forward), and the padding's keys land past the
-    row's length, where no real token looks."""
+    row's length, where no real token looks. A scorer may set it to [B, K]: the K positions per row whose
+    logits it wants."""
 
     positions: torch.Tensor
     cache: PagedKVCache | None = None

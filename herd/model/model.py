@@ -20,6 +20,7 @@ from torch import nn
 from herd.config import LayerSpec, ModelArgs, layer_plan
 from herd.model.cache import Batch
 from herd.model.rope import apply_rope, inverse_frequencies, rope_angles
+from herd.model.vision import VisionEmbeddings
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -190,26 +191,74 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = nn.Embedding(args.vocab_size + args.extra_embeddings, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, spec) for spec in layer_plan(args))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        if args.cross_attention_layers:  # Llama 3.2 Vision (a module that builds on this one's pieces)
+            from herd.model.mllama import CrossAttentionBlock, VisionModel
+
+            self.cross_attention_layers = nn.ModuleList(CrossAttentionBlock(args) for _ in args.cross_attention_layers)
+            if args.vision is not None:
+                self.vision_model = VisionModel(args.vision, args.dim)
+        elif args.vision is not None:  # Llama 4: image features take the place of <|patch|> embeddings
+            self.vision_embeddings = VisionEmbeddings(args.vision)
+            self.vision_projection = nn.Linear(args.vision.output_dim, args.dim, bias=False)
         self.register_buffer("inv_freq", inverse_frequencies(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, batch: Batch | None = None, last_only: bool = False) -> torch.Tensor:
+    def encode_images(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Image tiles [N, C, H, W] (preprocessed, herd.images) → [N, patches_per_tile, dim]: the embeddings of
+        the tiles' <|patch|> tokens, in order."""
+        if self.args.vision is None:
+            raise ValueError("this model has no image encoder")
+        dtype = self.vision_projection.weight.dtype
+        return self.vision_projection(self.vision_embeddings(tiles.to(dtype)))
+
+    def cross_attention_states(self, tiles, ratio_ids, tile_mask) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Llama 3.2 Vision: one image's tiles [1, tiles, C, H, W] -> each cross-attention layer's keys and values
+        [kv_heads, tiles * n_patches, hd]; computed once per image, read by every token after it."""
+        dtype = self.vision_model.vision_projection.weight.dtype
+        states = self.vision_model(tiles.to(dtype), ratio_ids, tile_mask)
+        return [layer.attention.keys_values(states.flatten(0, 1)) for layer in self.cross_attention_layers]
+
+    def _cross_attend(self, h, cross, index: int):
+        """One cross-attention layer, on the rows that have images (the others pass unchanged)."""
+        k, v = cross.kv[index]
+        layer = self.cross_attention_layers[index]
+        if cross.rows is None or len(cross.rows) == h.shape[0]:
+            return layer(h, k, v, cross.mask, cross.text_on)
+        out = h.clone()
+        out[cross.rows] = layer(h[cross.rows], k, v, cross.mask, cross.text_on)
+        return out
+
+    def forward(self, tokens: torch.Tensor, batch: Batch | None = None, last_only: bool = False,
+                image_embeds: tuple[torch.Tensor, torch.Tensor] | None = None, cross=None) -> torch.Tensor:
         """Logits (float32) for tokens [B, T].
 
         `batch` (herd.model.cache.Batch) gives each token's position and each row's cache blocks; without
         one, the rows are whole sequences at positions 0..T-1 and nothing is cached. `last_only` computes
-        logits only where generation needs them: each row's last token."""
+        logits only where generation needs them: each row's last token (or, where `batch.last` is [B, K], the
+        K positions it names in each row). `image_embeds` (mask [B, T], rows [mask.sum(), dim]) replaces the
+        embeddings of the masked tokens, in row-major order (encode_images). `cross`
+        (herd.model.mllama.CrossInputs) feeds Llama 3.2 Vision's cross-attention layers; without it they are
+        skipped, so a text-only prompt runs exactly as Llama 3.1."""
         if batch is None:
             batch = Batch.prompt(tokens.shape[1], tokens.shape[0], tokens.device)
         ctx = ForwardContext(batch, rope_angles(self.inv_freq, batch.positions))
         h = self.tok_embeddings(tokens)
+        if image_embeds is not None:
+            mask, rows = image_embeds
+            h = h.masked_scatter(mask[..., None].to(h.device), rows.to(h.dtype))
+        fused = dict(zip(self.args.cross_attention_layers, range(len(self.args.cross_attention_layers))))
         for layer_id, layer in enumerate(self.layers):
+            if cross is not None and layer_id in fused:
+                h = self._cross_attend(h, cross, fused[layer_id])
             h = layer(h, ctx, layer_id)
+        if cross is not None and len(self.layers) in fused:
+            h = self._cross_attend(h, cross, fused[len(self.layers)])
         if last_only:
-            h = h[:, -1:] if batch.last is None else h[torch.arange(h.shape[0], device=h.device), batch.last, None]
+            at = batch.last.view(h.shape[0], -1, 1).expand(-1, -1, h.shape[-1]) if batch.last is not None else None
+            h = h[:, -1:] if at is None else h.gather(1, at)
         return self.output(self.norm(h)).float()

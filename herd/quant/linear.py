@@ -104,7 +104,11 @@ class PackedLinear(nn.Module):
     group and block of 32; `herd.pack` builds it from values, scales and offsets). Few tokens: integer dot
     products against activations quantized to int16 per block (llama.cpp uses int8, which measured 96.7%
     greedy agreement with the fp32 path on SmolLM2; int16 100%); 512 tokens or more: the weight dequantized
-    to fp32 for a float GEMM (only then faster per token than the dot products)."""
+    to fp32 for a float GEMM (only then faster per token than the dot products). `int8_tokens` > 0 (set by
+    herd.transforms.prompt_int8) sends calls of that many tokens or more on q4 weights through int8
+    activations, as llama.cpp computes prompts."""
+
+    int8_tokens = 0
 
     def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None):
         super().__init__()
@@ -113,7 +117,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", torch.ops.herd.pack(q, d, m))  # uint8 [ceil(N/8), K/32, record]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # fp32 [..., N]; the op picks dot products or GEMM
-        return torch.ops.herd.linear(x, self.packed, self.out_features)
+        return torch.ops.herd.linear(x, self.packed, self.out_features, self.int8_tokens)
 
     def dequantize(self) -> torch.Tensor:
         return torch.ops.herd.dequantize(self.packed, self.out_features)

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from herd.engine import AsyncEngine, Engine, Metrics
+from herd.server.images import ImageFetch
 from herd.server.openai import APIError, Served, error_response, router
 from herd.server.sse import ClientDisconnected
 
@@ -48,13 +49,16 @@ class Limits:
 def create_app(llm, *, max_batch: int = 8, context: int | None = None, max_queue: int | None = None,
                api_key: str | None = None, model_id: str | None = None, aliases=(),
                prefill_budget: int = 256, max_body_bytes: int = MAX_BODY_BYTES, header_timeout: float = 10.0,
-               body_timeout: float = 60.0, kv_dtype=None) -> FastAPI:
+               body_timeout: float = 60.0, kv_dtype=None, allow_image_urls: bool = False,
+               image_url_max_bytes: int | None = None, image_url_timeout: float = 10.0) -> FastAPI:
     """An OpenAI-compatible app serving `llm` (a herd.api.LLM) with a continuous-batching engine of
     `max_batch` sequences of at most `context` tokens each (default: the model's context) and a waiting queue of
     `max_queue` requests (default 8 x max_batch) past which requests get 429. Bodies over `max_body_bytes`
     get 413, bodies slower than `body_timeout` seconds 408; `header_timeout` applies when the app is served
     through herd.server.uvicorn_config. `kv_dtype`: the KV cache's dtype (default
-    herd.engine.runner.default_kv_dtype: fp16 on the quantized CPU path)."""
+    herd.engine.runner.default_kv_dtype: fp16 on the quantized CPU path). Images come as data URLs in
+    image_url parts; `allow_image_urls` lets the server fetch http(s) ones too, each within
+    `image_url_max_bytes` (default herd.images.MAX_BYTES) and `image_url_timeout` seconds."""
     context = context or llm.config.max_seq_len
     engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, context=context,
                     max_queue=max_queue if max_queue is not None else 8 * max_batch,
@@ -72,7 +76,8 @@ def create_app(llm, *, max_batch: int = 8, context: int | None = None, max_queue
 
     app = FastAPI(title="herd", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     adapters = {name: i for i, name in enumerate(getattr(llm, "adapters", None) or {}, 1)}
-    app.state.served = Served(llm, async_engine, model_id, set(aliases) - {None}, context, adapters=adapters)
+    app.state.served = Served(llm, async_engine, model_id, set(aliases) - {None}, context, adapters=adapters,
+                              image_fetch=ImageFetch(image_url_max_bytes, image_url_timeout) if allow_image_urls else None)
     app.state.limits = limits = Limits(max_body_bytes, header_timeout, body_timeout)
     app.include_router(router)
 

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from herd.chat.tools import functions, parse_reply
 from herd.engine import AsyncEngine, QueueFull, Request as EngineRequest, RequestOutput
 from herd.engine.constrained import UnsupportedSchema, json_constraint
-from herd.errors import ContextOverflow, HerdError
+from herd.errors import ContextOverflow, HerdError, ImageError
 from herd.sampling import SamplingParams
 from herd.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest)
 from herd.server.sse import DONE, SSEResponse, event, until_disconnect
@@ -62,6 +62,7 @@ class Served:
     context: int  # tokens per sequence: prompt + output must fit
     created: int = field(default_factory=lambda: int(time.time()))
     adapters: dict[str, int] = field(default_factory=dict)  # LoRA adapter name -> its index in the model (1..)
+    image_fetch: Any = None  # herd.server.images.ImageFetch when --allow-image-urls, else http(s) images are refused
 
 
 def served(request: Request) -> Served:
@@ -267,20 +268,25 @@ def _chat_logprobs(items) -> dict:
 
 def _chat_inputs(s: Served, body: ChatCompletionRequest, plan: ChatPlan, schema: dict | None, constrained: bool,
                  stop_ids: frozenset):
-    """(prompt ids, constraint factory or None); slow for a large request, so run in a worker thread."""
+    """(prompt ids, constraint factory or None, images); slow for a large request (or one with images), so
+    run in a worker thread."""
     llm = s.llm
     _check_text(body.messages, "messages")
     _check_text(body.tools, "tools")
     try:
-        prompt_ids = llm.chat_prompt(body.messages, plan.tools)
+        prompt_ids, images = llm.chat_inputs(body.messages, plan.tools, fetch=s.image_fetch)
+    except ImageError as e:
+        hint = "" if s.image_fetch is not None or "http" not in str(e) else \
+            " (this server was not started with --allow-image-urls: send the image as a data URL)"
+        raise APIError(400, f"messages: {e}{hint}", param="messages") from None
     except (HerdError, ValueError, TypeError) as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
     if not constrained:
-        return prompt_ids, None
+        return prompt_ids, None, images
     param = "tool_choice" if plan.mode in ("named", "required") else "response_format"
     _check_text(schema, param)
     try:
-        return prompt_ids, json_constraint(schema, llm.tokenizer, stop_ids, llm.config.vocab_size)
+        return prompt_ids, json_constraint(schema, llm.tokenizer, stop_ids, llm.config.vocab_size), images
     except UnsupportedSchema as e:
         raise APIError(400, f"{param}: {e}", param=param) from None
 
@@ -295,13 +301,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     eot = llm.end_of_turn(plan.fmt)
     stop_ids = eot.token_ids
-    prompt_ids, constraint = await asyncio.to_thread(_chat_inputs, s, body, plan, schema, constrained, stop_ids)
+    prompt_ids, constraint, images = await asyncio.to_thread(_chat_inputs, s, body, plan, schema, constrained,
+                                                             stop_ids)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     cid = "chatcmpl-" + uuid.uuid4().hex
     reqs = _requests(s, prompt_ids, max_tokens, body, body.n, cid, stop_ids=stop_ids,
                      stop=tuple(_stops(body.stop) + list(eot.texts)),
                      logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint,
-                     adapter=adapter)
+                     adapter=adapter, images=tuple(images))
     choices = [Choice(i) for i in range(body.n)]
     created = int(time.time())
     if body.stream:
@@ -538,7 +545,10 @@ def _model_card(s: Served, name: str | None = None) -> dict:
 @router.get("/v1/models")
 async def list_models(request: Request):
     s = served(request)
-    return {"object": "list", "data": [_model_card(s)] + [_model_card(s, n) for n in s.adapters]}
+    base = _model_card(s)
+    # herd's fingerprint of the served weights, so a client (herd arena) can tell which weights answer
+    base["fingerprint"] = await asyncio.to_thread(lambda: s.llm.fingerprint)
+    return {"object": "list", "data": [base] + [_model_card(s, n) for n in s.adapters]}
 
 
 @router.get("/v1/models/{model:path}")

@@ -1,0 +1,204 @@
+"""Llama 3.2 Vision against HF transformers: MllamaImageProcessor pixel for pixel, prompt ids (MllamaProcessor
+and a chat template), logits with one and several images (cross-attention layers, tanh gates, the tokens
+before the first image), greedy generation, text-only prompts, and batching with text requests; on a tiny
+random MllamaForConditionalGeneration written by tests/fixtures/mllama.py."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import torch
+
+from tests.fixtures import mllama as M
+from tests.fixtures import vision as V
+
+TOL = 1e-4  # as tests/test_parity_hf.py
+
+# A Llama 3 chat template that writes <|image|> where an image part stands, as the Llama 3.2 Vision
+# templates do (test data: the tiny model ships none)
+TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for content in message['content'] %}{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif content['type'] == 'text' %}{{- content['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    V.torchvision_functional()
+    path = tmp_path_factory.mktemp("mllama")
+    return path, M.build(path)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    import herd
+
+    return herd.load(tiny[0], dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def processor(tiny):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny[0])
+
+
+def pil(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("width,height", [(28, 28), (30, 20), (200, 90), (57, 113), (400, 401), (13, 170), (5, 5)])
+def test_preprocessing_equals_hf_pixel_for_pixel(processor, llm, width, height):
+    from herd.images import decode_image, preprocess_mllama
+
+    data = V.image(width, height, seed=width)
+    want = processor.image_processor(images=[[pil(data)]], return_tensors="pt")
+    got = preprocess_mllama(decode_image(data), M.TILE, M.MAX_TILES, aspect_ratios=llm.config.vision.aspect_ratios)
+    assert torch.equal(got.tiles, want["pixel_values"][0])
+    assert got.ratio_id == want["aspect_ratio_ids"][0, 0] and got.n_tiles == want["num_tiles"][0][0]
+
+
+CASES = {
+    "one image first": [("image", (60, 30)), ("text", "t5 t6 t7")],
+    "text, image, text, two images together": [("text", "t9 t8"), ("image", (40, 100)), ("text", "t5 t6"),
+                                                ("image", (28, 28)), ("image", (90, 20)), ("text", "t7 t3 t4")],
+}
+
+
+def conversation(case):
+    ours, theirs, images = [], [], []
+    for i, (kind, value) in enumerate(CASES[case]):
+        if kind == "text":
+            ours.append({"type": "text", "text": value})
+            theirs.append({"type": "text", "text": value})
+        else:
+            data = V.image(*value, seed=i)
+            images.append(pil(data))
+            ours.append({"type": "image_url", "image_url": {"url": url(data)}})
+            theirs.append({"type": "image", "image": images[-1]})
+    return [{"role": "user", "content": ours}], [{"role": "user", "content": theirs}], images
+
+
+def hf_logits(model, enc):
+    with torch.no_grad():
+        return model(**{k: v for k, v in enc.items() if k != "num_tiles"}).logits[0]
+
+
+def herd_logits(llm, ids, placed):
+    from herd.model.mllama import cross_inputs
+
+    vision = llm.config.vision
+    with torch.no_grad():
+        rows = [[(p.positions[0], p.n_tiles, llm.model.cross_attention_states(
+            p.tiles, torch.tensor([p.ratio_id]), (torch.arange(vision.max_num_tiles) < p.n_tiles).long()[None]))
+            for p in placed]]
+        cross = cross_inputs(rows, torch.arange(len(ids))[None], vision.n_patches, vision.max_num_tiles)
+        return llm.model(torch.tensor([ids]), cross=cross)[0]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_builtin_format_ids_and_logits_equal_hf(tiny, llm, processor, case):
+    ours, _, images = conversation(case)
+    assert llm.chat_format.name == "llama3" and llm.checkpoint.generation == "3.2"
+    ids, placed = llm.chat_inputs(ours)
+    text = llm.chat_format.render_text(
+        [{"role": "user", "content": "".join("<|image|>" if p["type"] != "text" else p["text"]
+                                             for p in ours[0]["content"])}])
+    enc = processor(images=[images], text=[text], return_tensors="pt", add_special_tokens=False)
+    assert ids == enc["input_ids"][0].tolist()
+    assert (herd_logits(llm, ids, placed) - hf_logits(tiny[1], enc)).abs().max() < TOL
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_jinja_template_ids_and_logits_equal_hf(tiny, processor, tmp_path, case):
+    import shutil
+
+    import herd
+
+    shutil.copytree(tiny[0], tmp_path / "m")
+    (tmp_path / "m" / "chat_template.jinja").write_text(TEMPLATE)
+    model = herd.load(tmp_path / "m", dtype="float32")
+    ours, theirs, _ = conversation(case)
+    ids, placed = model.chat_inputs(ours)
+    enc = processor.apply_chat_template(theirs, chat_template=TEMPLATE, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True, return_tensors="pt")
+    assert ids == enc["input_ids"][0].tolist()
+    assert (herd_logits(model, ids, placed) - hf_logits(tiny[1], enc)).abs().max() < TOL
+
+
+def test_text_only_prompts_skip_cross_attention_as_hf_does(tiny, llm):
+    ids = [M.IDS["<|begin_of_text|>"], 5, 6, 7, 8, 9, 10]
+    with torch.no_grad():
+        want = tiny[1](input_ids=torch.tensor([ids])).logits[0]
+    assert (llm.logits(ids) - want).abs().max() < TOL
+
+
+def test_greedy_chat_equals_hf_generate_and_batches_with_text(tiny, llm, processor):
+    """LLM.chat's greedy tokens equal HF generate's; served together on one engine, an image request and a
+    text request each give what they give alone."""
+    from herd.engine import Engine, Request
+    from herd.sampling import SamplingParams
+
+    ours, _, images = conversation("text, image, text, two images together")
+    ids, placed = llm.chat_inputs(ours)
+    text = llm.chat_format.render_text([{"role": "user", "content": "t9 t8<|image|>t5 t6<|image|><|image|>t7 t3 t4"}])
+    enc = processor(images=[images], text=[text], return_tensors="pt", add_special_tokens=False)
+    assert enc["input_ids"][0].tolist() == ids
+    ref = tiny[1].generate(**{k: v for k, v in enc.items() if k != "num_tiles"}, max_new_tokens=8, do_sample=False,
+                           eos_token_id=None)[0, len(ids):].tolist()
+    got = llm.chat(ours, max_tokens=8, temperature=0)
+    assert got.token_ids == ref[: len(got.token_ids)] and got.token_ids
+
+    text_ids = llm.chat_prompt([{"role": "user", "content": "t11 t12 t13"}])
+    alone = llm.generate(text_ids, max_tokens=8, temperature=0).token_ids
+    engine = Engine(llm.model, llm.tokenizer, max_batch=2)
+    engine.add_request(Request("image", ids, 8, SamplingParams(temperature=0), images=tuple(placed)))
+    engine.add_request(Request("text", text_ids, 8, SamplingParams(temperature=0)))
+    tokens = {"image": [], "text": []}
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    assert tokens["image"] == ref[:8] and tokens["text"] == alone
+
+
+def test_prefix_cache_keys_every_block_of_an_image_prompt_by_its_images(llm):
+    """In Llama 3.2 Vision even the tokens before an image read it (uniformly), so a prompt with another
+    picture shares no block, while the same picture again is served from the cache."""
+    from herd.engine import Engine, Request
+    from herd.sampling import SamplingParams
+
+    def request(rid, seed):
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "t3 t4 t5 t6 t7 t8 t9 t10 t11 t12"},
+                                             {"type": "image_url", "image_url": {"url": url(V.image(50, 30, seed))}},
+                                             {"type": "text", "text": "t5"}]}]
+        ids, images = llm.chat_inputs(msgs)
+        return Request(rid, ids, 4, SamplingParams(temperature=0), images=tuple(images)), msgs
+
+    engine = Engine(llm.model, llm.tokenizer, max_batch=2, block_size=4)
+
+    def run(req):
+        engine.add_request(req)
+        outs = []
+        while engine.has_work():
+            outs += engine.step()
+        return [t for o in outs for t in o.token_ids], outs[-1].cached_tokens
+
+    first, _ = run(request("a", 1)[0])
+    b, msgs_b = request("b", 2)
+    tokens_b, cached_b = run(b)
+    assert cached_b == 0
+    assert tokens_b == llm.chat(msgs_b, max_tokens=4, temperature=0).token_ids[:len(tokens_b)]
+    again, cached = run(request("a2", 1)[0])
+    assert cached > 0 and again == first
