@@ -419,3 +419,32 @@ def test_smollm2_at_tp3_answers_as_one_process(smollm2_path):
                               cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
     assert single.returncode == 0 and parallel.returncode == 0, parallel.stderr[-3000:]
     assert parallel.stdout == single.stdout and "Paris" in single.stdout
+
+
+def test_eval_under_torchrun(chat_gguf, tmp_path):
+    """`herd eval --tp 2` under torchrun: rank 0 writes the report, with the single process's fingerprint,
+    and every item's log-likelihoods within the float32 tolerance (greedy answers identical)."""
+    reports = {}
+    for name, launcher in (("single", [sys.executable]),
+                           ("tp2", torchrun("--nproc-per-node", "2", "--master-port", str(free_port())))):
+        out = tmp_path / f"{name}.json"
+        args = ["-m", "herd", "eval", str(chat_gguf), "--task", "mc-arithmetic", "--task", "reasoning",
+                "--steps", "1,2", "--limit", "6", "--max-tokens", "6", "--device", "cpu", "--dtype", "float32",
+                "--out", str(out)]
+        if name == "tp2":
+            args += ["--tp", "2"]
+        r = subprocess.run([*launcher, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=JOB_TIMEOUT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        reports[name] = json.loads(out.read_text())
+    single, tp2 = reports["single"], reports["tp2"]
+    assert tp2["model"]["fingerprint"] == single["model"]["fingerprint"]
+    assert (single["runtime"]["processes"], tp2["runtime"]["processes"]) == (1, 2)
+    assert any("tensor_parallel" in m for m in tp2["runtime"]["modules"])
+    for a, b in zip(single["tasks"], tp2["tasks"]):
+        assert a["definition"] == b["definition"] and len(a["items"]) == len(b["items"]) > 0
+        for x, y in zip(a["items"], b["items"]):
+            if isinstance(x["output"], list):  # multiple choice: each choice's log-likelihood
+                assert x["output"] == pytest.approx(y["output"], abs=TOL) and x["answer"] == y["answer"]
+            else:
+                assert x["output"] == y["output"]

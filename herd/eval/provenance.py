@@ -114,7 +114,9 @@ def runtime_record(llm, backend: str, batch_size: int, url: str | None = None) -
         record.update(device=str(llm.device), dtype=str(weight.dtype).removeprefix("torch."),
                       # herd's quantized CPU linears take bf16 activations (herd.loader)
                       matmul_dtype="bfloat16" if quantized else str(weight.dtype).removeprefix("torch."),
-                      weights_quantized=quantized, threads=torch.get_num_threads(), modules=swapped)
+                      weights_quantized=quantized, threads=torch.get_num_threads(), modules=swapped,
+                      # ranks of a tensor/expert-parallel job: the order of its all-reduced sums differs
+                      processes=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
     if url is not None:
         record["server_url"] = url
     return record
