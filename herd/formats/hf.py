@@ -338,6 +338,18 @@ def _vision_layer_name(rest: str) -> str | None:
     return f"{MLLAMA_VISION_LAYER_MAP[module]}.{leaf}" if module in MLLAMA_VISION_LAYER_MAP else None
 
 
+TEXT_GLOBALS = {"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
+                "lm_head.weight": "output.weight"}
+
+
+def text_model_key(key: str) -> str:
+    """A text-model tensor's name without the wrappers of the *ForConditionalGeneration classes, which nest
+    the text model as language_model.model.* (hub files) or model.language_model.* (transformers 5 in memory)."""
+    while key.startswith(("language_model.", "model.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def mllama_tensors(raw: dict[str, Any], args: ModelArgs, hf_cross: list[int],
                    sources: dict[str, Path] | None = None) -> dict[str, Any]:
     """MllamaForConditionalGeneration names and layouts -> herd's (see herd.model.mllama): the self-attention
@@ -370,14 +382,9 @@ def mllama_tensors(raw: dict[str, Any], args: ModelArgs, hf_cross: list[int],
             else:
                 raise UnexpectedTensor(f"{where(name)}: no place for this tensor in Llama 3.2 Vision's image encoder")
             continue
-        while key.startswith(("language_model.", "model.")):
-            key = key.split(".", 1)[1]
-        if key == "embed_tokens.weight":
-            out["tok_embeddings.weight"] = tensor
-        elif key == "norm.weight":
-            out["norm.weight"] = tensor
-        elif key == "lm_head.weight":
-            out["output.weight"] = tensor
+        key = text_model_key(key)
+        if key in TEXT_GLOBALS:
+            out[TEXT_GLOBALS[key]] = tensor
         elif key.startswith("layers.") and key.split(".")[1].isdigit():
             _, index, rest = key.split(".", 2)
             index = int(index)
@@ -427,16 +434,9 @@ def canonical_tensors(raw: dict[str, Any], args: ModelArgs, sources: dict[str, P
         if name.endswith("rotary_emb.inv_freq"):
             continue
         key = name
-        # Llama4ForConditionalGeneration nests the text model: language_model.model.* (hub files) or
-        # model.language_model.* (transformers 5 in memory).
-        while key.startswith(("language_model.", "model.")):
-            key = key.split(".", 1)[1]
-        if key == "embed_tokens.weight":
-            out["tok_embeddings.weight"] = tensor
-        elif key == "norm.weight":
-            out["norm.weight"] = tensor
-        elif key == "lm_head.weight":
-            out["output.weight"] = tensor
+        key = text_model_key(key)
+        if key in TEXT_GLOBALS:
+            out[TEXT_GLOBALS[key]] = tensor
         elif key.startswith("layers.") and key.count(".") >= 2 and key.split(".")[1].isdigit():
             _, index, rest = key.split(".", 2)
             prefix = f"layers.{int(index)}."
