@@ -102,6 +102,31 @@ def test_one_lora_step_matches_peft():
     assert all(p.grad is None for n, p in llm.model.named_parameters() if "lora_" not in n)  # base frozen
 
 
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_blockwise_cross_entropy_equals_torch_over_many_vocabulary_blocks(weight_trains):
+    """The output projection's loss runs over vocabulary blocks (a running max, rescaled sums); with a
+    vocabulary of several blocks, padding rows past n_valid and rows of very different scales (the max
+    moves from block to block), loss and gradients equal torch's cross_entropy on the whole logits."""
+    from herd.finetune import forward
+
+    g = torch.Generator().manual_seed(3)
+    n_valid, padded = 3 * forward.VOCAB_CHUNK + 77, 3 * forward.VOCAB_CHUNK + 96
+    weight = torch.randn(padded, 32, generator=g) * 0.5
+    weight[n_valid:] = 40.0  # padding rows that would dominate every softmax if they counted
+    h = torch.randn(forward.LOSS_CHUNK + 9, 32, generator=g) * torch.logspace(-1, 1.3, forward.LOSS_CHUNK + 9)[:, None]
+    targets = torch.randint(0, n_valid, (h.shape[0],), generator=g)
+    h1, w1 = h.clone().requires_grad_(), weight.clone().requires_grad_(weight_trains)
+    got = forward._LinearCrossEntropy.apply(h1, w1, targets, n_valid)
+    got.backward()
+    h2, w2 = h.clone().requires_grad_(), weight.clone().requires_grad_(weight_trains)
+    want = F.cross_entropy(h2 @ w2[:n_valid].T, targets, reduction="sum")
+    want.backward()
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    assert close(h1.grad, h2.grad, 1e-5)
+    if weight_trains:
+        assert close(w1.grad, w2.grad, 1e-5)
+
+
 def test_one_full_step_matches_transformers():
     from herd.finetune import TrainConfig, prepare_model
 

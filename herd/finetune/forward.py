@@ -59,14 +59,20 @@ def logits(model, batch: TensorBatch) -> torch.Tensor:
     return model.output(final_hidden(model, batch)).float()
 
 
-LOSS_CHUNK = 256  # target positions whose logits exist at once
+LOSS_CHUNK = 512  # target positions per pass over the vocabulary
+VOCAB_CHUNK = 1024  # output columns per product: a [LOSS_CHUNK, VOCAB_CHUNK] block of logits stays in cache
+WHOLE_ROWS_CHUNK = 256  # target positions whose whole rows of logits exist at once (when the weight trains)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of cross_entropy(h @ weight.T, targets), a chunk of rows at a time: each chunk's logits
-    are made, turned into the loss and into the gradients (softmax - one-hot) @ weight and its transpose @ h,
-    and dropped, so the [targets, vocab] logits never exist whole (the same multiplications as the plain
-    way, in both passes; columns from `n_valid` on are padding rows of the embedding, never a target)."""
+    """sum over rows of cross_entropy(h @ weight.T, targets), computed so that the [targets, vocab] logits
+    never exist whole. When only h needs a gradient (LoRA: the output projection is frozen), one pass over
+    vocabulary blocks does it all, as flash attention does for attention: each block's logits give a running
+    max and sum of exponentials, and softmax @ weight accumulates unnormalised, rescaled when the max moves
+    and divided by the sum at the end; the logits are made once and never leave the cache. When the weight
+    needs a gradient too, its (softmax - one-hot)^T @ h needs each row chunk's finished softmax, made whole. The multiplications
+    are the plain way's, in both passes; columns from `n_valid` on are padding rows of the embedding, never
+    a target."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, n_valid: int):
@@ -75,20 +81,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         w = weight if weight.dtype == h.dtype else weight.to(h.dtype)  # bf16 compute: cast once, not per chunk
-        for a in range(0, h.shape[0], LOSS_CHUNK):
-            rows, t = h[a:a + LOSS_CHUNK], targets[a:a + LOSS_CHUNK]
-            logits = (rows @ w.T).float()
-            if n_valid < logits.shape[1]:
-                logits[:, n_valid:] = float("-inf")
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
-            if need_h or need_w:
+        w = w[:n_valid]
+        chunk = WHOLE_ROWS_CHUNK if need_w else LOSS_CHUNK
+        for a in range(0, h.shape[0], chunk):
+            rows, t = h[a:a + chunk], targets[a:a + chunk]
+            if need_w:
+                logits = (rows @ w.T).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 if need_h:
-                    grad_h[a:a + LOSS_CHUNK] = (probs.to(w.dtype) @ w).to(h.dtype)
-                if need_w:
-                    grad_w += probs.T @ rows.float()
+                    grad_h[a:a + chunk] = (probs.to(w.dtype) @ w).to(h.dtype)
+                grad_w[:n_valid] += probs.T @ rows.float()
+                continue
+            lse, softmax_w = _blockwise_softmax_product(rows, w, need_h)
+            target_rows = w[t]
+            picked = (rows.float() * target_rows.float()).sum(-1)  # the target logits
+            total += (lse - picked).sum()
+            if need_h:
+                grad_h[a:a + chunk] = (softmax_w - target_rows.float()).to(h.dtype)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.need = (need_h, need_w)
         return total
@@ -99,6 +111,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = saved.pop(0) * grad_total if ctx.need[0] else None
         grad_w = saved.pop(0) * grad_total if ctx.need[1] else None
         return grad_h, grad_w, None, None
+
+
+def _blockwise_softmax_product(rows: torch.Tensor, w: torch.Tensor, with_product: bool):
+    """(logsumexp of rows @ w.T per row, softmax(rows @ w.T) @ w or None), one block of vocabulary columns
+    at a time: the product accumulates exp(logits - running max) @ block, rescaled whenever the max moves,
+    and is divided by the sum of exponentials at the end."""
+    n = rows.shape[0]
+    running_max = torch.full((n,), float("-inf"), device=rows.device)
+    running_sum = torch.zeros(n, device=rows.device)
+    product = torch.zeros(n, w.shape[1], device=rows.device) if with_product else None
+    for b in range(0, w.shape[0], VOCAB_CHUNK):
+        block = w[b:b + VOCAB_CHUNK]
+        logits = (rows @ block.T).float()
+        new_max = torch.maximum(running_max, logits.amax(-1))
+        rescale = torch.exp(running_max - new_max)
+        p = logits.sub_(new_max[:, None]).exp_()
+        running_sum.mul_(rescale).add_(p.sum(-1))
+        running_max = new_max
+        if with_product:
+            product.mul_(rescale[:, None])
+            if block.dtype == torch.float32:
+                product.addmm_(p, block)
+            else:
+                product.add_((p.to(block.dtype) @ block).float())
+    lse = running_max + torch.log(running_sum)
+    return lse, product / running_sum[:, None] if with_product else None
 
 
 def _plain_output(module):

@@ -48,6 +48,45 @@ def parse_targets(text: str | list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _frozen_dense_weight(base: nn.Module) -> torch.Tensor | None:
+    if type(base) is nn.Linear and base.bias is None and not base.weight.requires_grad:
+        return base.weight
+    return None
+
+
+class _FrozenBaseLoRA(torch.autograd.Function):
+    """y = x W^T + s (x A^T) B^T over a frozen dense W, with the backward written out. Autograd's version of
+    the same expression makes a separate pass over [tokens, out] for the scaling, one for the sum and one for
+    each input-gradient term; here the low-rank terms accumulate into the dense products (addmm_), and the
+    small products are laid out with the rank as the short side of the output, where the GEMM is fastest.
+    The multiplications are the same, so the values are autograd's up to float rounding order."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, scaling: float):
+        flat = x.reshape(-1, x.shape[-1])
+        xa = flat @ lora_A.T  # [tokens, r]
+        y = flat @ weight.T
+        y.addmm_(xa, lora_B.T, alpha=scaling)
+        ctx.save_for_backward(flat, xa, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        flat, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        dy = grad_y.reshape(-1, grad_y.shape[-1])
+        dxa = (dy @ lora_B).mul_(s)  # [tokens, r]
+        grad_A = dxa.T @ flat if ctx.needs_input_grad[2] else None
+        grad_B = (xa.T @ dy).T.mul_(s) if ctx.needs_input_grad[3] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = dy @ weight
+            grad_x.addmm_(dxa, lora_A)
+            grad_x = grad_x.reshape(*grad_y.shape[:-1], grad_x.shape[-1])
+        return grad_x, None, grad_A, grad_B, None
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -64,6 +103,11 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _frozen_dense_weight(self.base)
+        if (weight is not None and isinstance(self.dropout, nn.Identity) and torch.is_grad_enabled()
+                and x.dtype == weight.dtype == self.lora_A.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            return _FrozenBaseLoRA.apply(x, weight, self.lora_A, self.lora_B, self.scaling)
         y = self.base(x)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         delta = F.linear(F.linear(self.dropout(x), a), b) * self.scaling
