@@ -7,6 +7,11 @@ token ids, from the same GGUF file dequantized to float32 (transformers reads it
 with the same threads. Each engine runs in a fresh process per run (so peak RSS is its own); one warm-up
 step, then `--steps` timed steps. herd's QLoRA (base kept as Q4_1 blocks) is measured too, for memory.
 Reported: medians of the runs of training tokens/s and peak RSS, and herd/HF ratios.
+
+`floor` is no trainer: it times only the float32 products any exact LoRA step must make at these shapes
+(each frozen projection forward and its input gradient, the output projection and its input gradient,
+and attention forward and backward), each alone in a warm loop, and reports the tokens/s of a step that
+did nothing else: the ceiling of an exact float32 LoRA step on this machine, whatever the framework.
 """
 
 from __future__ import annotations
@@ -96,8 +101,55 @@ def run_hf(args) -> dict:
     return {"tokens_per_s": args.batch * args.seq * args.steps / seconds, "loss": loss}
 
 
+def run_floor(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from herd.formats import open_checkpoint
+    from tests.conftest import SMOLLM2
+
+    torch.set_num_threads(args.threads)
+    a = open_checkpoint(SMOLLM2).args
+    tokens = args.batch * args.seq
+
+    def best(fn, repeat=5) -> float:
+        fn()
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    projections = [(a.dim, q), (a.dim, kv), (a.dim, kv), (q, a.dim), (a.dim, a.hidden_dim), (a.dim, a.hidden_dim),
+                   (a.hidden_dim, a.dim)]
+    seconds = 0.0
+    for inp, out in projections:  # forward x W^T and input gradient dy W, per layer
+        x, dy, w = torch.randn(tokens, inp), torch.randn(tokens, out), torch.randn(out, inp)
+        seconds += a.n_layers * (best(lambda: x @ w.T) + best(lambda: dy @ w))
+    h = torch.randn(tokens, a.dim)
+    head = torch.randn(a.vocab_size, a.dim) * 0.02
+    block = 1024  # the output projection at its fastest layout here: vocabulary blocks that stay in cache
+    probs = torch.randn(tokens, block)
+    seconds += best(lambda: [h @ head[i:i + block].T for i in range(0, a.vocab_size, block)])
+    seconds += best(lambda: [probs @ head[i:i + block] for i in range(0, a.vocab_size, block)])
+    qs = torch.randn(args.batch, a.n_heads, args.seq, a.head_dim, requires_grad=True)
+    ks = torch.randn(args.batch, a.n_kv_heads, args.seq, a.head_dim, requires_grad=True)
+    vs = torch.randn(args.batch, a.n_kv_heads, args.seq, a.head_dim, requires_grad=True)
+    grad = torch.randn(args.batch, a.n_heads, args.seq, a.head_dim)
+
+    def attention():
+        F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).backward(grad)
+
+    seconds += a.n_layers * best(attention)
+    return {"tokens_per_s": tokens / seconds, "loss": None}
+
+
 def worker(args) -> None:
-    if args.worker == "hf":
+    if args.worker == "floor":
+        out = run_floor(args)
+    elif args.worker == "hf":
         out = run_hf(args)
     else:
         out = run_herd(args, qlora=args.worker == "herd-qlora")
@@ -113,7 +165,7 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both")
-    p.add_argument("--engines", default="herd,hf,herd-qlora")
+    p.add_argument("--engines", default="herd,hf,herd-qlora,floor")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads is None:
@@ -148,6 +200,9 @@ def main() -> int:
     if "herd" in med and "hf" in med:
         print(f"herd / HF+PEFT: {med['herd']['tokens_per_s'] / med['hf']['tokens_per_s']:.2f}x tokens/s, "
               f"{med['herd']['peak_rss_mib'] / med['hf']['peak_rss_mib']:.2f}x peak RSS")
+    if "floor" in med and "hf" in med:
+        print(f"float32 product floor / HF+PEFT: {med['floor']['tokens_per_s'] / med['hf']['tokens_per_s']:.2f}x "
+              "(no exact float32 LoRA step here can be faster; its RSS is not a trainer's)")
     if "herd" in med and "herd-qlora" in med:
         print(f"herd QLoRA / LoRA peak RSS: {med['herd-qlora']['peak_rss_mib'] / med['herd']['peak_rss_mib']:.2f}x")
     return 0
