@@ -69,38 +69,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
     never exist whole. When only h needs a gradient (LoRA: the output projection is frozen), one pass over
     vocabulary blocks does it all, as flash attention does for attention: each block's logits give a running
     max and sum of exponentials, and softmax @ weight accumulates unnormalised, rescaled when the max moves
-    and divided by the sum at the end; the logits are made once and never leave the cache. When the weight
-    needs a gradient too, its (softmax - one-hot)^T @ h needs each row chunk's finished softmax, made whole. The multiplications
-    are the plain way's, in both passes; columns from `n_valid` on are padding rows of the embedding, never
-    a target."""
+    and divided by the sum at the end; the logits are made once and never leave the cache. The blocks come
+    from `rows_of(a, b, dtype)`, so a quantized output projection (QLoRA) dequantizes one block at a time.
+    When the weight needs a gradient too, its (softmax - one-hot)^T @ h needs each row chunk's finished
+    softmax, made whole. The multiplications are the plain way's, in both passes; columns from `n_valid` on
+    are padding rows of the embedding, never a target."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, n_valid: int):
-        need_h, need_w = h.requires_grad, weight.requires_grad
+    def forward(ctx, h, weight, targets, n_valid: int, rows_of):
+        need_h = h.requires_grad
+        need_w = weight is not None and weight.requires_grad
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        w = weight if weight.dtype == h.dtype else weight.to(h.dtype)  # bf16 compute: cast once, not per chunk
-        w = w[:n_valid]
-        chunk = WHOLE_ROWS_CHUNK if need_w else LOSS_CHUNK
-        for a in range(0, h.shape[0], chunk):
-            rows, t = h[a:a + chunk], targets[a:a + chunk]
-            if need_w:
+        if need_w:
+            w = (weight if weight.dtype == h.dtype else weight.to(h.dtype))[:n_valid]  # cast once, not per chunk
+            for a in range(0, h.shape[0], WHOLE_ROWS_CHUNK):
+                rows, t = h[a:a + WHOLE_ROWS_CHUNK], targets[a:a + WHOLE_ROWS_CHUNK]
                 logits = (rows @ w.T).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                if need_h:
-                    grad_h[a:a + chunk] = (probs.to(w.dtype) @ w).to(h.dtype)
+                grad_h[a:a + WHOLE_ROWS_CHUNK] = (probs.to(w.dtype) @ w).to(h.dtype)
                 grad_w[:n_valid] += probs.T @ rows.float()
-                continue
-            lse, softmax_w = _blockwise_softmax_product(rows, w, need_h)
-            target_rows = w[t]
-            picked = (rows.float() * target_rows.float()).sum(-1)  # the target logits
-            total += (lse - picked).sum()
-            if need_h:
-                grad_h[a:a + chunk] = (softmax_w - target_rows.float()).to(h.dtype)
+        else:
+            for a in range(0, h.shape[0], LOSS_CHUNK):
+                rows, t = h[a:a + LOSS_CHUNK], targets[a:a + LOSS_CHUNK]
+                lse, picked, softmax_w, target_rows = _blockwise_softmax_product(rows, t, n_valid, rows_of, need_h)
+                total += (lse - picked).sum()
+                if need_h:
+                    grad_h[a:a + LOSS_CHUNK] = (softmax_w - target_rows).to(h.dtype)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.need = (need_h, need_w)
         return total
@@ -110,20 +109,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         grad_h = saved.pop(0) * grad_total if ctx.need[0] else None
         grad_w = saved.pop(0) * grad_total if ctx.need[1] else None
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
-def _blockwise_softmax_product(rows: torch.Tensor, w: torch.Tensor, with_product: bool):
-    """(logsumexp of rows @ w.T per row, softmax(rows @ w.T) @ w or None), one block of vocabulary columns
-    at a time: the product accumulates exp(logits - running max) @ block, rescaled whenever the max moves,
-    and is divided by the sum of exponentials at the end."""
+def _blockwise_softmax_product(rows, targets, n_valid: int, rows_of, with_product: bool):
+    """Per row: logsumexp of its logits, its target's logit, and (when `with_product`) softmax @ w and
+    w[target], one block of vocabulary columns at a time. The product accumulates exp(logits - running
+    max) @ block, rescaled whenever the max moves, and is divided by the sum of exponentials at the end."""
     n = rows.shape[0]
     running_max = torch.full((n,), float("-inf"), device=rows.device)
     running_sum = torch.zeros(n, device=rows.device)
-    product = torch.zeros(n, w.shape[1], device=rows.device) if with_product else None
-    for b in range(0, w.shape[0], VOCAB_CHUNK):
-        block = w[b:b + VOCAB_CHUNK]
+    picked = torch.zeros(n, device=rows.device)
+    product = torch.zeros(n, rows.shape[1], device=rows.device) if with_product else None
+    target_rows = torch.zeros(n, rows.shape[1], device=rows.device) if with_product else None
+    for b in range(0, n_valid, VOCAB_CHUNK):
+        block = rows_of(b, min(b + VOCAB_CHUNK, n_valid), rows.dtype)
         logits = (rows @ block.T).float()
+        inside = ((targets >= b) & (targets < b + block.shape[0])).nonzero()[:, 0]
+        if len(inside):
+            local = targets[inside] - b
+            picked[inside] = logits[inside, local]
+            if with_product:
+                target_rows[inside] = block[local].float()
         new_max = torch.maximum(running_max, logits.amax(-1))
         rescale = torch.exp(running_max - new_max)
         p = logits.sub_(new_max[:, None]).exp_()
@@ -136,16 +143,22 @@ def _blockwise_softmax_product(rows: torch.Tensor, w: torch.Tensor, with_product
             else:
                 product.add_((p.to(block.dtype) @ block).float())
     lse = running_max + torch.log(running_sum)
-    return lse, product / running_sum[:, None] if with_product else None
+    return lse, picked, product / running_sum[:, None] if with_product else None, target_rows
 
 
-def _plain_output(module):
-    """(weight, columns that are tokens) when the output is a plain linear (maybe with padding rows masked)."""
+def _output_blocks(module):
+    """(trainable weight or None, columns that are tokens, rows_of(a, b, dtype)) when the output projection
+    is a plain or a block-dequantized linear (maybe with padding rows masked); None otherwise."""
+    from herd.transforms.qlora import BlockDequantLinear
+
     inner, n_valid = module, None
     if hasattr(module, "inner") and hasattr(module, "n_tokens"):  # herd.loader.PaddedVocabLogits
         inner, n_valid = module.inner, module.n_tokens
     if type(inner) is torch.nn.Linear and inner.bias is None:
-        return inner.weight, n_valid if n_valid is not None else inner.weight.shape[0]
+        weight = inner.weight
+        return weight, n_valid or weight.shape[0], lambda a, b, dtype: weight[a:b].to(dtype)
+    if isinstance(inner, BlockDequantLinear):
+        return None, n_valid or inner.out_features, inner.weight_rows
     return None
 
 
@@ -153,12 +166,12 @@ def loss_sum(model, batch: TensorBatch, activation_checkpointing: bool = False) 
     """The summed cross-entropy over every target of the batch (logits computed at targets only)."""
     h = final_hidden(model, batch, activation_checkpointing)
     where = batch.targets != IGNORE
-    plain = _plain_output(model.output)
-    if plain is not None:
-        weight, n_valid = plain
+    output = _output_blocks(model.output)
+    if output is not None:
+        weight, n_valid, rows_of = output
         if torch.is_autocast_enabled(h.device.type):
             h = h.to(torch.get_autocast_dtype(h.device.type))
-        return _LinearCrossEntropy.apply(h[where], weight, batch.targets[where], n_valid)
+        return _LinearCrossEntropy.apply(h[where], weight, batch.targets[where], n_valid, rows_of)
     out = model.output(h[where]).float()
     return F.cross_entropy(out, batch.targets[where], reduction="sum")
 
