@@ -202,3 +202,20 @@ def test_tiktoken_image_token_becomes_the_models_row(reference, tmp_path):
     assert 128011 not in ids and [ids[p.positions[0]] for p in placed] == [vocab] * 3
     learnable = torch.load(out / "consolidated.00.pth", weights_only=True)["text_model.learnable_embedding.weight"]
     assert torch.equal(llm.model.tok_embeddings.weight[vocab], learnable[0])
+
+
+def test_info_shows_the_image_parts_for_meta_and_hf_alike(reference, tmp_path, capsys):
+    from herd.cli.info import show_info
+
+    def images_row(path) -> str:
+        show_info(str(path))
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("images"))
+
+    meta = images_row(reference[2])
+    assert meta == images_row(reference[1])
+    for part in ("Llama 3.2 Vision", "32 + 8 global layers", "width 32", "16 heads", f"{M.TILE}-pixel tiles",
+                 f"cross-attention before layers {M.META_SCHEDULE}"):
+        assert part in meta
+    with pytest.warns(UserWarning):
+        bare = images_row(M.write_meta(reference[0], tmp_path / "bare", vision=False))
+    assert bare.split(None, 1)[1].startswith("none (") and "text-only" in bare
