@@ -219,3 +219,35 @@ def test_info_shows_the_image_parts_for_meta_and_hf_alike(reference, tmp_path, c
     with pytest.warns(UserWarning):
         bare = images_row(M.write_meta(reference[0], tmp_path / "bare", vision=False))
     assert bare.split(None, 1)[1].startswith("none (") and "text-only" in bare
+
+
+# Prompts whose every token has an image in view. On those Meta's code and transformers' compute the same; on
+# tokens before the first image they differ: Meta multiplies the cross-attention output by its
+# full_text_row_masked_out_mask (CrossAttention.forward), HF only the feed-forward branch
+# (MllamaCrossAttentionDecoderLayer), and herd follows HF (for both formats).
+IMAGE_FIRST = {"one image": ([M.VOCAB, 5, 6, 7], 1),
+               "image, text, two images together": ([M.VOCAB, 9, 8, M.VOCAB, M.VOCAB, 5, 6, 7], 3)}
+
+
+@pytest.mark.parametrize("case", IMAGE_FIRST)
+def test_image_logits_equal_meta_reference_code(reference, meta_llm, case):
+    """herd on the Meta directory against llama-models' own modules on the same files: Meta's VisionEncoder
+    (its return_intermediate indexing), tile and positional tables, fusion schedule, learnable embedding."""
+    pytest.importorskip("fairscale")
+    pytest.importorskip("llama_models")
+    from types import SimpleNamespace
+
+    from herd.images import decode_image, preprocess_mllama
+    from tests.fixtures.llama_models_ref import MetaMllama, one_rank
+
+    ids, n_images = IMAGE_FIRST[case]
+    ratios = meta_llm.config.vision.aspect_ratios
+    images = [preprocess_mllama(decode_image(V.image(w, h, seed=i)), M.TILE, M.MAX_TILES, aspect_ratios=ratios)
+              for i, (w, h) in enumerate([(60, 30), (40, 100), (28, 28)][:n_images])]
+    at = [i for i, t in enumerate(ids) if t == M.VOCAB]
+    placed = [SimpleNamespace(positions=(p,), n_tiles=im.n_tiles, tiles=im.tiles, ratio_id=im.ratio_id)
+              for p, im in zip(at, images)]
+    with one_rank():
+        want = MetaMllama(reference[2]).logits(
+            ids, [(im.tiles[0, : im.n_tiles], ratios[im.ratio_id - 1]) for im in images])
+    assert (herd_logits(meta_llm, ids, placed) - want).abs().max() < TOL
