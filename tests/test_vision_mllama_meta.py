@@ -251,3 +251,36 @@ def test_image_logits_equal_meta_reference_code(reference, meta_llm, case):
         want = MetaMllama(reference[2]).logits(
             ids, [(im.tiles[0, : im.n_tiles], ratios[im.ratio_id - 1]) for im in images])
     assert (herd_logits(meta_llm, ids, placed) - want).abs().max() < TOL
+
+
+def test_export_to_meta_writes_metas_layout(reference, meta_llm, prompts, tmp_path):
+    """herd's Meta export of the HF directory holds exactly the tensors the fixture's writer (the converter's rules
+    run backwards) gives, under one fingerprint, and reads back as the same model."""
+    import herd
+    from herd.finetune.export import export_model
+
+    out, fp = export_model(prompts[0], "meta", tmp_path / "exported")
+    assert fp == meta_llm.fingerprint == herd.load(out, dtype="float32").fingerprint
+    written = torch.load(out / "consolidated.00.pth", weights_only=True)
+    want = torch.load(reference[2] / "consolidated.00.pth", weights_only=True)
+    assert sorted(written) == sorted(want)
+    assert all(torch.equal(written[k], want[k]) for k in want)
+    params = json.loads((out / "params.json").read_text())
+    assert {k: v for k, v in params.items() if k.startswith("vision_")} == {
+        k: v for k, v in M.meta_params(reference[0]).items() if k.startswith("vision_")}
+    assert herd.load(out, dtype="float32").config == meta_llm.config
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(intermediate_layers=(3, 7, 15, 23, 30)), ["intermediate_layers", "outputs of", "[2, 6, 14, 22, 29]"]),
+    (dict(n_heads=8), ["n_heads 8", "16"]),
+])
+def test_export_refuses_what_metas_code_would_run_differently(meta_llm, change, words):
+    import dataclasses
+
+    from herd.formats.meta_writer import meta_params
+
+    args = dataclasses.replace(meta_llm.config, vision=dataclasses.replace(meta_llm.config.vision, **change))
+    with pytest.raises(errors.UnsupportedArchitecture) as info:
+        meta_params(args)
+    assert all(w in str(info.value) for w in words), str(info.value)

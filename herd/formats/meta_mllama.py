@@ -235,3 +235,65 @@ def herd_tensors(tensors: dict, args, path) -> dict:
                             f"learnable_embedding {tuple(learnable.shape)}: their widths differ")
     out["tok_embeddings.weight"] = torch.cat([embedding, learnable.to(embedding.dtype)], dim=0)
     return out
+
+
+# ---- writing (herd.formats.meta_writer): the inverse, refusing what Meta's code would run differently ----------
+
+
+def params_fields(args) -> dict:
+    """params.json's Llama 3.2 Vision keys for `args`; UnsupportedArchitecture where Meta's code, which fixes
+    the schedule, the encoder heads and its intermediate layers, would compute another model."""
+    n_cross = len(args.cross_attention_layers)
+    if list(args.cross_attention_layers) != fusion_schedule(args.n_layers, n_cross):
+        raise UnsupportedArchitecture(
+            f"cross-attention layers before layers {list(args.cross_attention_layers)}; Meta's fusion schedule "
+            f"for {n_cross} over {args.n_layers} layers is {fusion_schedule(args.n_layers, n_cross)}")
+    if args.extra_embeddings != LEARNABLE_ROWS:
+        raise UnsupportedArchitecture(f"{args.extra_embeddings} embedding rows past the vocabulary; Meta's code "
+                                      f"has {LEARNABLE_ROWS} (learnable_embedding)")
+    v = args.vision
+    if v is None:
+        raise UnsupportedArchitecture("a Llama 3.2 Vision model without its image encoder has no Meta layout "
+                                      "(params.json would need the encoder's tile size)")
+    meta_layers = tuple(i - 1 for i in RETURN_INTERMEDIATE)
+    fixed = {"n_heads": (v.n_heads, VISION_HEADS), "intermediate_layers": (tuple(v.intermediate_layers), meta_layers),
+             "aspect_ratios": (tuple(v.aspect_ratios), aspect_ratios(v.max_num_tiles)),
+             "n_channels": (v.n_channels, 3), "norm_eps": (v.norm_eps, 1e-5),
+             "image_token_id": (v.image_token_id, args.vocab_size)}
+    for name, (have, meta) in fixed.items():
+        if have != meta:
+            why = (" (it keeps the outputs of those layers; Meta's code the inputs of layers "
+                   f"{list(RETURN_INTERMEDIATE)}, i.e. the outputs of {list(meta_layers)})"
+                   if name == "intermediate_layers" else "")
+            raise UnsupportedArchitecture(f"image encoder {name} {have}{why}; Meta's code fixes {meta}")
+    return {"vision_chunk_size": v.image_size, "vision_max_num_chunks": v.max_num_tiles,
+            "vision_num_cross_attention_layers": n_cross}
+
+
+def from_arrangements(rows: torch.Tensor, ratios, tiles: int, positions: int) -> torch.Tensor:
+    """by_arrangement's inverse: [1 + arrangements, T * P * dim] -> [T, T, P, dim] (cells no arrangement
+    reaches are zero; Meta's code never reads them)."""
+    by_id = rows.view(len(ratios) + 1, tiles, positions, -1)
+    table = rows.new_zeros(tiles, tiles, positions, by_id.shape[-1])
+    for i, (a, b) in enumerate(ratios):
+        table[:a, :b] = by_id[i + 1, : a * b].reshape(a, b, positions, -1)
+    return table
+
+
+def meta_layout(tensors: dict, args) -> dict:
+    """herd's Llama 3.2 Vision tensors -> Meta's checkpoint names and layouts (params_fields first)."""
+    v, out = args.vision, {}
+    herd_tables = {herd: meta for meta, herd in TILE_TABLES.items()}
+    for name, t in tensors.items():
+        if name.startswith(VISION):
+            short = name[len(ENCODER):] if name.startswith(ENCODER) else None
+            if short in herd_tables:
+                positions = v.n_patches if short.startswith("gated_positional") else 1
+                out[ENCODER + herd_tables[short]] = from_arrangements(t, v.aspect_ratios, v.max_num_tiles, positions)
+            else:
+                out[name] = t
+        elif name == "tok_embeddings.weight":
+            out[TEXT + name], out[TEXT + "learnable_embedding.weight"] = t[: args.vocab_size], t[args.vocab_size:]
+        else:
+            out[TEXT + name] = t
+    return out
