@@ -19,6 +19,7 @@ transformers' models/mllama/convert_mllama_weights_to_hf.py, which turns these f
 from __future__ import annotations
 
 import math
+
 import torch
 
 from herd.config import MllamaVisionArgs
@@ -29,7 +30,7 @@ VISION_HEADS = 16  # VisionEncoder(heads=16) in Meta's code, and HF's converter
 # Meta's return_intermediate: the inputs of these local layers, i.e. the outputs of the layers before them,
 # which is what herd's VisionEncoder keeps (MllamaVisionArgs.intermediate_layers: outputs of layer i).
 RETURN_INTERMEDIATE = (3, 7, 15, 23, 30)
-LEARNABLE_ROWS = 8  # max(model-parallel size, 8) rows in Meta's code; read from the tensor
+LEARNABLE_ROWS = 8  # max(model-parallel size, 8) rows in Meta's code: read from the tensor, written as 8
 TEXT = "text_model."
 VISION = "vision_model."
 ENCODER = "vision_model.vision_encoder."
