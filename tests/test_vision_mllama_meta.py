@@ -233,7 +233,6 @@ IMAGE_FIRST = {"one image": ([M.VOCAB, 5, 6, 7], 1),
 def test_image_logits_equal_meta_reference_code(reference, meta_llm, case):
     """herd on the Meta directory against llama-models' own modules on the same files: Meta's VisionEncoder
     (its return_intermediate indexing), tile and positional tables, fusion schedule, learnable embedding."""
-    pytest.importorskip("fairscale")
     pytest.importorskip("llama_models")
     from types import SimpleNamespace
 
