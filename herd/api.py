@@ -188,6 +188,9 @@ class LLM:
             raise ImageError(f"the chat format placed {len(at)} image(s) for the {len(pictures)} given")
         if self.config.cross_attention_layers:  # Llama 3.2 Vision: the <|image|> token stays; its tiles are read
             placements = []  # by the cross-attention layers, which every token's keys depend on
+            # Meta's tiktoken vocabulary spells <|image|> 128011; the model's row for it is the first past the
+            # vocabulary (128256), which Meta's chat format substitutes (llama-models llama3/chat_format.py)
+            ids = [vision.image_token_id if t == marker else t for t in ids]
             for where, picture in zip(at, pictures):
                 image = preprocess_mllama(picture, vision.image_size, vision.max_num_tiles,
                                           aspect_ratios=vision.aspect_ratios)

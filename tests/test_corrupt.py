@@ -180,11 +180,16 @@ def test_meta_params_without_dim(meta_dir):
 @pytest.mark.parametrize("field,value", [
     ("quantization_args", {"scheme": "int4_weight_int8_dynamic_activation", "group_size": 32}),
     ("lora_args", {"rank": 8, "scale": 2.0}),
-    ("vision_num_cross_attention_layers", 8),
 ])
 def test_meta_unsupported_params(meta_dir, field, value):
     edit_json(meta_dir / "params.json", lambda p: p.update({field: value}))
     raises(errors.UnsupportedArchitecture, meta_dir, field)
+
+
+def test_meta_vision_params_on_text_tensors(meta_dir):
+    """Llama 3.2 Vision's params.json key over a text model's tensors: the layouts differ, and the message says so."""
+    edit_json(meta_dir / "params.json", lambda p: p.update(vision_num_cross_attention_layers=8))
+    raises(errors.FormatError, meta_dir, "vision_num_cross_attention_layers")
 
 
 def test_meta_wrong_shape(meta_dir):

@@ -103,10 +103,28 @@ def show_info(source):
         ("chat format", "template from the file" if ck.chat_template else f"built-in (Llama {ck.generation})"),
         ("fingerprint", fingerprint(ck.tensors)),
     ]
+    images = image_row(ck)
+    if images:
+        rows.insert(-3, ("images", images))
     rows += lineage_rows(path, ck)
     console = Console(soft_wrap=True)  # never cut a path or the fingerprint to the terminal's width
     for key, value in rows:
         console.print(f"[bold]{key:<15}[/bold] {value}", highlight=False)
+
+
+def image_row(ck) -> str | None:
+    """The image encoder, whichever file it came from; or why a vision checkpoint runs as text only."""
+    from herd.config import MllamaVisionArgs
+
+    a, v = ck.args, ck.args.vision
+    if isinstance(v, MllamaVisionArgs):
+        return (f"Llama 3.2 Vision encoder: {v.n_layers} + {v.n_global_layers} global layers, width {v.dim}, "
+                f"{v.n_heads} heads, {v.image_size}-pixel tiles (up to {v.max_num_tiles}), patch {v.patch_size}; "
+                f"cross-attention before layers {list(a.cross_attention_layers)}")
+    if v is not None:
+        return (f"Llama 4 encoder: {v.n_layers} layers, width {v.dim}, {v.image_size}-pixel tiles "
+                f"(up to {v.max_tiles}), patch {v.patch_size}")
+    return f"none ({ck.metadata['note']})" if "note" in ck.metadata else None
 
 
 def lineage_rows(path, ck=None) -> list[tuple[str, str]]:

@@ -2,7 +2,8 @@
 
 Shards are read with torch.load(weights_only=True, mmap=True), so a pickle that holds anything but
 tensors is refused and nothing is loaded twice. Names are already herd's; q/k are already interleaved.
-Llama 4's fused and renamed tensors are unpacked the way Meta's own load hooks do.
+Llama 4's fused and renamed tensors are unpacked the way Meta's own load hooks do; Llama 3.2 Vision's
+text_model./vision_model. layout is herd.formats.meta_mllama's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from herd.errors import (
     UnsafePickle,
     UnsupportedArchitecture,
 )
+from herd.formats import meta_mllama
 from herd.formats.checkpoint import Checkpoint, TokenizerSource
 from herd.formats.fields import Fields, check_layer_count, naming, read_json
 
@@ -49,7 +51,6 @@ SHARED_EXPERT = {
 UNSUPPORTED_PARAMS = {
     "quantization_args": "Meta's own quantized checkpoints (fp8/int4 layouts) are not read; use the bf16 release",
     "lora_args": "a LoRA-augmented checkpoint; merge the adapters first",
-    "vision_num_cross_attention_layers": "Llama 3.2 Vision inserts cross-attention layers into the text model",
 }
 CONTEXT_BY_GENERATION = {"1": 2048, "2": 4096, "3": 8192, "3.1": 131072, "3.2": 131072, "4": 10485760}
 DROPPED_SUFFIXES = ("rope.freqs", "freqs_cis", "_extra_state", "global_gate_stats_3E", "expert_activation_DE",
@@ -94,8 +95,11 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def args_from_params(params: dict, tensors: dict[str, torch.Tensor],
                      path: Path | str = "params.json") -> tuple[ModelArgs, str]:
-    """params.json → (ModelArgs, generation). Derived sizes follow Meta's FeedForward/MoE rules."""
+    """params.json → (ModelArgs, generation). Derived sizes follow Meta's FeedForward/MoE rules. Llama 3.2
+    Vision's tensors are read under their own names (text_model.*, vision_model.*)."""
     p = Fields(params, str(path))
+    mllama = meta_mllama.is_mllama(params)
+    checkpoint_tensors, tensors = tensors, meta_mllama.text_view(tensors) if mllama else tensors
     dim, n_layers, n_heads = p.int("dim"), p.int("n_layers"), p.int("n_heads")
     check_layer_count(n_layers, tensors, r"layers\.(\d+)\.", Path(path), "n_layers")
     for key, why in UNSUPPORTED_PARAMS.items():
@@ -116,6 +120,8 @@ def args_from_params(params: dict, tensors: dict[str, torch.Tensor],
     scaled = p.bool("use_scaled_rope", False)
     if llama4:
         generation = "4"
+    elif mllama:
+        generation = "3.2"  # Llama 3.2 Vision: untied, and RoPE scaled by factor 8 (Meta's apply_scaling)
     elif "rope_theta" in params or scaled:  # Llama 1/2 params.json have neither
         generation = ("3.2" if tied else "3.1") if scaled else "3"
     else:
@@ -128,7 +134,9 @@ def args_from_params(params: dict, tensors: dict[str, torch.Tensor],
         if scaled:
             # Meta's reference hard-codes factor 8; Llama 3.2 1B/3B need 32 (llama-models #166, #241),
             # Llama 4 Scout 16 with high_freq_factor 1 (llama-models PR #322).
-            default_factor, default_high = {"3.2": (32.0, 4.0), "4": (16.0, 1.0)}.get(generation, (8.0, 4.0))
+            # Llama 3.2 Vision runs on Meta's llama3 code, factor 8.
+            default_factor, default_high = (8.0, 4.0) if mllama else {"3.2": (32.0, 4.0), "4": (16.0, 1.0)}.get(
+                generation, (8.0, 4.0))
             scaling = RopeScaling(
                 "llama3",
                 factor=p.float("rope_scaling_factor", None) or default_factor,
@@ -150,6 +158,9 @@ def args_from_params(params: dict, tensors: dict[str, torch.Tensor],
             tie_embeddings=tied,
         )
         hidden_dim = ffn_hidden_dim(dim, multiple_of, multiplier, ffn_exp)
+        if mllama:
+            fields = meta_mllama.mllama_fields(params, p, checkpoint_tensors, path, n_layers, vocab)
+            return ModelArgs(hidden_dim=hidden_dim, **common, **fields), generation
         if not llama4:
             return ModelArgs(hidden_dim=hidden_dim, **common), generation
         moe = None
@@ -212,16 +223,24 @@ def _vision_args(p: Fields, tensors: dict, path) -> VisionArgs | None:
 
 
 def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int, path: Path | str = "",
-                 lazy: bool = False) -> dict[str, torch.Tensor]:
+                 lazy: bool = False, mllama: bool = False) -> dict[str, torch.Tensor]:
     """One tensor per name; `lazy` leaves split tensors in their shards (herd.formats.slices.ShardedTensor),
-    for ranks that read only their share."""
+    for ranks that read only their share. `mllama`: Llama 3.2 Vision's names (meta_mllama.shard_concat_dim),
+    whose replicated tensors include matrices (positional embeddings)."""
     if len(shards) == 1:
         return shards[0]
     merged = {}
     for name in shards[0]:
         parts = [shard[name] for shard in shards]
         short = name.split(".", 2)[-1] if name.startswith("layers.") else name
-        concat = CONCAT_DIM.get(short)
+        concat = meta_mllama.shard_concat_dim(name) if mllama else CONCAT_DIM.get(short)
+        if mllama:
+            if concat is None:
+                merged[name] = parts[0]
+                continue
+            if parts[0].dim() == 1:  # a split bias
+                merged[name] = torch.cat(parts)
+                continue
         if name == "tok_embeddings.weight":
             # Llama 1/2 split the embedding by columns, Llama 3's VocabParallelEmbedding by rows.
             concat = 1 if parts[0].dim() == 2 and parts[0].shape[1] != dim else 0
@@ -296,7 +315,7 @@ def read_meta(path: Path, lazy: bool = False) -> Checkpoint:
     params_path = path / "params.json"
     params = read_json(params_path, ConfigError)
     dim = Fields(params, str(params_path)).int("dim")
-    files = sorted(path.glob("consolidated.*.pth"))
+    files = sorted(path.glob("consolidated.*.pth")) or sorted(path.glob("consolidated.pth"))
     if not files:
         raise FormatError(f"{path}: params.json but no consolidated.NN.pth weights")
     shards = [_load_shard(f) for f in files]
@@ -305,18 +324,26 @@ def read_meta(path: Path, lazy: bool = False) -> Checkpoint:
             del shard[name]
     if any(set(shard) != set(shards[0]) for shard in shards):
         raise FormatError(f"{path}: the consolidated.NN.pth shards hold different tensor names")
-    tensors = merge_shards(shards, dim, path, lazy)
-    if "tok_embeddings.weight" not in tensors:
-        raise MissingTensor(f"{path}: no tok_embeddings.weight in the checkpoint")
+    mllama = meta_mllama.is_mllama(params)
+    tensors = merge_shards(shards, dim, path, lazy and not mllama, mllama)
+    embedding = "text_model.tok_embeddings.weight" if mllama else "tok_embeddings.weight"
+    if mllama and embedding not in tensors and "tok_embeddings.weight" in tensors:
+        raise FormatError(f"{params_path}: vision_num_cross_attention_layers is set (Llama 3.2 Vision), but the "
+                          "tensors are a text model's (tok_embeddings.weight, not text_model.*)")
+    if embedding not in tensors:
+        raise MissingTensor(f"{path}: no {embedding} in the checkpoint")
     # whether the output is tied compares values: one shard's part tells, as every shard splits both alike
     probe = {n: shards[0][n] if n in ("tok_embeddings.weight", "output.weight") and lazy else t for n, t in tensors.items()}
     args, generation = args_from_params(params, probe, params_path)
     if generation == "4":
         tensors = llama4_canonical(tensors, args, path)
+    if mllama:
+        tensors = meta_mllama.herd_tensors(tensors, args, path)
     if args.tie_embeddings:
         tensors.pop("output.weight", None)
     for name in tensors:
         if not (name in ("tok_embeddings.weight", "norm.weight", "output.weight") or name.startswith("layers.")
+                or (args.cross_attention_layers and name.startswith(("cross_attention_layers.", "vision_model.")))
                 or (args.vision is not None and name.startswith(("vision_embeddings.", "vision_projection.")))):
             raise UnexpectedTensor(f"{path}: {name}: no place for this tensor in a Llama model")
     tokenizer = None
@@ -340,7 +367,7 @@ def read_meta(path: Path, lazy: bool = False) -> Checkpoint:
 
 
 def _vision_note(params: dict, args: ModelArgs, path: Path) -> dict:
-    if params.get("vision_args") and args.vision is None:
+    if (params.get("vision_args") or args.cross_attention_layers) and args.vision is None:
         import warnings
 
         note = (f"{path}: params.json describes an image encoder, but the checkpoint has none of its weights; "

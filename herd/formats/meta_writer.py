@@ -10,7 +10,10 @@ Llama 4 is written in llama-models' layout (models/llama4 model.py, moe.py, ffn.
 [E*F, D], the shared expert as `w_in_shared_FD` / `w_swiglu_FD` / `w_out_shared_DF`; dense layers'
 `feed_forward.mlp.fc1_weight` = cat(w1, w3), `fc2_weight`, `layer_norm_weight`. params.json carries `moe_args`,
 and the dense and expert widths both come from Meta's rules (ffn_exp, multiple_of, ffn_dim_multiplier, and
-the MoE capacity_factor)."""
+the MoE capacity_factor).
+
+Llama 3.2 Vision is written in llama-models' multimodal layout (herd.formats.meta_mllama.meta_layout), where
+Meta's code can state the model (params_fields says where it cannot)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 
 from herd.config import ModelArgs, MoEArgs, ffn_hidden_dim
 from herd.errors import FormatError, UnsupportedArchitecture
+from herd.formats import meta_mllama
 from herd.formats.checkpoint import TokenizerSource
 
 
@@ -117,6 +121,8 @@ def meta_params(args: ModelArgs) -> dict:
         params.update(use_scaled_rope=True, rope_scaling_factor=s.factor, rope_high_freq_factor=s.high_freq_factor)
     elif args.is_llama4:
         params["use_scaled_rope"] = False
+    if args.cross_attention_layers:
+        params.update(meta_mllama.params_fields(args))
     return params
 
 
@@ -171,6 +177,8 @@ def write_meta(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor
     out.mkdir(parents=True, exist_ok=True)
     if args.is_llama4:
         tensors = llama4_state(tensors, args)
+    if args.cross_attention_layers:
+        tensors = meta_mllama.meta_layout(tensors, args)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     if args.tie_embeddings:  # Meta's 3.2 files store the tied output as a copy
         state["output.weight"] = state["tok_embeddings.weight"].clone()

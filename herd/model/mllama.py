@@ -155,7 +155,8 @@ class VisionModel(nn.Module):
 class CrossInputs:
     """What the cross-attention layers read in one forward: per layer keys and values [B, kv_heads, S, hd]
     (rows padded to the longest), `mask` [B, 1, T, S] (True: attend) and `text_on` [B, T, 1] (0 for a token
-    no image precedes: its feed-forward branch is dropped, as the references do)."""
+    no image precedes: its feed-forward branch is dropped, as the references do; transformers keeps its
+    cross-attention branch, which Meta's code also zeroes, and herd computes what transformers does)."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
@@ -227,7 +228,8 @@ def cross_inputs(rows: list[list[tuple[int, int, list]]], positions: torch.Tenso
     rows[b]: row b's images as (<|image|> position, real tiles, per-layer (k, v) [kv_heads, max_tiles *
     tile_positions, hd]); positions [B, T]: each query's position. A query no image is in view for still
     attends to every image position of its row (uniformly: nothing is masked), its feed-forward branch
-    dropped, which is what the references compute."""
+    dropped, which is what transformers computes (Meta's CrossAttention also zeroes the attention output of such
+    a query: its full_text_row_masked_out_mask)."""
     with_images = [b for b, images in enumerate(rows) if images]
     per_image = max_tiles * tile_positions
     longest = max(len(rows[b]) for b in with_images) * per_image
