@@ -84,7 +84,9 @@ def load_model(
         def fits(model) -> bool:
             return isinstance(model, Transformer) and model.args == checkpoint.args
 
-        return layout_cache.load_or_build(checkpoint.path, lambda: _load_quantized(checkpoint, progress), fits)
+        companions = [checkpoint.projector] if checkpoint.projector is not None else []
+        return layout_cache.load_or_build(checkpoint.path, lambda: _load_quantized(checkpoint, progress), fits,
+                                          companions)
     dtype = dtype or default_dtype(checkpoint, device)
     model, expected = _skeleton(checkpoint)
     state = {}

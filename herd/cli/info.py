@@ -9,24 +9,26 @@ def add_arguments(parser, name):
         parser.add_argument("--memory", action="store_true",
                             help="load the model as `herd run` would, generate a few tokens, report its memory")
         parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+        parser.add_argument("--mmproj", default=None, metavar="PATH",
+                            help="the image projector file (GGUF mmproj) of a Llama 4 text GGUF")
 
 
 def main(args):
     if args.command == "list":
         return list_models()
-    show_info(args.source)
+    show_info(args.source, getattr(args, "mmproj", None))
     if getattr(args, "memory", False):
-        show_memory(args.source, args.dtype)
+        show_memory(args.source, args.dtype, getattr(args, "mmproj", None))
 
 
-def show_memory(source, dtype=None):
+def show_memory(source, dtype=None, mmproj=None):
     """What loading costs: the model's own tensors (by kind), the KV cache per token, and this process's
     peak resident memory (ru_maxrss: Python and torch included) after loading and a short generation."""
     import resource
 
     import herd
 
-    llm = herd.load(source, dtype=dtype)
+    llm = herd.load(source, dtype=dtype, mmproj=mmproj)
     mapped = 0
     sizes: dict[str, int] = {}
     for module in llm.model.modules():
@@ -66,7 +68,7 @@ def torch_itemsize(dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def show_info(source):
+def show_info(source, mmproj=None):
     from rich.console import Console
 
     from herd.config import layer_plan, parameter_counts
@@ -80,6 +82,10 @@ def show_info(source):
     if is_adapter_dir(path):
         return show_adapter(path)
     ck = open_checkpoint(path)
+    if mmproj is not None:
+        from herd.formats.mmproj import attach_projector
+
+        ck = attach_projector(ck, mmproj)
     a = ck.args
     total, active = parameter_counts(a)
     plan = layer_plan(a)
@@ -98,6 +104,7 @@ def show_info(source):
          + (f", NoPE layers {list(a.nope_layers)}" if a.nope_layers else "")
          + (f", chunked attention {a.attention_chunk_size}" if a.attention_chunk_size else "")),
         ("vocabulary", f"{a.vocab_size:,}" + (" (tied embeddings)" if a.tie_embeddings else "")),
+        *([("images", image_row(a.vision, ck))] if a.vision is not None else []),
         ("quantization", ck.quantization),
         ("tokenizer", ck.tokenizer.kind if ck.tokenizer else "none found"),
         ("chat format", "template from the file" if ck.chat_template else f"built-in (Llama {ck.generation})"),
@@ -107,6 +114,15 @@ def show_info(source):
     console = Console(soft_wrap=True)  # never cut a path or the fingerprint to the terminal's width
     for key, value in rows:
         console.print(f"[bold]{key:<15}[/bold] {value}", highlight=False)
+
+
+def image_row(vision, ck) -> str:
+    from herd.config import MllamaVisionArgs
+
+    kind = "cross-attention (Llama 3.2 Vision)" if isinstance(vision, MllamaVisionArgs) else "Llama 4 patches"
+    where = f", from the mmproj {ck.projector}" if ck.projector is not None else ""
+    return (f"{kind}: ViT of {vision.n_layers} layers, dim {vision.dim}, {vision.image_size}-pixel tiles of "
+            f"{vision.patch_size}-pixel patches{where}")
 
 
 def lineage_rows(path, ck=None) -> list[tuple[str, str]]:

@@ -1,0 +1,238 @@
+"""Llama 4 as llama.cpp ships it: a text GGUF plus its image projector file (mmproj), both written by llama.cpp's
+own convert_hf_to_gguf.py from a tiny random HF Llama4ForConditionalGeneration (tests/fixtures/vision.py), against
+HF transformers: the prompt ids of Llama4Processor, the logits and greedy tokens of the HF model (fp32). For F16
+and Q8_0 files the HF model computes with the file's rounded weights, decoded by gguf-py (the reference reader),
+so the comparison stays fp32 against fp32.
+
+The quantized CPU path (bf16 compute over packed weights) is held to the tolerances tests/test_quant.py uses for
+text against the dequantized fp32 reference, and to HF's greedy tokens."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import vision as V
+from tests.test_vision import data_url, hf_inputs, messages
+
+TOL = 1e-4  # as tests/test_vision.py: fp32 against fp32
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The tiny HF model and what llama.cpp's converter makes of it: {"hf": dir, "model": HF model,
+    ("text", type) / ("mmproj", type): GGUF paths}."""
+    from tests.fixtures.llamacpp import convert
+
+    from transformers import Llama4ForConditionalGeneration
+
+    V.torchvision_functional()
+    root = tmp_path_factory.mktemp("llama4-gguf")
+    hf = root / "hf"
+    V.build(hf, vision_layers=3, byte_level=True)
+    # llama.cpp has no GGUF key for the attention chunk or the temperature floor and fixes both at 8192 (the
+    # released models' values); the tiny model's 8 and 4 are set to those, so the converted file is the model
+    config = json.loads((hf / "config.json").read_text())
+    config["text_config"].update(attention_chunk_size=8192, floor_scale=8192)
+    (hf / "config.json").write_text(json.dumps(config))
+    model = Llama4ForConditionalGeneration.from_pretrained(hf, attn_implementation="eager", dtype=torch.float32).eval()
+    config = json.loads((hf / "preprocessor_config.json").read_text())
+    (hf / "preprocessor_config.json").write_text(json.dumps(config | {"max_patches": 16}))  # the release's limit
+    out = {"hf": hf, "model": model}
+    for kind in ("f32", "f16", "q8_0"):
+        out["mmproj", kind] = convert(hf, root / f"mmproj-{kind}.gguf", kind, mmproj=True)
+    for kind in ("f32", "q8_0"):
+        out["text", kind] = convert(hf, root / f"text-{kind}.gguf", kind)
+    return out
+
+
+@pytest.fixture(scope="module")
+def processor(files):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(files["hf"])
+
+
+def stored_weights(hf_model, *paths):
+    """A copy of the HF model whose parameters are the tensors the GGUF files store, decoded by gguf-py. Each
+    file tensor is matched to the HF parameter it came from by its values (random weights: one fits), so no
+    name table of herd's is involved."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    model = copy.deepcopy(hf_model)
+    params = dict(model.named_parameters())
+    for path in paths:
+        for t in GGUFReader(path).tensors:
+            if t.name == "rope_freqs.weight":
+                continue
+            values = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+            values = values.reshape(tuple(int(n) for n in reversed(t.shape)))
+            best, err = None, float("inf")
+            for name, p in params.items():
+                for candidate in _layouts(p, values):
+                    e = (candidate - values).abs().max().item()
+                    if e < err:
+                        best, err, chosen = name, e, candidate
+            assert best is not None and err < 0.02, (path, t.name, best, err)
+            with torch.no_grad():
+                chosen.copy_(values)  # a view of the parameter
+    return model
+
+
+def _layouts(p: torch.Tensor, values: torch.Tensor):
+    """The ways the converter lays out an HF parameter: as it is, or (Llama 4's stacked experts, fused gate_up)
+    transposed and split."""
+    p = p.detach()  # views of p: writing to one writes the parameter
+    if p.shape == values.shape:
+        yield p
+    if p.dim() == 3 and values.dim() == 3:
+        t = p.transpose(-1, -2)
+        if t.shape == values.shape:
+            yield t
+        if values.dim() == 3 and t.shape[-2] == 2 * values.shape[-2]:
+            yield from t.split(values.shape[-2], dim=-2)
+
+
+CASES = {
+    "one image, 2x2 tiles": ([(120, 110)], ["the cat"]),
+    "three images": ([(200, 90), (40, 40), (13, 170)], ["a dog", "is", "here"]),
+}
+
+
+def herd_and_hf(llm, processor, reference, case):
+    sizes, texts = CASES[case]
+    images = [V.image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    ours, theirs = messages(images, texts)
+    ids, placed = llm.chat_inputs(ours)
+    want = hf_inputs(processor, theirs)
+    assert ids == want["input_ids"][0].tolist()
+    with torch.no_grad():
+        ref = reference(input_ids=want["input_ids"], pixel_values=want["pixel_values"].float()).logits[0]
+        mask = torch.zeros(1, len(ids), dtype=torch.bool)
+        for image in placed:
+            mask[0, list(image.positions)] = True
+        rows = torch.cat([llm.model.encode_images(p.tiles).flatten(0, 1) for p in placed])
+        got = llm.model(torch.tensor([ids]), image_embeds=(mask, rows))[0].float()
+    return got, ref
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8_0"])
+def test_text_gguf_with_mmproj_gives_hf_logits(files, processor, kind, case):
+    import herd
+
+    llm = herd.load(files["text", "f32"], mmproj=files["mmproj", kind], dtype="float32")
+    assert llm.sees_images and llm.config.vision.n_layers == 3 and llm.checkpoint.projector == files["mmproj", kind]
+    reference = files["model"] if kind == "f32" else stored_weights(files["model"], files["mmproj", kind])
+    got, ref = herd_and_hf(llm, processor, reference, case)
+    assert (got - ref).abs().max() < TOL
+
+
+def test_greedy_chat_equals_hf_generate(files, processor):
+    import herd
+
+    llm = herd.load(files["text", "f32"], mmproj=files["mmproj", "f32"], dtype="float32")
+    images = [V.image(200, 90, seed=1), V.image(40, 40, seed=2)]
+    ours, theirs = messages(images, ["the", "cat"])
+    want = hf_inputs(processor, theirs)
+    n = want["input_ids"].shape[1]
+    ref = files["model"].generate(input_ids=want["input_ids"], pixel_values=want["pixel_values"].float(),
+                                  max_new_tokens=8, do_sample=False, eos_token_id=None)[0, n:].tolist()
+    got = llm.chat(ours, max_tokens=8, temperature=0, stop_token_ids=None)
+    assert len(got.token_ids) >= 1 and got.token_ids == ref[: len(got.token_ids)]
+
+
+def test_fingerprint_covers_the_projector(files):
+    import herd
+
+    text = herd.load(files["text", "f32"], dtype="float32")
+    f32 = herd.load(files["text", "f32"], mmproj=files["mmproj", "f32"], dtype="float32")
+    f16 = herd.load(files["text", "f32"], mmproj=files["mmproj", "f16"], dtype="float32")
+    assert len({text.fingerprint, f32.fingerprint, f16.fingerprint}) == 3
+
+
+def test_text_gguf_alone_is_text_only_and_refuses_images(files):
+    """No mmproj given: none is looked for (llama-server needs --mmproj too); text runs, an image is refused."""
+    import herd
+    from herd.errors import ImageError
+
+    text = herd.load(files["text", "f32"], dtype="float32")
+    full = herd.load(files["text", "f32"], mmproj=files["mmproj", "f32"], dtype="float32")
+    assert not text.sees_images and text.config.vision is None
+    with pytest.raises(ImageError, match="cannot see images.*mmproj"):
+        text.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(V.image(40, 40))}},
+                                                {"type": "text", "text": "the"}]}])
+    ids = [V.IDS["<|begin_of_text|>"], 300, 301, 302]
+    assert torch.equal(text.logits(ids), full.logits(ids))
+
+
+def _variant(src, dst, change):
+    from tests.fixtures.build import read_gguf_header, write_gguf_variant
+
+    h = read_gguf_header(src)
+    change(h)
+    return write_gguf_variant(h, dst)
+
+
+def test_foreign_and_mismatched_projectors_are_clear_errors(files, tmp_path):
+    import herd
+    from herd.errors import HerdError, ShapeMismatch, UnsupportedArchitecture
+    from tests.fixtures.build import GGUF_STRING
+
+    text, mmproj = files["text", "f32"], files["mmproj", "f32"]
+
+    def set_key(key, vtype, value):
+        return lambda h: h.kv.__setitem__(key, (vtype, value))
+
+    foreign = _variant(mmproj, tmp_path / "gemma3.gguf", set_key("clip.projector_type", GGUF_STRING, "gemma3"))
+    with pytest.raises(UnsupportedArchitecture, match=r"gemma3\.gguf: image projector type 'gemma3'.*'llama4'"):
+        herd.load(text, mmproj=foreign, dtype="float32")
+    wide = _variant(mmproj, tmp_path / "wide.gguf", set_key("clip.vision.projection_dim", 4, 128))
+    with pytest.raises(ShapeMismatch, match=r"wide\.gguf: .*width 128.*64 wide"):
+        herd.load(text, mmproj=wide, dtype="float32")
+    with pytest.raises(UnsupportedArchitecture, match="not an image projector file.*'llama4'"):
+        herd.load(text, mmproj=text, dtype="float32")
+    with pytest.raises(UnsupportedArchitecture, match="image projector file.*not a model"):
+        herd.load(mmproj, dtype="float32")
+    with pytest.raises(HerdError, match="no such image projector file"):
+        herd.load(text, mmproj=tmp_path / "missing.gguf", dtype="float32")
+    with pytest.raises(UnsupportedArchitecture, match="goes with a GGUF text model"):
+        herd.load(files["hf"], mmproj=mmproj, dtype="float32")
+    # the projector of another, wider text model: its projection matrix does not fit this one
+    def widen(h):
+        h.kv.pop("clip.vision.projection_dim")
+        for t in h.tensors:
+            if t[0] == "mm.model.fc.weight":
+                t[1] = [t[1][0], 32]  # half the rows: a shape the data no longer fills exactly
+    bad = _variant(mmproj, tmp_path / "narrow.gguf", widen)
+    with pytest.raises(HerdError, match=r"narrow\.gguf"):
+        herd.load(text, mmproj=bad, dtype="float32")
+
+
+def test_cli_run_and_info_take_mmproj(files, tmp_path):
+    import herd
+
+    llm = herd.load(files["text", "f32"], mmproj=files["mmproj", "f32"], dtype="float32")
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(V.image(120, 110, seed=21))
+    question = "the cat"
+    want = llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(picture)}},
+                                                  {"type": "text", "text": question}]}],
+                    max_tokens=6, temperature=0).text.strip()
+    run = subprocess.run([sys.executable, "-m", "herd", "run", str(files["text", "f32"]), "--mmproj",
+                          str(files["mmproj", "f32"]), "--dtype", "float32", "--image", str(picture), question,
+                          "--temperature", "0", "--max-tokens", "6"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == want
+    info = subprocess.run([sys.executable, "-m", "herd", "info", str(files["text", "f32"]), "--mmproj",
+                           str(files["mmproj", "f32"])], capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0, info.stderr
+    assert "mmproj" in info.stdout and llm.fingerprint in info.stdout
