@@ -104,7 +104,8 @@ def can_share_one_module(sources: list) -> bool:
 
 def quantize_linears(model: nn.Module, tensors: dict, tied_output: bool, progress=None) -> nn.Module:
     """Replace every nn.Linear still on the meta device by its quantized module (weight `NAME.weight`, or
-    the tied embedding for the output)."""
+    the tied embedding for the output): the text layers' and, in an image model, the encoder's, projector's
+    and cross-attention layers' alike; a linear with a bias (`NAME.bias`) adds it in fp32 (BiasedLinear)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.is_meta]
     done = [0]
 
@@ -115,7 +116,11 @@ def quantize_linears(model: nn.Module, tensors: dict, tied_output: bool, progres
         if progress:
             progress(done[0], len(names))
         key = "tok_embeddings.weight" if name == "output" and tied_output else f"{name}.weight"
-        return quantized_linear([tensors[key]])
+        linear = quantized_linear([tensors[key]])
+        if module.bias is None:
+            return linear
+        bias = tensors[f"{name}.bias"]
+        return ql.BiasedLinear(linear, bias.dequantize() if isinstance(bias, GGMLTensor) else bias)
 
     replace_modules(model, build)
     return model
