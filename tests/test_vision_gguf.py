@@ -295,3 +295,32 @@ def test_quantized_path_greedy_tokens_agree_with_hf(files, processor, quantized)
     parted = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
     assert parted >= 2 and got[:parted] == ref[:parted]
     assert parted == len(ref) or margins[parted] < 0.1, (got, ref, margins)
+
+
+def test_layout_cache_keys_on_the_projector(files, monkeypatch, tmp_path):
+    """The repacked layout of text + mmproj is cached under a key that covers the mmproj: the same pair maps
+    it back (the same logits with images), the text alone or another projector builds its own."""
+    import herd
+    from herd import layout_cache, loader
+
+    monkeypatch.setattr(layout_cache, "MIN_BYTES", 0)  # the tiny files are below the size worth caching
+    monkeypatch.setenv("HERD_LAYOUT_CACHE", str(tmp_path / "layouts"))
+    builds = []
+    real = loader._load_quantized
+    monkeypatch.setattr(loader, "_load_quantized", lambda *a: (builds.append(1), real(*a))[1])
+    text, mmproj = files["text", "q8_0"], files["mmproj", "q8_0"]
+    other = shutil.copyfile(files["mmproj", "f16"], tmp_path / "mmproj-other.gguf")
+    keys = {layout_cache.key(text), layout_cache.key(text, [mmproj]), layout_cache.key(text, [other])}
+    assert len(keys) == 3 and None not in keys
+
+    first = herd.load(text, mmproj=mmproj)
+    again = herd.load(text, mmproj=mmproj)
+    assert len(builds) == 1 and again.sees_images
+    tiles = torch.randn(2, 3, V.TILE, V.TILE)
+    with torch.inference_mode():
+        assert torch.equal(first.model.encode_images(tiles), again.model.encode_images(tiles))
+    assert not herd.load(text).sees_images and len(builds) == 2
+    assert herd.load(text, mmproj=other).sees_images and len(builds) == 3
+    before = layout_cache.key(text, [other])
+    other.write_bytes(other.read_bytes())  # rewritten in place: a new mtime
+    assert layout_cache.key(text, [other]) != before
