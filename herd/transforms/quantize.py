@@ -77,7 +77,9 @@ CPU_SCHEMES = (
     Scheme("PyTorch int4 (GGML Q4_x)", lambda s: _ggml(s) and _types(s) <= ql.INT4_TYPES and len(_types(s)) == 1,
            ql.int4_from_ggml),
     Scheme("PyTorch int4 (herd int4)", _int4, _torch_int4),
-    Scheme("PyTorch int8 (herd int8)", lambda s: all(isinstance(x, Int8Weight) for x in s),
+    # aten._weight_int8pack_mm crashes (SIGSEGV, torch 2.13) when the input width is not a multiple of 8
+    # (measured at 588, 590, 596: Llama 3.2 Vision's 3x14x14 patch embedding)
+    Scheme("PyTorch int8 (herd int8)", lambda s: all(isinstance(x, Int8Weight) for x in s) and s[0].shape[-1] % 8 == 0,
            lambda s: ql.Int8Linear(*_int8_parts(s))),
     Scheme("bf16", lambda s: True, _bf16),
 )
