@@ -81,7 +81,7 @@ def stored_weights(hf_model, *paths):
                     e = (candidate - values).abs().max().item()
                     if e < err:
                         best, err, chosen = name, e, candidate
-            assert best is not None and err < 0.02, (path, t.name, best, err)
+            assert best is not None and err < 0.2, (path, t.name, best, err)  # 4-bit blocks: up to ~0.1 off
             with torch.no_grad():
                 chosen.copy_(values)  # a view of the parameter
     return model
@@ -245,13 +245,18 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:  # as tests/test_qu
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-@pytest.fixture(scope="module")
-def quantized(files):
-    """Q8_0 text + Q8_0 mmproj on herd's quantized CPU path, and HF computing with the same stored weights."""
+@pytest.fixture(scope="module", params=["q8_0", "q4_0"])
+def quantized(request, files, tmp_path_factory):
+    """A Q8_0 text GGUF (llama.cpp's converter) or a Q4_0 one (llama.cpp's llama-quantize of the F32), with the
+    Q8_0 mmproj, on herd's quantized CPU path; and HF computing with the same stored weights."""
     import herd
+    from tests.fixtures.llamacpp import quantize
 
-    llm = herd.load(files["text", "q8_0"], mmproj=files["mmproj", "q8_0"])
-    reference = stored_weights(files["model"], files["text", "q8_0"], files["mmproj", "q8_0"])
+    text = files["text", "q8_0"]
+    if request.param == "q4_0":
+        text = quantize(files["text", "f32"], tmp_path_factory.mktemp("q4") / "text-q4_0.gguf", "Q4_0")
+    llm = herd.load(text, mmproj=files["mmproj", "q8_0"])
+    reference = stored_weights(files["model"], text, files["mmproj", "q8_0"])
     return llm, reference
 
 
@@ -275,6 +280,7 @@ def test_quantized_path_runs_the_encoder_on_the_same_kernels(quantized):
 def test_quantized_path_logits_with_images_stay_close_to_hf(files, processor, quantized, case):
     llm, reference = quantized
     got, ref = herd_and_hf(llm, processor, reference, case)
+    print(f"{llm.checkpoint.path.name} + mmproj Q8_0, {case}: relative error {rel_err(got, ref):.4f}")
     assert rel_err(got, ref) < 0.02  # bf16 activations on the same stored weights, as tests/test_quant.py
 
 

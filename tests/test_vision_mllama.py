@@ -242,6 +242,8 @@ def test_herd_quantize_q8_runs_encoder_and_cross_attention_on_the_packed_kernels
         enc = processor(images=[images], text=[text], return_tensors="pt", add_special_tokens=False)
         assert ids == enc["input_ids"][0].tolist()
         dequantized = herd_logits(exact, ids, placed)
+        print(f"q8 {case}: relative error {rel_err(herd_logits(llm, ids, placed), dequantized):.4f} to the "
+              f"dequantized path, which is {rel_err(dequantized, hf_logits(tiny[1], enc)):.4f} from HF")
         assert rel_err(herd_logits(llm, ids, placed), dequantized) < 0.02, case
         assert rel_err(dequantized, hf_logits(tiny[1], enc)) < 0.05, case
     ours, _, _ = conversation("text, image, text, two images together")
