@@ -6,8 +6,10 @@ Two plans:
   dtype and device already match, so a memory-mapped checkpoint needs no second copy. GGML blocks are
   dequantized here; `dtype=torch.float32` is the exact reference path the parity tests use.
 - quantized (CPU; the default for quantized GGUF files and `herd quantize` output): weights stay quantized.
-  Linear layers (an image model's encoder, projector and cross-attention layers too) become herd.quant.linear modules (int4 for Q4_0/Q4_1/Q4_K, int8 per channel for herd q8,
+  Linear layers become herd.quant.linear modules (int4 for Q4_0/Q4_1/Q4_K, int8 per channel for herd q8,
   else a bf16 Linear: Q8_0, Q5_K, Q6_K, F16), q/k/v and gate/up are fused into one matmul each, and the embedding keeps its stored rows.
+  An image model's encoder, projector and cross-attention linears take the same modules where quantized
+  (biases added in fp32); where the file stores them as floats they compute in fp32 (keep_float_linears).
   Matmuls take bf16 inputs (the only activation dtype the CPU kernels vectorise); the residual stream,
   norms, RoPE, attention (and its KV cache) stay fp32, and logits are returned as fp32.
 On the CPU both end with herd.transforms.cpu_kernels (herd's C++ ops where they apply). A quantized model's

@@ -271,7 +271,8 @@ def test_quantized_path_runs_the_encoder_on_the_same_kernels(quantized):
     assert isinstance(block.mlp.c_fc.linear, packed)
     assert isinstance(llm.model.vision_embeddings.vision_adapter.mlp.c_fc, packed)
     # F16 and F32 in the file (48 and 588 inputs: no whole Q8_0 blocks): fp32 over the stored weights
-    assert isinstance(llm.model.vision_projection, FloatLinear) and llm.model.vision_projection.weight.dtype == torch.float16
+    projection = llm.model.vision_projection
+    assert isinstance(projection, FloatLinear) and projection.weight.dtype == torch.float16
     assert isinstance(llm.model.vision_embeddings.vision_encoder.conv1._linear, FloatLinear)
     assert isinstance(llm.model.layers[0].attention.wqkv, packed)
 

@@ -206,7 +206,8 @@ class FloatLinear(nn.Module):
         return F.linear(x.float(), self.weight.float(), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {str(self.weight.dtype).removeprefix('torch.')} weights, fp32"
+        stored = str(self.weight.dtype).removeprefix("torch.")
+        return f"in={self.in_features}, out={self.out_features}, {stored} weights, fp32"
 
 
 class BiasedLinear(nn.Module):
