@@ -331,3 +331,48 @@ def test_layout_cache_keys_on_the_projector(files, monkeypatch, tmp_path):
     before = layout_cache.key(text, [other])
     other.write_bytes(other.read_bytes())  # rewritten in place: a new mtime
     assert layout_cache.key(text, [other]) != before
+
+
+def _renamed(src, dst, rename):
+    """The GGUF at `src` rewritten by gguf-py with each tensor name passed through `rename`."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        elif kind == gguf.GGUFValueType.STRING:
+            writer.add_string(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), kind)
+    for t in reader.tensors:
+        writer.add_tensor(rename(t.name), np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_ln2_as_clip_cpp_names_it_reads_the_same(files, tmp_path):
+    """llama.cpp's clip.cpp reads each block's pre-FFN norm as `v.blk.N.ln2` (and older converters write that);
+    the cached converter writes `attn_post_norm` (herd/formats/mmproj.py). Both load as the same model; a file
+    with both for one block is refused."""
+    import herd
+    from herd.errors import FormatError
+
+    mmproj = files["mmproj", "f32"]
+    ln2 = _renamed(mmproj, tmp_path / "ln2.gguf", lambda n: n.replace("attn_post_norm", "ln2"))
+    a = herd.load(files["text", "f32"], mmproj=mmproj, dtype="float32")
+    b = herd.load(files["text", "f32"], mmproj=ln2, dtype="float32")
+    tiles = torch.randn(2, 3, V.TILE, V.TILE)
+    with torch.inference_mode():
+        assert torch.equal(a.model.encode_images(tiles), b.model.encode_images(tiles))
+    assert a.fingerprint == b.fingerprint  # the same weights under herd's names
+    both = _renamed(mmproj, tmp_path / "both.gguf", lambda n: n.replace("blk.1.ln1", "blk.1.ln2"))
+    with pytest.raises(FormatError, match=r"both\.gguf: tensor v\.blk\.1\.(ln2|attn_post_norm)\.(weight|bias) is a second"):
+        herd.load(files["text", "f32"], mmproj=both, dtype="float32")
