@@ -26,6 +26,11 @@ post_attention_layernorm) `v.blk.N.attn_post_norm` instead of `ln2`: gemma4's te
 name later in gguf-py's table. Llama 4's blocks have no norm on the attention output, so in a llama4 projector
 that name can only be the pre-FFN norm and is read as such (HF's Llama4VisionEncoderLayer is the reference).
 
+llama-server 0.3.36 loads such a file but runs it as another model: it applies `attn_post_norm` to the attention
+output (clip.cpp's build_vit, gemma4's meaning) and finds no pre-FFN norm (renaming the tensors `ln2` changes its
+answers), and for a one-tile image it leaves out the `<|image|>` token HF's processor puts before the overview's
+patches. So herd is checked against HF transformers, not against llama-server, for images.
+
 Tiles are cut as HF's Llama4ImageProcessor cuts them (herd.images.preprocess_llama4, up to 16 tiles, as the
 released preprocessor_config.json), not by llama.cpp's own slicing; an mmproj whose image_mean / image_std are
 not Llama 4's 0.5 is refused, since herd's preprocessing normalises with those.
