@@ -198,6 +198,9 @@ def test_foreign_and_mismatched_projectors_are_clear_errors(files, tmp_path):
     wide = _variant(mmproj, tmp_path / "wide.gguf", set_key("clip.vision.projection_dim", 4, 128))
     with pytest.raises(ShapeMismatch, match=r"wide\.gguf: .*width 128.*64 wide"):
         herd.load(text, mmproj=wide, dtype="float32")
+    deep = _variant(mmproj, tmp_path / "deep.gguf", set_key("clip.vision.block_count", 4, 1 << 30))
+    with pytest.raises(HerdError, match=r"deep\.gguf: clip\.vision\.block_count"):
+        herd.load(text, mmproj=deep, dtype="float32")
     with pytest.raises(UnsupportedArchitecture, match="not an image projector file.*'llama4'"):
         herd.load(text, mmproj=text, dtype="float32")
     with pytest.raises(UnsupportedArchitecture, match="image projector file.*not a model"):
