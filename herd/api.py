@@ -166,9 +166,12 @@ class LLM:
 
         messages, sources = extract_images(messages)
         if sources and not self.sees_images:
+            hint = ""
+            if self.checkpoint.format == "gguf" and self.config.is_llama4:
+                hint = "; a Llama 4 GGUF sees images with its image projector file: herd.load(..., mmproj=PATH)"
             raise ImageError(f"an image part (type 'image_url'), but {self.checkpoint.path.name} cannot see images "
                              f"(no image encoder{' weights' if 'note' in self.checkpoint.metadata else ''}): this "
-                             "model takes text only")
+                             f"model takes text only{hint}")
         ids = render(messages, self.tokenizer, self.chat_format, tools=tools, add_generation_prompt=True)
         if not sources:
             return ids, []
@@ -262,6 +265,7 @@ def load(
     prompt_int8: bool = False,
     tp: int | None = None,
     ep: int | None = None,
+    mmproj: str | os.PathLike | None = None,
 ) -> LLM:
     """Load a model: a GGUF file, an HF directory (config.json + safetensors), a Meta checkpoint
     directory (params.json + consolidated.NN.pth), a directory written by `herd quantize`, or a known
@@ -282,7 +286,10 @@ def load(
     (faster, no longer exact or batch-independent: herd.transforms.prompt_int8).
     `tp`, `ep`: inside a torchrun job, tensor parallelism over `tp` processes and Llama 4's routed experts
     split over `ep` (herd.transforms.tensor_parallel); each rank reads only its share of the weights. Rank 0
-    drives: its `llm` generates as usual, and every other rank calls `llm.follow()`."""
+    drives: its `llm` generates as usual, and every other rank calls `llm.follow()`.
+    `mmproj`: the image projector file (GGUF, llama.cpp's `mmproj` layout: herd.formats.mmproj) of a Llama 4
+    text GGUF, which then sees images. As with llama-server's --mmproj it is never looked for: without it a
+    text GGUF loads text-only."""
     from herd.runtime import compile_decode, set_threads
 
     set_threads(threads)
@@ -291,6 +298,12 @@ def load(
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
     parallel = tp is not None or ep is not None
     checkpoint = open_checkpoint(resolve(source), lazy=parallel)
+    if mmproj is not None:
+        from herd.formats.mmproj import attach_projector
+
+        if parallel:
+            raise HerdError("an mmproj's image encoder loads on one process: tp/ep are not supported with it")
+        checkpoint = attach_projector(checkpoint, mmproj)
     # the tokenizer first: it is cheap, and its size is checked against the embedding before the weights load
     tokenizer = load_tokenizer(checkpoint.tokenizer) if checkpoint.tokenizer is not None else None
     if tokenizer is not None:

@@ -7,7 +7,8 @@ mapped from the cache file, not copied, so a cached load takes milliseconds and 
 with the OS page cache. Because the file is a pickle of herd's own modules it is only ever read from
 herd's own cache directory (created 0700), never from a path a user or a model file names.
 
-The key covers everything the layout depends on: each weight file's path, size, mtime and inode (a file
+The key covers everything the layout depends on: each weight file's path, size, mtime and inode (an image
+projector file joined to a GGUF text model among them; a file
 changed in place gets a new key), herd's version and the source of the code that builds the layout
 (loader, model, transforms, quantization, kernels), torch's version and the CPU's flags (through the
 kernel library's key). Small files (under MIN_BYTES) repack faster than a cache lookup pays for, and are
@@ -21,7 +22,7 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -43,8 +44,11 @@ def directory() -> Path:
         else cache_dir().parent / "layouts"
 
 
-def _weight_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+def _weight_files(paths: Sequence[Path]) -> list[Path]:
+    files = []
+    for path in paths:
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return files
 
 
 def _code_digest() -> bytes:
@@ -60,11 +64,12 @@ def _code_digest() -> bytes:
     return h.digest()
 
 
-def key(path: Path) -> str | None:
-    """The cache key of the layout built from the weights at `path`, or None when it is not worth caching."""
+def key(path: Path, companions: Sequence[Path] = ()) -> str | None:
+    """The cache key of the layout built from the weights at `path` (and the files joined to them, such as an
+    image projector), or None when it is not worth caching."""
     from herd import kernels
 
-    files = _weight_files(Path(path))
+    files = _weight_files([Path(path), *map(Path, companions)])
     stats = [f.stat() for f in files]
     if sum(s.st_size for s in stats) < MIN_BYTES:
         return None
@@ -77,10 +82,12 @@ def key(path: Path) -> str | None:
     return h.hexdigest()[:32]
 
 
-def load_or_build(path: Path, build: Callable[[], torch.nn.Module], check: Callable[[torch.nn.Module], bool]):
-    """The cached layout for `path` if there is a sound one (`check` says it fits the checkpoint), else
-    `build()`, saved for next time. A cache that cannot be read or written costs a warning, never the load."""
-    k = key(path) if enabled() else None
+def load_or_build(path: Path, build: Callable[[], torch.nn.Module], check: Callable[[torch.nn.Module], bool],
+                  companions: Sequence[Path] = ()):
+    """The cached layout for `path` (with `companions`, files whose weights joined it) if there is a sound one
+    (`check` says it fits the checkpoint), else `build()`, saved for next time. A cache that cannot be read or
+    written costs a warning, never the load."""
+    k = key(path, companions) if enabled() else None
     if k is None:
         return build()
     target = directory() / f"{k}.pt"

@@ -8,6 +8,8 @@ Two plans:
 - quantized (CPU; the default for quantized GGUF files and `herd quantize` output): weights stay quantized.
   Linear layers become herd.quant.linear modules (int4 for Q4_0/Q4_1/Q4_K, int8 per channel for herd q8,
   else a bf16 Linear: Q8_0, Q5_K, Q6_K, F16), q/k/v and gate/up are fused into one matmul each, and the embedding keeps its stored rows.
+  An image model's encoder, projector and cross-attention linears take the same modules where quantized
+  (biases added in fp32); where the file stores them as floats they compute in fp32 (keep_float_linears).
   Matmuls take bf16 inputs (the only activation dtype the CPU kernels vectorise); the residual stream,
   norms, RoPE, attention (and its KV cache) stay fp32, and logits are returned as fp32.
 On the CPU both end with herd.transforms.cpu_kernels (herd's C++ ops where they apply). A quantized model's
@@ -73,9 +75,6 @@ def load_model(
     if quantized:
         if device.type != "cpu":
             raise HerdError(f"the quantized path runs on the CPU only; load on {device} with quantized=False")
-        if checkpoint.args.vision is not None or checkpoint.args.cross_attention_layers:
-            raise HerdError(f"{checkpoint.path}: the quantized CPU path does not cover image models yet; "
-                            "load with quantized=False")
         if dtype not in (None, torch.bfloat16):
             raise HerdError(f"the quantized CPU kernels compute in bfloat16, not {dtype}; pass quantized=False "
                             "for a dequantized model of that dtype")
@@ -84,7 +83,9 @@ def load_model(
         def fits(model) -> bool:
             return isinstance(model, Transformer) and model.args == checkpoint.args
 
-        return layout_cache.load_or_build(checkpoint.path, lambda: _load_quantized(checkpoint, progress), fits)
+        companions = [checkpoint.projector] if checkpoint.projector is not None else []
+        return layout_cache.load_or_build(checkpoint.path, lambda: _load_quantized(checkpoint, progress), fits,
+                                          companions)
     dtype = dtype or default_dtype(checkpoint, device)
     model, expected = _skeleton(checkpoint)
     state = {}
@@ -228,6 +229,7 @@ def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
         return quantized_linear(sources) if can_share_one_module(sources) else None
 
     fuse_projections(model, stacked)
+    keep_float_linears(model, tensors)
     quantize_linears(model, tensors, tied, progress)
     # Tied to an output in herd's packed layout: look rows up there (the file's map can then go).
     tied_packed = tied and isinstance(model.output, PackedLinear)
@@ -238,13 +240,15 @@ def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
     if _is_quantized(out_source) and not isinstance(model.output, PackedLinear):
         rows = model.tok_embeddings if tied else QuantEmbedding(out_source, torch.float32)
         model.output = RefinedLogits(model.output, rows)
-    # What is left: norm weights (fp32, like the residual stream) and Llama 4's stacked experts (bf16).
+    # What is left: norm weights (fp32, like the residual stream), Llama 4's stacked experts (bf16), and an
+    # image encoder's own tensors (class and position embeddings, tile embeddings, gates: fp32, as the
+    # encoder's activations, which meet the linears' kernels only as their inputs).
     state = {}
     for name in expected:
         if name.startswith("tok_embeddings.") or not _has_param(model, name):
             continue
         source = tensors[name]
-        dtype = torch.float32 if len(source.shape) == 1 else COMPUTE_DTYPE
+        dtype = torch.float32 if len(source.shape) == 1 or name.startswith(_IMAGE_PARTS) else COMPUTE_DTYPE
         # a copy: tiny, and a view of the file map would alias its neighbours (torch.compile refuses that)
         state[name] = source.dequantize(dtype) if isinstance(source, QuantizedWeight) else source.to(dtype, copy=True)
     model.load_state_dict(state, strict=False, assign=True)
@@ -254,6 +258,31 @@ def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
     # identical; bf16's 8-bit mantissa changed 4 of 16 within 64 tokens). The fp32 reference path keeps fp32.
     model.kv_dtype = torch.float16
     return model
+
+
+_IMAGE_PARTS = ("vision_embeddings.", "vision_projection", "vision_model.", "cross_attention_layers.")
+
+
+def keep_float_linears(model: Transformer, tensors: dict) -> int:
+    """Linears whose file stores float weights become FloatLinear (fp32 over the stored weights) where bf16
+    costs more than it saves: an image encoder's (herd.quant.linear.FloatLinear says why) and Llama 4's MoE
+    routers, whose top-k choice is discrete: bf16 routing logits chose another expert than fp32 for 1 token
+    of 106 in tests/test_vision_gguf.py (0.57 relative error in its logits), for an E x D matrix's worth of
+    memory. Quantized ones are left for the packed kernels."""
+    from herd.quant.linear import FloatLinear
+    from herd.transforms import replace_modules
+
+    def build(name: str, module: nn.Module):
+        wanted = name.startswith(_IMAGE_PARTS) or name.endswith(".feed_forward.router")
+        if not (wanted and isinstance(module, nn.Linear) and module.weight.is_meta):
+            return None
+        weight = tensors[f"{name}.weight"]
+        if not isinstance(weight, torch.Tensor):
+            return None
+        bias = tensors[f"{name}.bias"] if module.bias is not None else None
+        return FloatLinear(weight, bias.dequantize() if isinstance(bias, QuantizedWeight) else bias)
+
+    return replace_modules(model, build)
 
 
 def use_int8_prompts(model: Transformer) -> int:

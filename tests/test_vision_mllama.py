@@ -202,3 +202,55 @@ def test_prefix_cache_keys_every_block_of_an_image_prompt_by_its_images(llm):
     assert tokens_b == llm.chat(msgs_b, max_tokens=4, temperature=0).token_ids[:len(tokens_b)]
     again, cached = run(request("a2", 1)[0])
     assert cached > 0 and again == first
+
+
+# -- the quantized CPU path ----------------------------------------------------------------------------------
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:  # as tests/test_quant.py
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def test_herd_quantize_q8_runs_encoder_and_cross_attention_on_the_packed_kernels(tiny, processor, tmp_path):
+    """`herd quantize --to q8` of the tiny Llama 3.2 Vision, loaded quantized: the encoder's, projector's and
+    cross-attention layers' linears are herd's packed q8 modules (PyTorch's int8 without herd's kernels), as the
+    text layers' are. Judged as tests/test_quant.py judges text: logits with images within 0.02 of the
+    dequantized fp32 path on the same stored weights, that path within 0.05 of HF's on the original weights,
+    and greedy replies equal to the dequantized path's up to a near tie."""
+    import herd
+    from herd import kernels
+    from herd.formats import open_checkpoint
+    from herd.formats.herdq import write_herdq
+    from herd.quant.linear import BiasedLinear, Int8Linear, Q8Linear
+
+    out = write_herdq(open_checkpoint(tiny[0]), tmp_path / "q8", "q8")
+    llm = herd.load(out)
+    exact = herd.load(out, dtype="float32")
+    kind = Q8Linear if kernels.load() else Int8Linear
+    model = llm.model
+    block = model.vision_model.vision_encoder.transformer.resblocks[0]
+    assert isinstance(block.attn.wq, kind) and isinstance(block.mlp.c_fc, BiasedLinear)
+    assert isinstance(block.mlp.c_fc.linear, kind) and isinstance(model.vision_model.vision_projection.linear, kind)
+    assert isinstance(model.cross_attention_layers[0].attention.wq, kind)
+    assert isinstance(model.layers[0].attention.wqkv, kind)
+    for case in CASES:
+        ours, _, images = conversation(case)
+        ids, placed = llm.chat_inputs(ours)
+        text = llm.chat_format.render_text(
+            [{"role": "user", "content": "".join("<|image|>" if p["type"] != "text" else p["text"]
+                                                 for p in ours[0]["content"])}])
+        enc = processor(images=[images], text=[text], return_tensors="pt", add_special_tokens=False)
+        assert ids == enc["input_ids"][0].tolist()
+        dequantized = herd_logits(exact, ids, placed)
+        print(f"q8 {case}: relative error {rel_err(herd_logits(llm, ids, placed), dequantized):.4f} to the "
+              f"dequantized path, which is {rel_err(dequantized, hf_logits(tiny[1], enc)):.4f} from HF")
+        assert rel_err(herd_logits(llm, ids, placed), dequantized) < 0.02, case
+        assert rel_err(dequantized, hf_logits(tiny[1], enc)) < 0.05, case
+    ours, _, _ = conversation("text, image, text, two images together")
+    want = exact.chat(ours, max_tokens=8, temperature=0, stop_token_ids=None, logprobs=2)
+    got = llm.chat(ours, max_tokens=8, temperature=0, stop_token_ids=None).token_ids
+    parted = next((i for i, (a, b) in enumerate(zip(got, want.token_ids)) if a != b), len(got))
+    assert parted >= 2 and got[:parted] == want.token_ids[:parted]
+    if parted < len(want.token_ids):  # only where the reference's top two are within 0.1 (a near tie)
+        top = want.logprobs[parted].top
+        assert abs(top[0][2] - top[1][2]) < 0.1, (got, want.token_ids)  # logprob gaps are logit gaps

@@ -72,6 +72,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="a PEFT-format LoRA adapter directory to apply (the base then loads dense); "
                              "NAME=DIR, repeated, serves several over one base, each request choosing by its "
                              "`model` (herd serve)"),
+    parser.add_argument("--mmproj", default=None, metavar="PATH",
+                        help="the image projector file (GGUF mmproj, as llama.cpp's converter writes it) of a "
+                             "Llama 4 text GGUF; without it a text GGUF takes text only")
     parser.add_argument("--tp", type=positive_int, default=None, metavar="N",
                         help="tensor parallelism over the N processes of a torchrun job "
                              "(torchrun --nproc-per-node N -m herd ...); rank 0 does the command's work")
@@ -143,7 +146,7 @@ def model_options(args: argparse.Namespace) -> dict:
         raise SystemExit("herd: --adapter: several adapters need names (NAME=DIR)")
     elif given:
         options["adapter"] = given[0]
-    for key in ("tp", "ep"):
+    for key in ("tp", "ep", "mmproj"):
         if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
     compile_ = getattr(args, "compile", "auto")

@@ -9,24 +9,26 @@ def add_arguments(parser, name):
         parser.add_argument("--memory", action="store_true",
                             help="load the model as `herd run` would, generate a few tokens, report its memory")
         parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+        parser.add_argument("--mmproj", default=None, metavar="PATH",
+                            help="the image projector file (GGUF mmproj) of a Llama 4 text GGUF")
 
 
 def main(args):
     if args.command == "list":
         return list_models()
-    show_info(args.source)
+    show_info(args.source, getattr(args, "mmproj", None))
     if getattr(args, "memory", False):
-        show_memory(args.source, args.dtype)
+        show_memory(args.source, args.dtype, getattr(args, "mmproj", None))
 
 
-def show_memory(source, dtype=None):
+def show_memory(source, dtype=None, mmproj=None):
     """What loading costs: the model's own tensors (by kind), the KV cache per token, and this process's
     peak resident memory (ru_maxrss: Python and torch included) after loading and a short generation."""
     import resource
 
     import herd
 
-    llm = herd.load(source, dtype=dtype)
+    llm = herd.load(source, dtype=dtype, mmproj=mmproj)
     mapped = 0
     sizes: dict[str, int] = {}
     for module in llm.model.modules():
@@ -66,7 +68,7 @@ def torch_itemsize(dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def show_info(source):
+def show_info(source, mmproj=None):
     from rich.console import Console
 
     from herd.config import layer_plan, parameter_counts
@@ -80,6 +82,10 @@ def show_info(source):
     if is_adapter_dir(path):
         return show_adapter(path)
     ck = open_checkpoint(path)
+    if mmproj is not None:
+        from herd.formats.mmproj import attach_projector
+
+        ck = attach_projector(ck, mmproj)
     a = ck.args
     total, active = parameter_counts(a)
     plan = layer_plan(a)
@@ -117,13 +123,14 @@ def image_row(ck) -> str | None:
     from herd.config import MllamaVisionArgs
 
     a, v = ck.args, ck.args.vision
+    where = f", from the mmproj {ck.projector}" if getattr(ck, "projector", None) is not None else ""
     if isinstance(v, MllamaVisionArgs):
         return (f"Llama 3.2 Vision encoder: {v.n_layers} + {v.n_global_layers} global layers, width {v.dim}, "
                 f"{v.n_heads} heads, {v.image_size}-pixel tiles (up to {v.max_num_tiles}), patch {v.patch_size}; "
-                f"cross-attention before layers {list(a.cross_attention_layers)}")
+                f"cross-attention before layers {list(a.cross_attention_layers)}{where}")
     if v is not None:
         return (f"Llama 4 encoder: {v.n_layers} layers, width {v.dim}, {v.image_size}-pixel tiles "
-                f"(up to {v.max_tiles}), patch {v.patch_size}")
+                f"(up to {v.max_tiles}), patch {v.patch_size}{where}")
     return f"none ({ck.metadata['note']})" if "note" in ck.metadata else None
 
 

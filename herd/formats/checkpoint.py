@@ -46,3 +46,4 @@ class Checkpoint:
     quantization: str = "none"  # human summary: "F32", "Q4_1 (210), Q8_0 (1), F32 (61)", "bf16", ...
     eos_token_ids: tuple[int, ...] = ()  # ids that end a reply, beyond the tokenizer's own EOS
     metadata: dict[str, Any] = field(default_factory=dict)  # everything else worth showing (model name, ...)
+    projector: Path | None = None  # a GGUF image projector file (mmproj) whose tensors joined `tensors`

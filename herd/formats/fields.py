@@ -116,7 +116,8 @@ def naming(path: Path | str, names: Mapping[str, str] | None = None):
         field = getattr(e, "field", None)
         if field is None or str(e).startswith(str(path)):
             raise
-        key = (names or {}).get(field.split(".")[0])
+        names = names or {}
+        key = names.get(field) or names.get(field.split(".")[0])
         raise ConfigError(f"{path}: {key + ': ' if key else ''}{e}") from None
 
 

@@ -399,22 +399,32 @@ def _generation(md: dict[str, Any], arch: str, args: ModelArgs, tensors: dict[st
     return "unknown"
 
 
-def read_gguf(path: str | Path) -> Checkpoint:
-    """Read a GGUF file into a Checkpoint with canonical tensor names; tensor data stays memory-mapped."""
-    path = Path(path)
+def read_gguf_parts(path: Path) -> tuple[int, dict[str, Any], dict[str, Any], Counter]:
+    """(version, metadata, tensors under their GGUF names, count of tensors per type) of any GGUF file, its
+    tensor data memory-mapped, every length and offset checked."""
     size = path.stat().st_size
     if size == 0:
         raise TruncatedFile(f"{path}: the file is empty (a GGUF header needs at least 24 bytes)")
     mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: torch may hold writable views safely
     r = _Reader(memoryview(mm), path)
     version, md, infos = _header(r)
-    arch = md.get("general.architecture")
-    if arch not in ("llama", "llama4"):
-        raise UnsupportedArchitecture(f"{path}: GGUF architecture {arch!r} is not supported (herd reads llama, llama4)")
     alignment = md.get("general.alignment", 32)
     if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
         raise FormatError(f"{path}: general.alignment {alignment!r} is not a power of two")
     raw, types = _tensors(r, mm, infos, alignment)
+    return version, md, raw, types
+
+
+def read_gguf(path: str | Path) -> Checkpoint:
+    """Read a GGUF file into a Checkpoint with canonical tensor names; tensor data stays memory-mapped."""
+    path = Path(path)
+    version, md, raw, types = read_gguf_parts(path)
+    arch = md.get("general.architecture")
+    if arch == "clip":
+        raise UnsupportedArchitecture(f"{path}: an image projector file (mmproj, architecture 'clip'), not a model: "
+                                      "load the text model's GGUF with this file as its mmproj")
+    if arch not in ("llama", "llama4"):
+        raise UnsupportedArchitecture(f"{path}: GGUF architecture {arch!r} is not supported (herd reads llama, llama4)")
     args = _args(md, arch, raw, path)
     tensors = {}
     for name, t in raw.items():
@@ -455,4 +465,4 @@ def read_gguf(path: str | Path) -> Checkpoint:
     )
 
 
-__all__ = ["read_gguf"]
+__all__ = ["read_gguf", "read_gguf_parts"]

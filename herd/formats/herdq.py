@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from herd.config import ModelArgs, MoEArgs, RopeScaling
+from herd.config import MllamaVisionArgs, ModelArgs, MoEArgs, RopeScaling, VisionArgs
 from herd.errors import ConfigError, FormatError, MissingTensor
 from herd.formats.checkpoint import Checkpoint, TokenizerSource
 from herd.formats.fields import read_json
@@ -50,6 +50,15 @@ def _args_from_dict(d: dict) -> ModelArgs:
     if d.get("moe"):
         d["moe"] = MoEArgs(**{**d["moe"], "layers": tuple(d["moe"]["layers"])})
     d["nope_layers"] = tuple(d.get("nope_layers", ()))
+    if d.get("vision"):  # an image model's encoder: Llama 3.2 Vision's has tiles in arrangements, Llama 4's not
+        v = dict(d["vision"])
+        if "aspect_ratios" in v:
+            v["intermediate_layers"] = tuple(v["intermediate_layers"])
+            v["aspect_ratios"] = tuple(tuple(r) for r in v["aspect_ratios"])
+            d["vision"] = MllamaVisionArgs(**v)
+        else:
+            d["vision"] = VisionArgs(**v)
+    d["cross_attention_layers"] = tuple(d.get("cross_attention_layers", ()))
     return ModelArgs(**d)
 
 

@@ -213,14 +213,15 @@ class Transformer(nn.Module):
         the tiles' <|patch|> tokens, in order."""
         if self.args.vision is None:
             raise ValueError("this model has no image encoder")
-        dtype = self.vision_projection.weight.dtype
-        return self.vision_projection(self.vision_embeddings(tiles.to(dtype)))
+        # the encoder computes in the dtype of its own tensors (its linears may be quantized modules)
+        dtype = self.vision_embeddings.vision_encoder.class_embedding.dtype
+        return self.vision_projection(self.vision_embeddings(tiles.to(dtype))).to(dtype)
 
     def cross_attention_states(self, tiles, ratio_ids, tile_mask) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Llama 3.2 Vision: one image's tiles [1, tiles, C, H, W] -> each cross-attention layer's keys and values
         [kv_heads, tiles * n_patches, hd]; computed once per image, read by every token after it."""
-        dtype = self.vision_model.vision_projection.weight.dtype
-        states = self.vision_model(tiles.to(dtype), ratio_ids, tile_mask)
+        dtype = self.vision_model.vision_encoder.class_embedding.dtype
+        states = self.vision_model(tiles.to(dtype), ratio_ids, tile_mask).to(dtype)
         return [layer.attention.keys_values(states.flatten(0, 1)) for layer in self.cross_attention_layers]
 
     def _cross_attend(self, h, cross, index: int):

@@ -77,7 +77,9 @@ CPU_SCHEMES = (
     Scheme("PyTorch int4 (GGML Q4_x)", lambda s: _ggml(s) and _types(s) <= ql.INT4_TYPES and len(_types(s)) == 1,
            ql.int4_from_ggml),
     Scheme("PyTorch int4 (herd int4)", _int4, _torch_int4),
-    Scheme("PyTorch int8 (herd int8)", lambda s: all(isinstance(x, Int8Weight) for x in s),
+    # aten._weight_int8pack_mm crashes (SIGSEGV, torch 2.13) when the input width is not a multiple of 8
+    # (measured at 588, 590, 596: Llama 3.2 Vision's 3x14x14 patch embedding)
+    Scheme("PyTorch int8 (herd int8)", lambda s: all(isinstance(x, Int8Weight) for x in s) and s[0].shape[-1] % 8 == 0,
            lambda s: ql.Int8Linear(*_int8_parts(s))),
     Scheme("bf16", lambda s: True, _bf16),
 )
@@ -104,7 +106,8 @@ def can_share_one_module(sources: list) -> bool:
 
 def quantize_linears(model: nn.Module, tensors: dict, tied_output: bool, progress=None) -> nn.Module:
     """Replace every nn.Linear still on the meta device by its quantized module (weight `NAME.weight`, or
-    the tied embedding for the output)."""
+    the tied embedding for the output): the text layers' and, in an image model, the encoder's, projector's
+    and cross-attention layers' alike; a linear with a bias (`NAME.bias`) adds it in fp32 (BiasedLinear)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.is_meta]
     done = [0]
 
@@ -115,7 +118,11 @@ def quantize_linears(model: nn.Module, tensors: dict, tied_output: bool, progres
         if progress:
             progress(done[0], len(names))
         key = "tok_embeddings.weight" if name == "output" and tied_output else f"{name}.weight"
-        return quantized_linear([tensors[key]])
+        linear = quantized_linear([tensors[key]])
+        if module.bias is None:
+            return linear
+        bias = tensors[f"{name}.bias"]
+        return ql.BiasedLinear(linear, bias.dequantize() if isinstance(bias, GGMLTensor) else bias)
 
     replace_modules(model, build)
     return model
