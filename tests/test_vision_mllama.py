@@ -91,6 +91,19 @@ def conversation(case):
     return [{"role": "user", "content": ours}], [{"role": "user", "content": theirs}], images
 
 
+def processor_inputs(llm, processor, case):
+    """herd's (ids, placed images) for `case`, checked equal to the ids HF's processor makes of the same
+    conversation rendered as text; returns them with the processor's encoding."""
+    ours, _, images = conversation(case)
+    ids, placed = llm.chat_inputs(ours)
+    text = llm.chat_format.render_text(
+        [{"role": "user", "content": "".join("<|image|>" if p["type"] != "text" else p["text"]
+                                             for p in ours[0]["content"])}])
+    enc = processor(images=[images], text=[text], return_tensors="pt", add_special_tokens=False)
+    assert ids == enc["input_ids"][0].tolist()
+    return ids, placed, enc
+
+
 def hf_logits(model, enc):
     with torch.no_grad():
         return model(**{k: v for k, v in enc.items() if k != "num_tiles"}).logits[0]
@@ -110,14 +123,8 @@ def herd_logits(llm, ids, placed):
 
 @pytest.mark.parametrize("case", CASES)
 def test_builtin_format_ids_and_logits_equal_hf(tiny, llm, processor, case):
-    ours, _, images = conversation(case)
     assert llm.chat_format.name == "llama3" and llm.checkpoint.generation == "3.2"
-    ids, placed = llm.chat_inputs(ours)
-    text = llm.chat_format.render_text(
-        [{"role": "user", "content": "".join("<|image|>" if p["type"] != "text" else p["text"]
-                                             for p in ours[0]["content"])}])
-    enc = processor(images=[images], text=[text], return_tensors="pt", add_special_tokens=False)
-    assert ids == enc["input_ids"][0].tolist()
+    ids, placed, enc = processor_inputs(llm, processor, case)
     assert (herd_logits(llm, ids, placed) - hf_logits(tiny[1], enc)).abs().max() < TOL
 
 
@@ -234,13 +241,7 @@ def test_herd_quantize_q8_runs_encoder_and_cross_attention_on_the_packed_kernels
     assert isinstance(model.cross_attention_layers[0].attention.wq, kind)
     assert isinstance(model.layers[0].attention.wqkv, kind)
     for case in CASES:
-        ours, _, images = conversation(case)
-        ids, placed = llm.chat_inputs(ours)
-        text = llm.chat_format.render_text(
-            [{"role": "user", "content": "".join("<|image|>" if p["type"] != "text" else p["text"]
-                                                 for p in ours[0]["content"])}])
-        enc = processor(images=[images], text=[text], return_tensors="pt", add_special_tokens=False)
-        assert ids == enc["input_ids"][0].tolist()
+        ids, placed, enc = processor_inputs(llm, processor, case)
         dequantized = herd_logits(exact, ids, placed)
         print(f"q8 {case}: relative error {rel_err(herd_logits(llm, ids, placed), dequantized):.4f} to the "
               f"dequantized path, which is {rel_err(dequantized, hf_logits(tiny[1], enc)):.4f} from HF")

@@ -17,7 +17,7 @@ import torch
 from herd import errors
 from tests.fixtures import mllama as M
 from tests.fixtures import vision as V
-from tests.test_vision_mllama import CASES, TOL, conversation, herd_logits, hf_logits
+from tests.test_vision_mllama import CASES, TOL, conversation, herd_logits, hf_logits, processor_inputs
 
 TEXT_IDS = [M.IDS["<|begin_of_text|>"], 5, 6, 7, 8, 9, 10, M.IDS["<|eot_id|>"], 11]
 
@@ -88,13 +88,7 @@ def test_text_only_logits_equal_hf(reference, meta_llm):
 @pytest.mark.parametrize("case", CASES)
 def test_image_logits_equal_hf(reference, meta_llm, prompts, case):
     hf_llm, processor = prompts
-    ours, _, images = conversation(case)
-    ids, placed = hf_llm.chat_inputs(ours)
-    text = hf_llm.chat_format.render_text(
-        [{"role": "user", "content": "".join("<|image|>" if p["type"] != "text" else p["text"]
-                                             for p in ours[0]["content"])}])
-    enc = processor(images=[images], text=[text], return_tensors="pt", add_special_tokens=False)
-    assert ids == enc["input_ids"][0].tolist()
+    ids, placed, enc = processor_inputs(hf_llm, processor, case)
     assert (herd_logits(meta_llm, ids, placed) - hf_logits(reference[0], enc)).abs().max() < TOL
 
 
