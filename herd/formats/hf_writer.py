@@ -364,18 +364,22 @@ def _image_tokens(tokenizer: TokenizerSource | None) -> dict:
     return {k: v for k, v in found.items() if isinstance(v, int)}
 
 
+# Llama 3.2 Vision's normalisation as its HF releases' preprocessor_config.json state it (herd.images uses the
+# same; formats may not import it)
+MLLAMA_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+MLLAMA_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
 def processor_files(args: ModelArgs) -> dict[str, dict]:
     """preprocessor_config.json and processor_config.json stating the image preprocessing herd does
     (herd.images), so that transformers' processor, and herd reading the export back, prepare images alike."""
-    from herd.images import CLIP_MEAN, CLIP_STD
-
     v = args.vision
     common = {"size": {"height": v.image_size, "width": v.image_size}, "do_resize": True, "do_rescale": True,
               "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 2}
     if args.cross_attention_layers:
         return {"preprocessor_config.json": {
                     "image_processor_type": "MllamaImageProcessor", **common, "max_image_tiles": v.max_num_tiles,
-                    "do_pad": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+                    "do_pad": True, "image_mean": MLLAMA_IMAGE_MEAN, "image_std": MLLAMA_IMAGE_STD,
                     "processor_class": "MllamaProcessor"},
                 "processor_config.json": {"processor_class": "MllamaProcessor"}}
     return {"preprocessor_config.json": {
