@@ -61,7 +61,8 @@ def config_of(model_or_path) -> dict:
 
 PROMPTS = {  # (text with <|image|> where each image stands, image sizes)
     "one image": ("<|begin_of_text|><|image|>t5 t6 t7", [(60, 30)]),
-    "three images": ("<|begin_of_text|>t9 t8 <|image|>t5 t6 <|image|><|image|>t7 t3 t4", [(40, 100), (28, 28), (90, 20)]),
+    "three images": ("<|begin_of_text|>t9 t8 <|image|>t5 t6 <|image|><|image|>t7 t3 t4",
+                     [(40, 100), (28, 28), (90, 20)]),
 }
 
 

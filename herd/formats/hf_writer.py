@@ -154,7 +154,8 @@ def _llama4_vision_config(args: ModelArgs, text: dict, image_tokens: dict) -> di
 
 def hf_config(args: ModelArgs, eos_token_ids=(), bos_token_id: int | None = None,
               image_tokens: dict | None = None) -> dict:
-    """`image_tokens`: a Llama 4 image model's boi/eoi_token_index, when its tokenizer names them."""
+    """`image_tokens`: ids the tokenizer names (_image_tokens): Llama 4's boi/eoi_token_index, Llama 3.2
+    Vision's pad_token_id."""
     eos = list(eos_token_ids)
     common = {
         "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
@@ -195,8 +196,9 @@ def _llama4_vision_name(name: str) -> str:
     if key in _TO_HF_VISION4:
         return "vision_model." + _TO_HF_VISION4[key]
     prefix = "vision_encoder.transformer.resblocks."
-    if key.startswith(prefix):
-        index, module, leaf = (key[len(prefix):].split(".", 1)[0], *key[len(prefix):].split(".", 1)[1].rsplit(".", 1))
+    if key.startswith(prefix) and key.count(".") >= 5:
+        index, rest = key[len(prefix):].split(".", 1)
+        module, leaf = rest.rsplit(".", 1)
         if module in _TO_HF_VISION4_LAYER:
             return f"vision_model.model.layers.{index}.{_TO_HF_VISION4_LAYER[module]}.{leaf}"
     raise _no_place(name, "Llama4ForConditionalGeneration")
@@ -324,10 +326,10 @@ def write_hf(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor],
     elif tokenizer is not None and tokenizer.kind == "hf_json" and tokenizer.path:
         bos = _token_ids(tokenizer).get(_token_text(tok_config.get("bos_token")))
     config = hf_config(args, eos_token_ids, bos, _image_tokens(tokenizer))
+    save_file(hf_tensors(tensors, args, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
     if args.vision is not None:
         for name, data in processor_files(args).items():
             (out / name).write_text(json.dumps(data, indent=2))
-    save_file(hf_tensors(tensors, args, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if tok_config or chat_template:
         tok_config = {k: v for k, v in tok_config.items() if is_json(v)}
