@@ -211,6 +211,19 @@ def test_llama4_loaded_text_only_exports_the_text_model(llama4, tmp_path):
         assert (text(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < TOL
 
 
+def test_llama4_vision_meta_export_has_the_fixtures_meta_layout_and_loads_back_with_images(llama4, tmp_path):
+    """The fixture's Meta writer (llama-models' names and params.json vision_args) is the reference."""
+    model, source, _ = llama4
+    assert main(["export", str(source), "--to", "meta", str(tmp_path / "meta")]) in (0, None)
+    want = V.write_meta(model, tmp_path / "fixture")
+    assert_same_tensors(torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True),
+                        torch.load(want / "consolidated.00.pth", weights_only=True))
+    got_params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert got_params["vision_args"] == json.loads((want / "params.json").read_text())["vision_args"]
+    back = herd.load(tmp_path / "meta", dtype="float32")
+    assert back.config.vision is not None and back.fingerprint == herd.load(source, dtype="float32").fingerprint
+
+
 # ---- GGUF ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["mllama", "llama4"])
