@@ -245,6 +245,14 @@ def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str 
         path = write_hf(out, llama3_rope_from_divisors(ck.args), stored, ck.tokenizer, ck.chat_template,
                         ck.eos_token_ids, lineage)
         return path, new_fp
+    if ck.args.vision is not None or ck.args.cross_attention_layers:
+        from herd.errors import UnsupportedArchitecture
+
+        kind = "Llama 3.2 Vision" if ck.args.cross_attention_layers else "Llama 4 vision"
+        raise UnsupportedArchitecture(
+            f"{ck.path}: a {kind} model's image weights (encoder, projector"
+            f"{', cross-attention layers' if ck.args.cross_attention_layers else ''}) cannot go into a GGUF text "
+            "file, and herd writes no mmproj file; `--to hf` or `--to meta` keep them")
     import gguf
 
     from herd.formats.gguf_writer import gguf_name, stored_type, write_gguf

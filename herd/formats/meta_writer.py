@@ -123,7 +123,22 @@ def meta_params(args: ModelArgs) -> dict:
         params["use_scaled_rope"] = False
     if args.cross_attention_layers:
         params.update(meta_mllama.params_fields(args))
+    elif args.is_llama4 and args.vision is not None:
+        params["vision_args"] = _llama4_vision_params(args.vision)
     return params
+
+
+def _llama4_vision_params(v) -> dict:
+    """params.json vision_args (llama-models llama4/args.py VisionArgs); what Meta's encoder fixes and herd's
+    Meta reader therefore assumes (2D RoPE theta 10000, LayerNorm eps 1e-5, RGB) must hold."""
+    fixed = {"rope_theta": (v.rope_theta, 10000.0), "norm_eps": (v.norm_eps, 1e-5), "n_channels": (v.n_channels, 3)}
+    for name, (have, meta) in fixed.items():
+        if have != meta:
+            raise UnsupportedArchitecture(f"image encoder {name} {have}; Meta's Llama 4 code fixes {meta}")
+    return {"image_size": {"height": v.image_size, "width": v.image_size},
+            "patch_size": {"height": v.patch_size, "width": v.patch_size},
+            "dim": v.dim, "n_layers": v.n_layers, "n_heads": v.n_heads, "mlp_ratio": v.hidden_dim / v.dim,
+            "output_dim": v.output_dim, "pixel_shuffle_ratio": v.pixel_shuffle_ratio}
 
 
 def llama4_state(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
