@@ -379,3 +379,23 @@ def test_ln2_as_clip_cpp_names_it_reads_the_same(files, tmp_path):
     both = _renamed(mmproj, tmp_path / "both.gguf", lambda n: n.replace("blk.1.ln1", "blk.1.ln2"))
     with pytest.raises(FormatError, match=r"both\.gguf: tensor v\.blk\.1\.(ln2|attn_post_norm)\.(weight|bias) is a second"):
         herd.load(files["text", "f32"], mmproj=both, dtype="float32")
+
+
+def test_text_gguf_with_mmproj_exports_to_an_hf_model_transformers_runs_as_the_original(files, processor, tmp_path):
+    """llama.cpp's split files back to one HF Llama4ForConditionalGeneration: transformers loads the export
+    and gives the original HF model's logits with images (the F32 files hold the original weights)."""
+    import herd
+    from herd.finetune.export import export_model
+    from transformers import Llama4ForConditionalGeneration
+
+    llm = herd.load(files["text", "f32"], mmproj=files["mmproj", "f32"], dtype="float32")
+    out, _ = export_model(llm, "hf", tmp_path / "hf")
+    exported = Llama4ForConditionalGeneration.from_pretrained(out, attn_implementation="eager",
+                                                              dtype=torch.float32).eval()
+    sizes, texts = CASES["three images"]
+    images = [V.image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    _, theirs = messages(images, texts)
+    want = hf_inputs(processor, theirs)
+    with torch.no_grad():
+        inputs = {"input_ids": want["input_ids"], "pixel_values": want["pixel_values"].float()}
+        assert (exported(**inputs).logits - files["model"](**inputs).logits).abs().max() < TOL
