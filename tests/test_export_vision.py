@@ -78,24 +78,35 @@ def logits(model, inputs):
         return model(**inputs).logits[0]
 
 
-@pytest.fixture(scope="module")
-def mllama(tmp_path_factory):
+def built_and_exported(tmp_path_factory, name: str, build):
     """(original HF model, its directory, herd's HF export of that directory)."""
     V.torchvision_functional()
-    root = tmp_path_factory.mktemp("mllama-export")
-    model = M.build(root / "hf")
+    root = tmp_path_factory.mktemp(name)
+    model = build(root / "hf")
     return model, root / "hf", export_hf(root / "hf", root / "export")
 
 
-def test_mllama_export_has_the_original_config_and_tensors(mllama):
-    model, source, out = mllama
+def assert_same_model(source, out, architecture: str) -> dict:
+    """The export holds the original's tensors and config (as transformers reads them), and herd reads the
+    same weights from both; returns the written config."""
     assert_same_tensors(tensors(out), tensors(source))
     written = json.loads((out / "config.json").read_text())
-    assert written["architectures"] == ["MllamaForConditionalGeneration"]
-    assert written["text_config"]["cross_attention_layers"] == [1, 3]
-    assert written["vision_config"]["intermediate_layers_indices"] == [0, 2]
+    assert written["architectures"] == [architecture]
     assert config_of(out) == config_of(source)
     assert herd.load(out, dtype="float32").fingerprint == herd.load(source, dtype="float32").fingerprint
+    return written
+
+
+@pytest.fixture(scope="module")
+def mllama(tmp_path_factory):
+    return built_and_exported(tmp_path_factory, "mllama-export", M.build)
+
+
+def test_mllama_export_has_the_original_config_and_tensors(mllama):
+    _, source, out = mllama
+    written = assert_same_model(source, out, "MllamaForConditionalGeneration")
+    assert written["text_config"]["cross_attention_layers"] == [1, 3]
+    assert written["vision_config"]["intermediate_layers_indices"] == [0, 2]
 
 
 @pytest.mark.parametrize("case", PROMPTS)
@@ -137,17 +148,21 @@ def test_meta_llama_vision_exports_to_the_hf_model_it_came_from(tmp_path):
     assert (logits(exported, inputs) - logits(model, inputs)).abs().max() < TOL
 
 
-def test_mllama_without_its_encoder_is_refused_for_hf(mllama, tmp_path):
+def load_text_part(source, tmp_path):
+    """herd's model of `source`'s text weights alone (the vision ones left out), as a text-only load."""
     from safetensors.torch import save_file
 
-    _, source, _ = mllama
     (tmp_path / "text").mkdir()
     save_file({k: v for k, v in tensors(source).items() if k.startswith("language_model.")},
               str(tmp_path / "text" / "model.safetensors"))
     (tmp_path / "text" / "config.json").write_text((source / "config.json").read_text())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        llm = herd.load(tmp_path / "text", dtype="float32")
+        return herd.load(tmp_path / "text", dtype="float32")
+
+
+def test_mllama_without_its_encoder_is_refused_for_hf(mllama, tmp_path):
+    llm = load_text_part(mllama[1], tmp_path)
     with pytest.raises(errors.UnsupportedArchitecture, match="without its image encoder"):
         export_model(llm, "hf", tmp_path / "out")
 
@@ -156,18 +171,12 @@ def test_mllama_without_its_encoder_is_refused_for_hf(mllama, tmp_path):
 
 @pytest.fixture(scope="module")
 def llama4(tmp_path_factory):
-    V.torchvision_functional()
-    root = tmp_path_factory.mktemp("llama4v-export")
-    model = V.build(root / "hf")
-    return model, root / "hf", export_hf(root / "hf", root / "export")
+    return built_and_exported(tmp_path_factory, "llama4v-export", V.build)
 
 
 def test_llama4_vision_export_has_the_original_config_and_tensors(llama4):
-    model, source, out = llama4
-    assert_same_tensors(tensors(out), tensors(source))
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["Llama4ForConditionalGeneration"]
-    assert config_of(out) == config_of(source)
-    assert herd.load(out, dtype="float32").fingerprint == herd.load(source, dtype="float32").fingerprint
+    _, source, out = llama4
+    assert_same_model(source, out, "Llama4ForConditionalGeneration")
 
 
 def test_llama4_vision_export_gives_the_original_logits_with_images(llama4):
@@ -192,17 +201,10 @@ def test_llama4_vision_export_gives_the_original_logits_with_images(llama4):
 
 
 def test_llama4_loaded_text_only_exports_the_text_model(llama4, tmp_path):
-    from safetensors.torch import save_file
     from transformers import Llama4ForCausalLM
 
     model, source, _ = llama4
-    (tmp_path / "text").mkdir()
-    save_file({k: v for k, v in tensors(source).items() if k.startswith("language_model.")},
-              str(tmp_path / "text" / "model.safetensors"))
-    (tmp_path / "text" / "config.json").write_text((source / "config.json").read_text())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        llm = herd.load(tmp_path / "text", dtype="float32")
+    llm = load_text_part(source, tmp_path)
     out, _ = export_model(llm, "hf", tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Llama4ForCausalLM"]
     text = Llama4ForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
