@@ -380,8 +380,12 @@ def load_trainable_quantized(checkpoint: Checkpoint, dtype: torch.dtype = torch.
 
     def build(name: str, module: nn.Module):
         if isinstance(module, nn.Linear) and module.weight.is_meta:
+            bias = None
+            if module.bias is not None:
+                stored = tensors[f"{name}.bias"]
+                bias = stored.dequantize(torch.float32) if isinstance(stored, QuantizedWeight) else stored
             return BlockDequantLinear(tensors["tok_embeddings.weight" if name == "output" and tied else f"{name}.weight"],
-                                      dtype)
+                                      dtype, bias)
         return None
 
     replace_modules(model, build)

@@ -432,3 +432,19 @@ def test_herd_run_image_and_herd_chat_slash_image(tiny, llm, tmp_path):
     finally:
         child.close(force=True)
     assert answer == want
+
+
+def test_trainable_quantized_load_keeps_the_encoders_biases(tiny, llm):
+    """QLoRA's loader (every linear block-dequantized, frozen) over an image model: the encoder's biased
+    linears keep their biases, so image features equal the float path's (itself checked against HF above)."""
+    import herd
+
+    qlora = herd.load(tiny[0], quantized="trainable")
+    block = qlora.model.vision_embeddings.vision_encoder.transformer.resblocks[0]
+    assert block.attn.wq.bias is not None
+    ours, _ = messages([V.image(120, 110, seed=4)], ["t5"])
+    _, placed = llm.chat_inputs(ours)
+    with torch.no_grad():
+        got = qlora.model.encode_images(placed[0].tiles)
+        want = llm.model.encode_images(placed[0].tiles)
+    assert (got - want).abs().max() < 1e-5

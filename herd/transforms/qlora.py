@@ -49,12 +49,15 @@ class _BandedMatmul(torch.autograd.Function):
 
 
 class BlockDequantLinear(nn.Module):
-    def __init__(self, source, dtype: torch.dtype = torch.float32):
+    """`bias` (the image encoders' linears have them) is kept frozen, in float32 beside the stored weight."""
+
+    def __init__(self, source, dtype: torch.dtype = torch.float32, bias: torch.Tensor | None = None):
         super().__init__()
         self.source = source  # not a buffer: the stored blocks, usually pages of the file's memory map
         self.out_features, self.in_features = source.shape
         self.band = max(1, BAND_WEIGHTS // self.in_features)
         self.register_buffer("weight_dtype", torch.empty(0, dtype=dtype), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
 
     def bands(self):
         return ((a, min(a + self.band, self.out_features)) for a in range(0, self.out_features, self.band))
@@ -69,7 +72,8 @@ class BlockDequantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        return _BandedMatmul.apply(x, self)
+        y = _BandedMatmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         kind = getattr(self.source, "type_name", type(self.source).__name__)
