@@ -135,13 +135,7 @@ def test_chat_ids_and_logits_equal_hf(tiny, llm, processor, tmp_path, case, temp
     assert ids == want["input_ids"][0].tolist()
     with torch.no_grad():
         ref = tiny[1](input_ids=want["input_ids"], pixel_values=want["pixel_values"].float()).logits[0]
-    mask = torch.zeros(1, len(ids), dtype=torch.bool)
-    for image in placed:
-        mask[0, list(image.positions)] = True
-    rows = torch.cat([model.model.encode_images(p.tiles).flatten(0, 1) for p in placed])
-    with torch.no_grad():
-        got = model.model(torch.tensor([ids]), image_embeds=(mask, rows))[0]
-    assert (got - ref).abs().max() < TOL
+    assert (V.herd_image_logits(model, ids, placed) - ref).abs().max() < TOL
 
 
 def test_greedy_chat_equals_hf_generate(tiny, llm, processor):
@@ -190,11 +184,7 @@ def test_prefix_cache_never_shares_blocks_between_images(llm):
     engine = Engine(llm.model, llm.tokenizer, max_batch=2, block_size=4)
 
     def run(req):
-        engine.add_request(req)
-        outs = []
-        while engine.has_work():
-            outs += engine.step()
-        return [t for o in outs for t in o.token_ids], outs[-1].cached_tokens
+        return V.run_engine(engine, req)
 
     a, msgs_a = request("a", 1)
     b, msgs_b = request("b", 2)
@@ -291,12 +281,7 @@ def test_meta_checkpoint_of_the_same_weights_gives_the_same_logits(tiny, llm, pr
     want = hf_inputs(processor, theirs)
     with torch.no_grad():
         ref = tiny[1](input_ids=want["input_ids"], pixel_values=want["pixel_values"].float()).logits[0]
-        mask = torch.zeros(1, len(ids), dtype=torch.bool)
-        for image in placed:
-            mask[0, list(image.positions)] = True
-        rows = torch.cat([meta.model.encode_images(p.tiles).flatten(0, 1) for p in placed])
-        got = meta.model(torch.tensor([ids]), image_embeds=(mask, rows))[0]
-    assert (got - ref).abs().max() < TOL
+    assert (V.herd_image_logits(meta, ids, placed) - ref).abs().max() < TOL
 
 
 # -- herd serve ---------------------------------------------------------------------------------------------

@@ -116,12 +116,7 @@ def herd_and_hf(llm, processor, reference, case):
     assert ids == want["input_ids"][0].tolist()
     with torch.no_grad():
         ref = reference(input_ids=want["input_ids"], pixel_values=want["pixel_values"].float()).logits[0]
-        mask = torch.zeros(1, len(ids), dtype=torch.bool)
-        for image in placed:
-            mask[0, list(image.positions)] = True
-        rows = torch.cat([llm.model.encode_images(p.tiles).flatten(0, 1) for p in placed])
-        got = llm.model(torch.tensor([ids]), image_embeds=(mask, rows))[0].float()
-    return got, ref
+    return V.herd_image_logits(llm, ids, placed), ref
 
 
 @pytest.mark.parametrize("case", CASES)

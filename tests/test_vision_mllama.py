@@ -196,11 +196,7 @@ def test_prefix_cache_keys_every_block_of_an_image_prompt_by_its_images(llm):
     engine = Engine(llm.model, llm.tokenizer, max_batch=2, block_size=4)
 
     def run(req):
-        engine.add_request(req)
-        outs = []
-        while engine.has_work():
-            outs += engine.step()
-        return [t for o in outs for t in o.token_ids], outs[-1].cached_tokens
+        return V.run_engine(engine, req)
 
     first, _ = run(request("a", 1)[0])
     b, msgs_b = request("b", 2)
