@@ -263,6 +263,14 @@ def _load_quantized(checkpoint: Checkpoint, progress) -> Transformer:
 _IMAGE_PARTS = ("vision_embeddings.", "vision_projection", "vision_model.", "cross_attention_layers.")
 
 
+def _stored_bias(tensors: dict, name: str, module: nn.Module) -> torch.Tensor | None:
+    """The file's bias of linear `name` (float32 if it was stored quantized), or None where it has none."""
+    if module.bias is None:
+        return None
+    stored = tensors[f"{name}.bias"]
+    return stored.dequantize(torch.float32) if isinstance(stored, QuantizedWeight) else stored
+
+
 def keep_float_linears(model: Transformer, tensors: dict) -> int:
     """Linears whose file stores float weights become FloatLinear (fp32 over the stored weights) where bf16
     costs more than it saves: an image encoder's (herd.quant.linear.FloatLinear says why) and Llama 4's MoE
@@ -279,8 +287,7 @@ def keep_float_linears(model: Transformer, tensors: dict) -> int:
         weight = tensors[f"{name}.weight"]
         if not isinstance(weight, torch.Tensor):
             return None
-        bias = tensors[f"{name}.bias"] if module.bias is not None else None
-        return FloatLinear(weight, bias.dequantize() if isinstance(bias, QuantizedWeight) else bias)
+        return FloatLinear(weight, _stored_bias(tensors, name, module))
 
     return replace_modules(model, build)
 
@@ -380,12 +387,8 @@ def load_trainable_quantized(checkpoint: Checkpoint, dtype: torch.dtype = torch.
 
     def build(name: str, module: nn.Module):
         if isinstance(module, nn.Linear) and module.weight.is_meta:
-            bias = None
-            if module.bias is not None:
-                stored = tensors[f"{name}.bias"]
-                bias = stored.dequantize(torch.float32) if isinstance(stored, QuantizedWeight) else stored
             return BlockDequantLinear(tensors["tok_embeddings.weight" if name == "output" and tied else f"{name}.weight"],
-                                      dtype, bias)
+                                      dtype, _stored_bias(tensors, name, module))
         return None
 
     replace_modules(model, build)
