@@ -111,7 +111,8 @@ class _Check:
             self.fields(f, f"model.files[{i}]", {"name": text, "sha256": text}, required=("name", "sha256"))
         self.fields(r.get("runtime", {}), "runtime", {"batch_size": (int, "an integer"), "scoring": text,
                                                       "dtype": text, "threads": (int, "an integer"),
-                                                      "weights_quantized": (bool, "true or false")})
+                                                      "weights_quantized": (bool, "true or false"),
+                                                      "versions": (dict, "an object")})
         batch = r.get("runtime", {}).get("batch_size")
         if batch is not None and not 1 <= batch <= 1 << 16:
             self.fail("runtime.batch_size", f"is {batch}, not a batch size")
