@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys

@@ -152,7 +152,6 @@ def is_number(value) -> bool:
 
 # Every setting a task definition can hold: (kinds, lowest, highest, kind of a list's elements). The bounds
 # keep a definition read from a report from asking for more items or steps than any run could have made.
-_COUNT = ((int,), 1, 10**6, None)
 SETTINGS: dict[str, tuple] = {
     "data": ((str, type(None)), None, None, None), "train": ((str, type(None)), None, None, None),
     "filler": ((str, type(None)), None, None, None),
