@@ -3,6 +3,7 @@
     herd eval SOURCE --task mc --data items.jsonl --out report.json
     herd eval --server http://127.0.0.1:8000 --task mc --data items.jsonl
     herd eval verify report.json SOURCE [--sample K | --full] [--public-key KEY.pub]
+                  (exit 0: holds; 1: does not hold; 3: not verified, something could not be checked)
     herd eval compare a.json b.json ... [--allow-different-models]
     herd eval keygen KEY          (writes KEY and KEY.pub)
     herd eval sign report.json --key KEY
@@ -74,27 +75,33 @@ def _subparser(which: str) -> argparse.ArgumentParser:
         p.add_argument("source", nargs="?", default=None, help="the weights to check (default smollm2-135m)")
         p.add_argument("--sample", type=positive_int, default=20, help="items re-scored per task (default 20)")
         p.add_argument("--full", action="store_true", help="re-score every item")
-        p.add_argument("--seed", type=int, default=0, help="picks the sample")
+        p.add_argument("--seed", type=int, default=None,
+                       help="draws the sample (default: a fresh seed each run, printed so a run can be repeated)")
         p.add_argument("--public-key", default=None, help="require a signature by this key")
-        p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
+        p.add_argument("--data", action="append", default=[], metavar="TASK=PATH", type=task_path,
                        help="where a task's data is now, if not where the report says")
-        p.add_argument("--tolerance", type=float, default=1e-5, help="for log-likelihoods (default 1e-5)")
+        p.add_argument("--tolerance", type=non_negative_float, default=None,
+                       help="for re-scored log-likelihoods (default: exact in-process, where the sample runs in the "
+                            "same forwards as the run; 1e-5 through --server)")
         p.add_argument("--batch-size", type=positive_int, default=None, help="default: the report's")
         p.add_argument("--server", default=None, metavar="URL", help="re-score through an endpoint")
         p.add_argument("--model", default=None)
         p.add_argument("--api-key", default=None)
         add_model_options(p)
     elif which == "compare":
-        p.description = "reports side by side; refuses one name with different fingerprints"
+        p.description = ("reports side by side; refuses one name (or look-alike names) with different fingerprints, "
+                         "and one task name with different definitions")
         p.add_argument("reports", nargs="+")
         p.add_argument("--allow-different-models", action="store_true")
+        p.add_argument("--allow-different-tasks", action="store_true",
+                       help="show one task name with different definitions in separate rows instead of refusing")
     elif which == "sign":
         p.description = "sign a report with an Ed25519 private key"
         p.add_argument("report")
         p.add_argument("--key", required=True, help="PEM private key (herd eval keygen makes one)")
         p.add_argument("--out", default=None, help="default: overwrite the report")
     elif which == "contamination":
-        p.description = "13-gram overlap with a corpus, and Min-K% / Min-K%++ under the model, per item"
+        p.description = "n-gram overlap with a corpus (13 words by default), and Min-K% / Min-K%++ under the model, per item"
         p.add_argument("source", nargs="?", default=None, help="the model (default smollm2-135m)")
         p.add_argument("--task", required=True, help="mc, mc-arithmetic or gsm8k")
         p.add_argument("--data", default=None)
@@ -119,6 +126,24 @@ def parse_command(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
     args = parser.parse_intermixed_args(argv)
     args.sub = None
     return args
+
+
+def task_path(text: str) -> tuple[str, str]:
+    """argparse type: "TASK=PATH" -> (task, path)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TASK=PATH")
+    return name, path
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
 
 
 def number_list(kind):
@@ -206,40 +231,56 @@ def _load_backend(args, report):
     from herd.eval.backends import EngineBackend
     from herd.eval.run import backend_for
 
-    batch = args.batch_size or report.get("runtime", {}).get("batch_size", 16)
+    runtime, settings = report.get("runtime") or {}, report.get("settings") or {}
+    batch = args.batch_size or runtime.get("batch_size") or 16
     if args.server:
         return backend_for(server=args.server, batch_size=batch, api_key=args.api_key, served_model=args.model)
     # the report's load options unless overridden: float32 on a quantized file is another arithmetic path
-    runtime = report.get("runtime", {})
-    dtype = args.dtype or report.get("settings", {}).get("dtype")
+    dtype = args.dtype or (settings.get("dtype") if isinstance(settings.get("dtype"), str) else None)
     if dtype is None and runtime.get("weights_quantized") is False and runtime.get("dtype") == "float32":
         dtype = "float32"  # scored on the dequantized float32 path (a quantized file loads quantized by default)
     llm = load_with_progress(args.source, args.device, dtype, **model_options(args))
-    return EngineBackend(llm, batch, report.get("runtime", {}).get("scoring", "batched"))
+    scoring = runtime.get("scoring", "batched")
+    if scoring not in ("batched", "engine"):
+        from herd.eval.report import ReportError
+
+        raise ReportError(f"{args.report}: runtime.scoring is {scoring!r}, not 'batched' or 'engine'")
+    return EngineBackend(llm, batch, scoring)
 
 
 def _verify(args):
     from herd.eval.report import load
     from herd.eval.verify import verify
 
-    report = load(args.report)
+    report = load(args.report)  # a malformed report or key is refused before the model loads
+    if args.public_key is not None:
+        from herd.eval.signing import load_public_key
+
+        load_public_key(args.public_key)
     backend = _load_backend(args, report)
-    data = dict(d.split("=", 1) for d in args.data)
     v = verify(report, backend, sample=None if args.full else args.sample, seed=args.seed,
-               tolerance=args.tolerance, public_key=args.public_key, data=data, source=args.source)
+               tolerance=args.tolerance, public_key=args.public_key, data=dict(args.data), source=args.source)
     for line in v.checked:
         print(f"ok    {line}")
+    for line in v.unverified:
+        print(f"NOT CHECKED  {line}")
     for line in v.findings:
         print(f"FAIL  {line}")
-    print("the report holds for these weights" if v.ok else f"the report does NOT hold ({len(v.findings)} findings)")
-    return 0 if v.ok else 1
+    if v.findings:
+        print(f"the report does NOT hold ({len(v.findings)} findings)")
+        return 1
+    if v.unverified:
+        print(f"the report is NOT verified ({len(v.unverified)} things could not be checked)")
+        return 3
+    print("the report holds for these weights")
+    return 0
 
 
 def _compare(args):
     from herd.eval.compare import compare
     from herd.eval.report import load
 
-    print(compare([load(p) for p in args.reports], args.allow_different_models).text())
+    print(compare([load(p) for p in args.reports], args.allow_different_models, args.allow_different_tasks).text())
     return 0
 
 
@@ -271,7 +312,7 @@ def _contamination(args):
     task = make_task(args.task, data=args.data, limit=args.limit)
     llm = load_with_progress(args.source, args.device, args.dtype, **model_options(args))
     rows = contamination(llm, task, args.corpus, args.ngram, args.k)
-    print(table(rows, args.top))
+    print(table(rows, args.top, args.ngram, corpus=args.corpus is not None))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"task": task.definition(), "corpus": args.corpus, "ngram": args.ngram, "k": args.k,

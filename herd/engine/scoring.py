@@ -52,11 +52,14 @@ class Segment:
 def continuation_logprobs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                           batch_size: int = 16, logits_budget: int = 1 << 27,
                           progress: Callable[[int], None] | None = None, forward_tokens: int = 2048,
-                          group_tokens: int = 16384) -> list[tuple[list[float], bool]]:
+                          group_tokens: int = 16384,
+                          wanted: set[int] | None = None) -> list[tuple[list[float], bool] | None]:
     """For each (context, continuation) of token ids: the log-probability of every continuation token and
     whether each was the most likely token. A forward holds at least `batch_size` rows, more while they
     fit `forward_tokens` padded tokens and `logits_budget` float32 logits; a group of pairs shares one
-    cache of about `group_tokens` distinct tokens."""
+    cache of about `group_tokens` distinct tokens. With `wanted` (indices), only the groups holding a
+    wanted pair run, exactly as they run when every pair is scored (the groups are cut from all pairs);
+    pairs of the groups left out are None."""
     inputs = []
     for i, (context, continuation) in enumerate(pairs):
         if not context or not continuation:
@@ -72,11 +75,12 @@ def continuation_logprobs(model: Transformer, pairs: Sequence[tuple[Sequence[int
             distinct += len(inputs[i]) - _common_length(previous, inputs[i])
             group.append(i)
             if distinct >= group_tokens or at == len(order) - 1:
-                _score_group(model, group, pairs, inputs, results, batch_size, forward_tokens, logits_budget)
-                if progress:
-                    progress(len(group))
+                if wanted is None or any(i in wanted for i in group):
+                    _score_group(model, group, pairs, inputs, results, batch_size, forward_tokens, logits_budget)
+                    if progress:
+                        progress(len(group))
                 group, distinct = [], 0
-    return [([lp for lp, _ in r], all(g for _, g in r)) for r in results]
+    return [([lp for lp, _ in r], all(g for _, g in r)) if r else None for r in results]
 
 
 def _common_length(a: list[int], b: list[int]) -> int:

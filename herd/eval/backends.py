@@ -17,6 +17,7 @@ different batch sizes (see DETERMINISM).
 from __future__ import annotations
 
 import json
+import math
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -48,6 +49,22 @@ DETERMINISM = {
 
 class BackendError(HerdError):
     """The scorer cannot answer a request (a server error, or a server that answers the wrong thing)."""
+
+
+class NonFiniteScore(BackendError):
+    """The model gave a log-likelihood that is NaN or infinite: its weights or its arithmetic are broken."""
+
+
+def check_finite(results: list, pairs) -> list:
+    """`results`, or NonFiniteScore naming the first request whose log-likelihood is not a finite number (a
+    report cannot hold it, and a score built on it means nothing)."""
+    bad = [i for i, r in enumerate(results) if r is not None and not math.isfinite(r.logprob)]
+    if bad:
+        raise NonFiniteScore(f"the model gave a log-likelihood of {results[bad[0]].logprob} for request {bad[0]} "
+                             f"({len(pairs[bad[0]][1])} continuation tokens), and {len(bad) - 1} more non-finite of "
+                             f"{len(results)}: its weights or arithmetic are broken (NaN or inf in the weights?); "
+                             "nothing scored")
+    return results
 
 
 @dataclass(frozen=True)
@@ -110,9 +127,10 @@ class EngineBackend:
         return Engine(self.llm.model, self.llm.tokenizer, max_batch=self.batch_size, context=context,
                       max_queue=1 << 30, prefill_budget=self.batch_size * context)
 
-    def _run(self, requests: list, progress: Progress | None) -> dict[str, list]:
-        """Queue every request, step until all finish; the outputs of each request in order."""
-        engine = self._engine(max(len(r.prompt_ids) + r.max_tokens for r in requests))
+    def _run(self, requests: list, progress: Progress | None, longest: int | None = None) -> dict[str, list]:
+        """Queue every request, step until all finish; the outputs of each request in order. `longest`: the
+        longest request the engine is sized for (default: these requests' own)."""
+        engine = self._engine(longest or max(len(r.prompt_ids) + r.max_tokens for r in requests))
         outputs: dict[str, list] = {r.request_id: [] for r in requests}
         for r in requests:
             engine.add_request(r)
@@ -126,7 +144,10 @@ class EngineBackend:
         return outputs
 
     def loglikelihoods(self, pairs: Sequence[tuple[list[int], list[int]]], progress: Progress | None = None,
-                       greedy: bool = True) -> list[Loglikelihood]:
+                       greedy: bool = True, wanted: set[int] | None = None) -> list[Loglikelihood | None]:
+        """Every pair's log-likelihood; with `wanted` (indices), only those pairs' (the others None), computed
+        in exactly the forwards that scoring every pair runs them in: the same rows share each forward, so
+        the values are the same bits (what `herd eval verify` relies on to re-score a sample)."""
         from herd.engine import Request
 
         requests = []
@@ -140,18 +161,29 @@ class EngineBackend:
         if not requests:
             return []
         if self.scoring == "batched":
-            return self._batched(pairs, progress)
-        outputs = self._run(requests, progress)
-        results = []
-        for r, (context, continuation) in zip(requests, pairs):
+            return check_finite(self._batched(pairs, progress, wanted), pairs)
+        longest = max(len(r.prompt_ids) for r in requests)
+        if wanted is not None:
+            # The engine admits batch_size requests per step in arrival order and every prompt-only request
+            # finishes in the step that prefills it, so step k runs requests k*B .. (k+1)*B - 1 together:
+            # the steps holding a wanted request, run alone, compute what the whole run computed there.
+            steps = {i // self.batch_size for i in wanted}
+            requests = [r for i, r in enumerate(requests) if i // self.batch_size in steps]
+        outputs = self._run(requests, progress, longest) if requests else {}
+        results: list[Loglikelihood | None] = [None] * len(pairs)
+        for r in requests:
+            i = int(r.request_id.removeprefix("ll-"))
+            context = pairs[i][0]
             lps = next(o.prompt_logprobs for o in outputs[r.request_id] if o.prompt_logprobs is not None)
             tail = lps[len(context):]
-            results.append(Loglikelihood(sum(t.logprob for t in tail),
-                                         all(t.top and t.top[0][0] == t.token_id for t in tail) if greedy else False,
-                                         [t.logprob for t in tail]))
-        return results
+            results[i] = Loglikelihood(sum(t.logprob for t in tail),
+                                       all(t.top and t.top[0][0] == t.token_id for t in tail) if greedy else False,
+                                       [t.logprob for t in tail])
+        if wanted is not None:
+            results = [r if i in wanted else None for i, r in enumerate(results)]
+        return check_finite(results, pairs)
 
-    def _batched(self, pairs, progress: Progress | None) -> list[Loglikelihood]:
+    def _batched(self, pairs, progress: Progress | None, wanted: set[int] | None = None) -> list[Loglikelihood]:
         from herd.engine.scoring import continuation_logprobs
 
         # A context with several continuations (a question's choices) runs once, its continuations from
@@ -163,17 +195,24 @@ class EngineBackend:
         shared = [i for i, (c, _) in enumerate(pairs) if count[tuple(c)] > 1]
         alone = [i for i, (c, _) in enumerate(pairs) if count[tuple(c)] == 1]
         results: list[Loglikelihood | None] = [None] * len(pairs)
+        def positions(indices):  # the wanted pairs, as positions in `indices`
+            return None if wanted is None else {k for k, i in enumerate(indices) if i in wanted}
+
         if shared:
             scored = continuation_logprobs(self.llm.model, [pairs[i] for i in shared], self.batch_size,
-                                           max(1, self.logits_budget), progress)
-            for i, (lps, greedy) in zip(shared, scored):
-                results[i] = Loglikelihood(sum(lps), greedy, lps)
+                                           max(1, self.logits_budget), progress, wanted=positions(shared))
+            for i, one in zip(shared, scored):
+                if one is not None:
+                    lps, greedy = one
+                    results[i] = Loglikelihood(sum(lps), greedy, lps)
         if alone:
-            for i, r in zip(alone, self._padded([pairs[i] for i in alone], progress)):
+            for i, r in zip(alone, self._padded([pairs[i] for i in alone], progress, positions(alone))):
                 results[i] = r
+        if wanted is not None:
+            results = [r if i in wanted else None for i, r in enumerate(results)]
         return results
 
-    def _padded(self, pairs, progress: Progress | None) -> list[Loglikelihood]:
+    def _padded(self, pairs, progress: Progress | None, wanted: set[int] | None = None) -> list[Loglikelihood]:
         """Each pair as one right-padded row of [B, T] forwards of herd.LLM.logits."""
         import torch
 
@@ -200,6 +239,8 @@ class EngineBackend:
             rows = max(1, min(self.batch_size, budget // len(inputs[rows_needed[start]])))
             group = rows_needed[start:start + rows]
             start += len(group)
+            if wanted is not None and not any(i in wanted for c in group for i in riders[c]):
+                continue  # a forward that holds no wanted pair is skipped; the others run as in the whole run
             width = len(inputs[group[0]])
             tokens = torch.tensor([inputs[i] + [0] * (width - len(inputs[i])) for i in group], dtype=torch.long)
             logits = self.llm.logits(tokens)  # [B, T, V] float32
@@ -218,6 +259,12 @@ class EngineBackend:
 
     def prompt_ids(self, g: GenerateRequest) -> list[int]:
         return self.llm.chat_prompt(g.messages) if g.messages is not None else self.encode(g.prompt)
+
+    def prompt_facts(self, g: GenerateRequest) -> tuple[str, int | None]:
+        """What a completion's record says of its prompt, without generating: its hash, and its length in
+        tokens (None where only the model's answer tells)."""
+        ids = self.prompt_ids(g)
+        return sha256_json(ids), len(ids)
 
     def generate(self, requests: Sequence[GenerateRequest], progress: Progress | None = None) -> list[GenerateResult]:
         from herd.engine import Request
@@ -308,7 +355,16 @@ class ServerBackend:
         if self.context is not None and n > self.context:
             raise ContextOverflow(f"request {i}: {n} tokens exceed the server's context of {self.context}")
 
-    def loglikelihoods(self, pairs, progress: Progress | None = None, greedy: bool = True) -> list[Loglikelihood]:
+    def loglikelihoods(self, pairs, progress: Progress | None = None, greedy: bool = True,
+                       wanted: set[int] | None = None) -> list[Loglikelihood | None]:
+        """With `wanted`, only those pairs (the others None), in chunks of their own: a server's batching is
+        not reproduced."""
+        if wanted is not None:
+            chosen = sorted(i for i in wanted if 0 <= i < len(pairs))
+            out: list[Loglikelihood | None] = [None] * len(pairs)
+            for i, r in zip(chosen, self.loglikelihoods([pairs[i] for i in chosen], progress, greedy)):
+                out[i] = r
+            return out
         results = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start:start + self.batch_size]
@@ -337,7 +393,10 @@ class ServerBackend:
                 results.append(Loglikelihood(float(sum(tail)), is_greedy, [float(v) for v in tail]))
             if progress:
                 progress(len(chunk))
-        return results
+        return check_finite(results, pairs)
+
+    def prompt_facts(self, g: GenerateRequest) -> tuple[str, int | None]:
+        return sha256_json(g.messages if g.messages is not None else g.prompt), None  # its usage counts tokens
 
     def _generate_one(self, g: GenerateRequest) -> GenerateResult:
         common = {"model": self.model, "max_tokens": g.max_tokens, "temperature": g.temperature}
@@ -347,12 +406,12 @@ class ServerBackend:
             common["stop"] = list(g.stop)[:4]  # OpenAI accepts up to 4 stop strings
         if g.messages is not None:
             r = self._call("POST", "/v1/chat/completions", dict(common, messages=g.messages))
-            text, shown = r["choices"][0]["message"].get("content") or "", g.messages
+            text = r["choices"][0]["message"].get("content") or ""
         else:
             r = self._call("POST", "/v1/completions", dict(common, prompt=g.prompt))
-            text, shown = r["choices"][0]["text"], g.prompt
+            text = r["choices"][0]["text"]
         usage = r.get("usage") or {}
-        return GenerateResult(text, sha256_json(shown), usage.get("prompt_tokens", 0),
+        return GenerateResult(text, self.prompt_facts(g)[0], usage.get("prompt_tokens", 0),
                               usage.get("completion_tokens", 0))
 
     def generate(self, requests: Sequence[GenerateRequest], progress: Progress | None = None) -> list[GenerateResult]:

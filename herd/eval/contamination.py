@@ -1,6 +1,6 @@
 """`herd eval contamination`: has the model, or its training corpus, seen a task's items?
 
-- 13-gram overlap (the n-gram test of GPT-3 and lm-eval's decontamination): an item's text, lowercased
+- n-gram overlap, 13 words by default (the n-gram test of GPT-3 and lm-eval's decontamination): an item's text, lowercased
   and split into words with punctuation removed, against every n-gram of a corpus (a file or a directory,
   streamed line by line, so it may be larger than memory; only the items' n-grams are held). An item's
   overlap is the fraction of its n-grams found in the corpus.
@@ -35,8 +35,9 @@ def item_text(task, item) -> str:
     raise TypeError(f"task {task.name!r} generates its items; there is nothing to look for in a corpus")
 
 
-def ngram_overlap(texts: dict[str, str], corpus, n: int = 13) -> dict[str, float]:
-    """item id -> fraction of its word n-grams that occur in the corpus."""
+def ngram_overlap(texts: dict[str, str], corpus, n: int = 13) -> dict[str, float | None]:
+    """item id -> fraction of its word n-grams that occur in the corpus (None: fewer than n words, nothing
+    to look for)."""
     wanted: dict[tuple, set[str]] = {}
     counts = {}
     for item_id, text in texts.items():
@@ -57,7 +58,8 @@ def ngram_overlap(texts: dict[str, str], corpus, n: int = 13) -> dict[str, float
                 g = tuple(window)
                 for item_id in wanted.get(g, ()):
                     found[item_id].add(g)
-    return {i: (len(found[i]) / counts[i] if counts[i] else 0.0) for i in texts}
+    # an item shorter than n words has no n-gram: its overlap cannot be measured, which is not 0
+    return {i: (len(found[i]) / counts[i] if counts[i] else None) for i in texts}
 
 
 def min_k(llm, text: str, k: float = 0.2) -> tuple[float, float]:
@@ -83,10 +85,11 @@ def min_k(llm, text: str, k: float = 0.2) -> tuple[float, float]:
 @dataclass
 class Suspicion:
     id: str
-    overlap: float | None
+    overlap: float | None  # None: no corpus given, or the item is shorter than the n-gram (see words)
     min_k: float
     min_k_pp: float
     tokens: int
+    words: int = 0
 
 
 def contamination(llm, task, corpus=None, n: int = 13, k: float = 0.2) -> list[Suspicion]:
@@ -97,14 +100,26 @@ def contamination(llm, task, corpus=None, n: int = 13, k: float = 0.2) -> list[S
     for item_id, text in texts.items():
         a, b = min_k(llm, text, k) if llm is not None else (float("nan"), float("nan"))
         out.append(Suspicion(item_id, overlap.get(item_id), a, b,
-                             len(llm.tokenizer.encode(text)) if llm is not None else 0))
+                             len(llm.tokenizer.encode(text)) if llm is not None else 0, len(words(text))))
     out.sort(key=lambda s: (-(s.overlap or 0), -s.min_k_pp))
     return out
 
 
-def table(rows: list[Suspicion], top: int = 20) -> str:
-    lines = [f"{'item':<16} {'13-gram overlap':>15} {'Min-K%':>9} {'Min-K%++':>9} {'tokens':>7}"]
+def table(rows: list[Suspicion], top: int = 20, n: int = 13, corpus: bool = True) -> str:
+    """The `top` rows; an item shorter than the n-gram shows "too short" (not checked), not an overlap."""
+    head = f"{n}-gram overlap"
+    width = max(15, len(head))
+    lines = [f"{'item':<16} {head:>{width}} {'Min-K%':>9} {'Min-K%++':>9} {'tokens':>7}"]
     for s in rows[:top]:
-        ov = "-" if s.overlap is None else f"{s.overlap:.3f}"
-        lines.append(f"{s.id:<16} {ov:>15} {s.min_k:>9.3f} {s.min_k_pp:>9.3f} {s.tokens:>7}")
+        if not corpus:
+            ov = "-"
+        elif s.overlap is None:
+            ov = "too short"
+        else:
+            ov = f"{s.overlap:.3f}"
+        lines.append(f"{s.id:<16} {ov:>{width}} {s.min_k:>9.3f} {s.min_k_pp:>9.3f} {s.tokens:>7}")
+    short = sum(1 for s in rows if s.overlap is None)
+    if corpus and short:
+        lines.append(f"{short} item{'s' if short > 1 else ''} of fewer than {n} words: no {n}-gram to look for, "
+                     "so their overlap was not checked (shown as 'too short', not 0)")
     return "\n".join(lines)

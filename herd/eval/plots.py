@@ -1,4 +1,5 @@
-"""PNG plots of a report's tables (matplotlib, headless): the retrieval heat-map and accuracy by depth."""
+"""PNG plots of a report's tables (matplotlib, headless): the retrieval heat-map and accuracy by depth (greedy,
+and voted beside it with self-consistency)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,12 @@ def line_png(table: dict, title: str) -> bytes:
     ys = [rows[x]["value"] for x in xs]
     errs = [rows[x]["stderr"] or 0 for x in xs]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.errorbar(range(len(xs)), ys, yerr=errs, marker="o", capsize=3)
+    ax.errorbar(range(len(xs)), ys, yerr=errs, marker="o", capsize=3, label="greedy")
+    voted = table.get("voted_rows")
+    if voted:  # self-consistency: the majority vote beside greedy
+        ax.errorbar(range(len(xs)), [voted[x]["value"] for x in xs], yerr=[voted[x]["stderr"] or 0 for x in xs],
+                    marker="s", capsize=3, label="voted")
+        ax.legend()
     ax.set_xticks(range(len(xs)), xs)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel(table["facet"])

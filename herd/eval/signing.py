@@ -7,7 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from herd.errors import HerdError
+from herd.errors import DataError, HerdError
+from herd.eval.data import regular_file
 from herd.eval.report import digest
 
 ALGORITHM = "ed25519"
@@ -56,7 +57,9 @@ def key_id(raw_public: bytes) -> str:
 def load_private_key(path: str | os.PathLike):
     serialization, ed25519 = _crypto()
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        key = serialization.load_pem_private_key(regular_file(path, "private key").read_bytes(), password=None)
+    except DataError as e:
+        raise SignatureError(str(e)) from None
     except (OSError, ValueError, TypeError) as e:
         raise SignatureError(f"{path}: not an unencrypted PEM private key ({e})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -66,7 +69,10 @@ def load_private_key(path: str | os.PathLike):
 
 def load_public_key(path: str | os.PathLike):
     serialization, ed25519 = _crypto()
-    data = Path(path).read_bytes()
+    try:
+        data = regular_file(path, "public key").read_bytes()
+    except (OSError, DataError) as e:
+        raise SignatureError(str(e) if isinstance(e, DataError) else f"public key {str(path)!r}: {e.strerror}") from None
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError:

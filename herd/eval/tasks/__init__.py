@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from herd.eval.data import DataError
 from herd.eval.tasks.base import Bar, Item, Task, TaskResult
 from herd.eval.tasks.multiple_choice import ArithmeticChoice, MultipleChoice
@@ -23,13 +26,23 @@ def make_task(name: str, **options) -> Task:
     """A task by name with the options it takes (others are ignored: one command line serves many tasks)."""
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
-    return TASKS[name].from_definition({k: v for k, v in options.items() if v is not None})
+    task = TASKS[name]
+    options = {k: v for k, v in options.items() if v is not None}
+    for field_name in task.data_fields:  # a report names its data by absolute path: verify runs from anywhere
+        if isinstance(options.get(field_name), (str, os.PathLike)):
+            options[field_name] = str(Path(options[field_name]).expanduser().absolute())
+    built = task.from_definition(options)
+    built.check()
+    return built
 
 
 def task_from_definition(definition: dict, **overrides) -> Task:
+    """The task a report's definition names, every setting checked first (DataError names the one that is
+    wrong)."""
     name = definition.get("task")
     if name not in TASKS:
         raise DataError(f"the report names task {name!r}, which this herd does not have")
+    TASKS[name].check_definition({**definition, **overrides})
     return TASKS[name].from_definition(definition, **overrides)
 
 

@@ -56,6 +56,13 @@ class GSM8K(GenerativeTask):
             if beside.is_file():
                 self.train = str(beside)
 
+    def check(self) -> None:
+        data = require_file(self.data, self.name)
+        if self.shots and self.train is None:
+            raise DataError(f"gsm8k: {self.shots} shots come from a train split: give --train PATH, or put "
+                            f"train.jsonl beside the data ({data.with_name('train.jsonl')} is missing), or --shots 0")
+        super().check()
+
     def shot_rows(self) -> list[dict]:
         if not self.shots:
             return []

@@ -1,29 +1,34 @@
-"""Multiple choice by log-likelihood, as lm-evaluation-harness scores it.
+"""Multiple choice by log-likelihood, as lm-evaluation-harness (0.4) scores its `multiple_choice` tasks.
 
-Each choice is the continuation `separator + choice` of the context, the separator a space unless the
-context already ends in whitespace. lm-eval's pair encoding then applies: trailing whitespace of the
-context moves to the start of the continuation, the context is tokenized alone (with the model's default
-BOS), context + continuation is tokenized whole, and the continuation is whatever follows the context's
-tokens. An empty context is read after the prefix token (BOS, else EOS).
+Each choice is the continuation `" " + choice` of the context: lm-eval's target delimiter, a space, put
+before every choice whatever the context ends with. lm-eval's HF pair encoding then applies: trailing
+whitespace of the context moves to the start of the continuation (a context ending in a space gives the
+continuation "  choice", two spaces), the context is tokenized alone (with the model's default BOS),
+context + continuation is tokenized whole, and the continuation is whatever follows the context's tokens.
+An empty context is read after the prefix token (BOS, else EOS).
 
 acc: the choice with the highest log-likelihood is the label (first on ties, like numpy's argmax).
-acc_norm: the same after dividing each log-likelihood by its choice's length in UTF-8 bytes (lm-eval
-divides by len() of the choice string: characters, the same for ASCII).
+acc_norm: the same after dividing each log-likelihood by its choice's length in characters (lm-eval's
+len() of the choice string); acc_bytes: divided by its length in UTF-8 bytes (lm-eval's acc_bytes).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import ClassVar
 
 from herd.eval.data import DataError, read_jsonl, sha256_json
 from herd.eval.metrics import mean_score
-from herd.eval.tasks.base import Bar, Item, Task, TaskResult, require_file
+from herd.eval.tasks.base import Bar, Item, Task, TaskResult, is_number, recorded_output, require_file
+
+TARGET_DELIMITER = " "  # lm-eval's default target_delimiter
+METRICS = ("acc", "acc_norm", "acc_bytes")
 
 
 def continuation_for(context: str, choice: str) -> str:
-    return choice if context[-1:].isspace() else " " + choice
+    return TARGET_DELIMITER + choice
 
 
 def encode_pair(backend, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -44,36 +49,58 @@ def argmax(values: list[float]) -> int:
 class ChoiceScoring:
     """Shared by every task whose items are {context, choices, label}."""
 
-    exact_fields: ClassVar[tuple[str, ...]] = ("prompt_sha256", "target")
-    close_fields: ClassVar[tuple[str, ...]] = ("output",)
+    version: ClassVar[int] = 2  # 2: lm-eval's delimiter after a whitespace-ending context; acc_norm by characters
 
-    def score(self, backend, items: list[Item], bar: Bar) -> list[dict]:
-        pairs, owners = [], []
+    output_fields: ClassVar[tuple[str, ...]] = ("output", "greedy")
+
+    def pairs(self, backend, item: Item) -> list[tuple[list[int], list[int]]]:
+        context = item.data["context"]
+        return [encode_pair(backend, context, continuation_for(context, c)) for c in item.data["choices"]]
+
+    def record(self, item: Item, pairs: list, lls: list[float], greedy: list[bool]) -> dict:
+        """An item's record from its choices' log-likelihoods: what every answer and score follows from."""
+        choices = item.data["choices"]
+        pred = argmax(lls)
+        pred_norm = argmax([ll / len(c) for ll, c in zip(lls, choices)])
+        pred_bytes = argmax([ll / len(c.encode("utf-8")) for ll, c in zip(lls, choices)])
+        label = item.data["label"]
+        return {"id": item.id, "prompt_sha256": sha256_json([c + x for c, x in pairs]), "output": lls,
+                "greedy": greedy, "answer": pred, "answer_norm": pred_norm, "answer_bytes": pred_bytes,
+                "target": label, "score": {"acc": float(pred == label), "acc_norm": float(pred_norm == label),
+                                           "acc_bytes": float(pred_bytes == label)}}
+
+    def score(self, backend, items: list[Item], bar: Bar, only: set[str] | None = None) -> list[dict]:
+        # every item's pairs go to the backend, so that `only` computes its items in the same forwards
+        pairs, spans = [], []
         for item in items:
-            context = item.data["context"]
-            for choice in item.data["choices"]:
-                pairs.append(encode_pair(backend, context, continuation_for(context, choice)))
-                owners.append(item.id)
-        bar.start(len(pairs))
-        results = backend.loglikelihoods(pairs, bar.advance)
-        records, k = [], 0
+            mine = self.pairs(backend, item)
+            spans.append((len(pairs), len(pairs) + len(mine)))
+            pairs += mine
+        wanted = None if only is None else {k for item, (a, b) in zip(items, spans) if item.id in only
+                                            for k in range(a, b)}
+        bar.start(len(pairs) if wanted is None else len(wanted))
+        results = backend.loglikelihoods(pairs, bar.advance, wanted=wanted)
+        records = []
+        for item, (a, b) in zip(items, spans):
+            if only is None or item.id in only:
+                records.append(self.record(item, pairs[a:b], [r.logprob for r in results[a:b]],
+                                           [r.greedy for r in results[a:b]]))
+        return records
+
+    def rebuild(self, backend, items: list[Item], recorded: dict[str, dict]) -> list[dict]:
+        records = []
         for item in items:
             n = len(item.data["choices"])
-            lls = [r.logprob for r in results[k:k + n]]
-            greedy = [r.greedy for r in results[k:k + n]]
-            prompts = [p[0] + p[1] for p in pairs[k:k + n]]
-            k += n
-            lengths = [len(c.encode("utf-8")) for c in item.data["choices"]]
-            pred = argmax(lls)
-            pred_norm = argmax([ll / max(b, 1) for ll, b in zip(lls, lengths)])
-            label = item.data["label"]
-            records.append({"id": item.id, "prompt_sha256": sha256_json(prompts), "output": lls,
-                            "greedy": greedy, "answer": pred, "answer_norm": pred_norm, "target": label,
-                            "score": {"acc": float(pred == label), "acc_norm": float(pred_norm == label)}})
+            rec = recorded[item.id]
+            lls = recorded_output(rec, "output", lambda v: isinstance(v, list) and len(v) == n and all(
+                is_number(x) and math.isfinite(x) for x in v), item.id)
+            greedy = recorded_output(rec, "greedy", lambda v: isinstance(v, list) and len(v) == n and all(
+                isinstance(x, bool) for x in v), item.id)
+            records.append(self.record(item, self.pairs(backend, item), lls, greedy))
         return records
 
     def aggregate(self, records: list[dict]) -> TaskResult:
-        metrics = {m: mean_score([r["score"][m] for r in records]) for m in ("acc", "acc_norm")}
+        metrics = {m: mean_score([r["score"][m] for r in records]) for m in METRICS}
         return TaskResult(records, metrics, compute={"requests": sum(len(r["output"]) for r in records)})
 
 
@@ -87,6 +114,9 @@ class MultipleChoice(ChoiceScoring, Task):
 
     data: str | None = None
     limit: int | None = None
+
+    def check(self) -> None:
+        require_file(self.data, self.name)
 
     def items(self, backend=None) -> list[Item]:
         path = require_file(self.data, self.name)

@@ -12,14 +12,17 @@ standard errors treat them as the sampling units (see herd.eval.metrics).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 from herd.errors import ContextOverflow
-from herd.eval.data import read_text, sha256_json
+from herd.eval.data import DataError, read_text, read_text_prefix, sha256_json
 from herd.eval.metrics import perplexity_scores
-from herd.eval.tasks.base import BUILTIN, Bar, Item, Task, TaskResult
+from herd.eval.tasks.base import BUILTIN, Bar, Item, Task, TaskResult, is_number, recorded_output
+
+PREFIX_MARGIN = 64  # tokens dropped from the end of a prefix's tokenization, where a longer text may cut otherwise
 
 
 def count_words(text: str) -> int:
@@ -48,8 +51,6 @@ class Perplexity(Task):
     name: ClassVar[str] = "perplexity"
     kind: ClassVar[str] = "perplexity"
     data_fields: ClassVar[tuple[str, ...]] = ("data",)
-    exact_fields: ClassVar[tuple[str, ...]] = ("prompt_sha256", "tokens")
-    close_fields: ClassVar[tuple[str, ...]] = ("output",)
 
     data: str | None = None  # UTF-8 text file; None: the built-in Shakespeare excerpt
     context: int | None = None  # tokens the model reads per window; None: the model's context less one
@@ -63,6 +64,9 @@ class Perplexity(Task):
         return read_text(self.data)
 
     def windows(self, backend) -> list[tuple[list[int], list[int]]]:
+        """The windows scored: every window of the text, or with `limit` the first `limit` of them, read
+        from only as much of the file as they need. Sets what the metrics divide by: the bytes and words of
+        the whole text when every window is scored, else of the scored windows' own text."""
         # herd's engine feeds the last predicted token too (its key is written), so a window of N tokens
         # needs N + 1 positions: the model's context less one is the longest window
         most = backend.context - 1 if backend.context else None
@@ -75,46 +79,83 @@ class Perplexity(Task):
         if backend.prefix_token_id is None:
             raise ContextOverflow("the tokenizer has neither BOS nor EOS to read the first window after")
         self.context = context
-        return rolling_windows(backend.encode(self.text(), bos=False), backend.prefix_token_id, context)
+        if self.limit is None:
+            text = self.text()
+            tokens = backend.encode(text, bos=False)
+        else:
+            text, tokens = self._leading_tokens(backend, self.limit * context)
+        if not tokens:
+            raise DataError(f"perplexity: text file {self.data} holds no text")
+        windows = rolling_windows(tokens, backend.prefix_token_id, context)
+        self.windows_in_text = len(windows) if text is not None else None
+        if text is not None and (self.limit is None or self.limit >= len(windows)):
+            self.totals = len(text.encode("utf-8")), count_words(text)
+        else:
+            windows = windows[:self.limit]
+            scored = backend.decode([t for _, predicted in windows for t in predicted])
+            self.totals = len(scored.encode("utf-8")), count_words(scored)
+        return windows
+
+    def _leading_tokens(self, backend, needed: int) -> tuple[str | None, list[int]]:
+        """(the whole text or None, tokens): the first `needed` tokens of the text's tokenization, from a
+        prefix of the file that grows until it holds them (a tokenizer's pieces never reach far across a
+        line break, so the prefix's tokens up to a margin before its last line are the whole text's)."""
+        size = max(needed * 8, 1 << 16)
+        while True:
+            text, complete = read_text_prefix(self.data, size)
+            if complete:
+                return text, backend.encode(text, bos=False)
+            cut = text.rfind("\n", 0, len(text) - 1)
+            tokens = backend.encode(text[:cut + 1] if cut > 0 else text, bos=False)[:-PREFIX_MARGIN]
+            if len(tokens) >= needed:
+                return None, tokens[:needed]
+            size *= 4
 
     def items(self, backend=None) -> list[Item]:
         raise TypeError("perplexity items depend on the tokenizer: use run()")
 
+    def record(self, backend, item_id: str, window: tuple[list[int], list[int]], loglik: float) -> dict:
+        ctx, predicted = window
+        return {"id": item_id, "prompt_sha256": sha256_json(ctx + predicted), "tokens": len(predicted),
+                "bytes": len(backend.decode(predicted).encode("utf-8")), "output": loglik,
+                "answer": None, "target": None, "score": {"loglik": loglik}}
+
     def run(self, backend, bar: Bar | None = None, only: set[str] | None = None) -> TaskResult:
         bar = bar or Bar()
         windows = self.windows(backend)
-        n_windows = len(windows)
-        if self.limit is not None:
-            windows = windows[:self.limit]
         ids = [f"window-{i}" for i in range(len(windows))]
-        chosen = [(i, w) for i, w in zip(ids, windows) if only is None or i in only]
-        bar.start(len(chosen))
-        results = backend.loglikelihoods([w for _, w in chosen], bar.advance, greedy=False)
-        records = []
-        for (item_id, (ctx, predicted)), r in zip(chosen, results):
-            records.append({"id": item_id, "prompt_sha256": sha256_json(ctx + predicted), "tokens": len(predicted),
-                            "bytes": len(backend.decode(predicted).encode("utf-8")), "output": r.logprob,
-                            "answer": None, "target": None, "score": {"loglik": r.logprob}})
-        result = self.aggregate(records, whole=self.limit is None and only is None)
-        result.compute["windows_in_text"] = n_windows
-        return result
+        wanted = None if only is None else {k for k, i in enumerate(ids) if i in only}
+        bar.start(len(windows) if wanted is None else len(wanted))
+        # every window goes to the backend, so that `only` computes its windows in the same forwards
+        results = backend.loglikelihoods(windows, bar.advance, greedy=False, wanted=wanted)
+        return self.aggregate([self.record(backend, i, w, r.logprob)
+                               for i, w, r in zip(ids, windows, results) if r is not None])
 
-    def aggregate(self, records: list[dict], whole: bool | None = None) -> TaskResult:
-        """`whole`: the records cover the whole text, whose exact byte and word counts are then used;
-        otherwise bytes are the scored windows' own and words are prorated by bytes."""
+    def rebuild(self, backend, items, recorded: dict[str, dict]) -> list[dict]:
+        windows = self.windows(backend)
+        records = []
+        for k, w in enumerate(windows):
+            item_id = f"window-{k}"
+            if item_id in recorded:
+                loglik = recorded_output(recorded[item_id], "output", lambda v: is_number(v) and math.isfinite(v),
+                                         item_id)
+                records.append(self.record(backend, item_id, w, loglik))
+        return records
+
+    def item_ids(self, backend) -> list[str]:
+        return [f"window-{k}" for k in range(len(self.windows(backend)))]
+
+    def aggregate(self, records: list[dict]) -> TaskResult:
+        """Over the windows `windows()` chose: their log-likelihoods against the bytes and words it counted;
+        the per-window split of those only weighs the windows for the standard error."""
         logliks = [r["output"] for r in records]
         tokens = [r["tokens"] for r in records]
         nbytes = [r["bytes"] for r in records]
-        text = self.text()
-        text_bytes, text_words = len(text.encode("utf-8")), count_words(text)
-        if whole is None:
-            whole = self.limit is None
-        total_bytes = text_bytes if whole else sum(nbytes)
-        total_words = text_words if whole else text_words * sum(nbytes) / text_bytes
-        # the totals decide the values; the per-window split only weighs the windows for the standard error
+        total_bytes, total_words = self.totals
         scale_b = total_bytes / max(sum(nbytes), 1)
         metrics = perplexity_scores(logliks, [b * scale_b * total_words / total_bytes for b in nbytes],
                                     [b * scale_b for b in nbytes], tokens)
         metrics["loglik"] = {"value": sum(logliks), "stderr": None, "n": len(records)}
         return TaskResult(records, metrics, compute={"requests": len(records), "tokens_scored": sum(tokens),
-                                                     "bytes": total_bytes, "words": total_words})
+                                                     "bytes": total_bytes, "words": total_words,
+                                                     "windows_in_text": self.windows_in_text})

@@ -14,8 +14,9 @@ import random
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from herd.eval.data import DataError
 from herd.eval.tasks.base import Item
-from herd.eval.tasks.generative import GenerativeTask, first_number
+from herd.eval.tasks.generative import GenerativeTask, final_answer, first_number
 
 VARS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -69,6 +70,7 @@ FAMILIES = {"chain": chain, "tracking": tracking, "lookup": lookup}
 @dataclass
 class Reasoning(GenerativeTask):
     name: ClassVar[str] = "reasoning"
+    version: ClassVar[int] = 2  # 2: chain-of-thought samples read the final answer, not the first number
     facets: ClassVar[tuple[str, ...]] = ("depth", "family")
 
     steps: list = field(default_factory=lambda: [1, 2, 4, 8])
@@ -77,6 +79,10 @@ class Reasoning(GenerativeTask):
     max_tokens: int = 8
 
     def items(self, backend=None) -> list[Item]:
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown:
+            raise DataError(f"reasoning: unknown famil{'ies' if len(unknown) > 1 else 'y'} {unknown} "
+                            f"(known: {', '.join(FAMILIES)})")
         rng = random.Random(f"reasoning:{self.seed}")
         items = []
         for depth in self.steps:
@@ -98,4 +104,7 @@ class Reasoning(GenerativeTask):
         return f"{p}\nAnswer: The answer is", ("\n",)
 
     def extract(self, text: str) -> dict[str, str | None]:
-        return {"answer": first_number(text)}
+        return {"answer": first_number(text)}  # the completion of "The answer is"
+
+    def extract_cot(self, text: str) -> str | None:
+        return final_answer(text)

@@ -17,7 +17,7 @@ from typing import ClassVar
 from herd.errors import ContextOverflow
 from herd.eval.data import read_text
 from herd.eval.tasks.base import BUILTIN, Item
-from herd.eval.tasks.generative import GenerativeTask, first_number
+from herd.eval.tasks.generative import GenerativeTask, final_answer, first_number
 
 NAMES = ["Amber", "Basil", "Cedar", "Delta", "Ember", "Fable", "Garnet", "Harbor", "Indigo", "Juniper", "Kestrel",
          "Lumen", "Marlow", "Nimbus", "Onyx", "Pepper", "Quartz", "Raven", "Saffron", "Thistle"]
@@ -40,6 +40,7 @@ def insert_at(text: str, sentence: str, depth: float) -> str:
 class Retrieval(GenerativeTask):
     name: ClassVar[str] = "retrieval"
     data_fields: ClassVar[tuple[str, ...]] = ("filler",)
+    version: ClassVar[int] = 2  # 2: chain-of-thought samples read the final answer, not the first number
     facets: ClassVar[tuple[str, ...]] = ("length", "depth")
 
     lengths: list = field(default_factory=lambda: [256, 512, 1024])
@@ -95,7 +96,10 @@ class Retrieval(GenerativeTask):
     cot_max_tokens: ClassVar[int] = 128
 
     def extract(self, text: str) -> dict[str, str | None]:
-        return {"answer": first_number(text)}
+        return {"answer": first_number(text)}  # the completion of "The answer is"
+
+    def extract_cot(self, text: str) -> str | None:
+        return final_answer(text)
 
     def tables(self, records: list[dict]) -> dict:
         out = super().tables(records)
