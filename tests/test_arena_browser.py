@@ -120,3 +120,107 @@ def test_a_battle_in_a_real_browser(arena_server, browser):
     record = arena.store.records()[0]
     assert record["winner"] == "model_a" and record["turn"] == 2
     assert {arena.store.records()[0]["fingerprint_a"], arena.store.records()[0]["fingerprint_b"]} == set(fingerprints)
+
+
+# -- the leaderboard's layout (issue 23): inside the viewport at a laptop's and a phone's width ----------------
+
+LAYOUT_SIZES = [(1280, 800), (390, 844)]
+ERROR_COLOUR = "rgb(170, 0, 0)"  # #a00, the battle page's error colour
+
+CELLS_OUTSIDE = """
+const width = document.documentElement.clientWidth, out = [];
+for (const cell of document.querySelectorAll("td, th")) {
+  const r = cell.getBoundingClientRect();
+  if (r.width === 0 && r.height === 0) continue;
+  if (r.left >= -0.5 && r.right <= width + 0.5) continue;
+  // a matrix may scroll sideways inside a container made for it; the boards themselves must fit
+  const box = cell.closest(".scroll");
+  if (box && !cell.closest("table.board") && ["auto", "scroll"].includes(getComputedStyle(box).overflowX)) {
+    const b = box.getBoundingClientRect();
+    if (b.left >= -0.5 && b.right <= width + 0.5) continue;
+  }
+  out.push((cell.closest("[id]") || {}).id + ": " + cell.textContent.slice(0, 30) + " at " +
+           Math.round(r.left) + ".." + Math.round(r.right) + " of " + width);
+}
+return out;
+"""
+
+
+@pytest.fixture(scope="module")
+def board_server(tmp_path_factory):
+    """A scripted arena (instant answers) whose record has variants, a claimed endpoint fingerprint, a long
+    name and answers with markdown, so both boards (raw and style controlled) are full."""
+    import random
+
+    from herd.arena.web import create_arena_app
+    from tests.test_arena_web import Scripted, make_arena
+
+    class Claimed(Scripted):
+        kind, verified = "endpoint", False
+
+    arena, config = make_arena(tmp_path_factory.mktemp("layout"))
+    arena.enter(Scripted("alpha-model", "c" * 64, ["Another", " alpha"]))  # a second variant of alpha-model
+    arena.enter(Scripted("a-contestant-with-a-rather-long-name-for-a-phone", "d" * 64, ["Long", " name"]))
+    arena.enter(Claimed("claims-to-be-herd", "e" * 64, ["Claimed"]))
+    ids = list(arena.playing)
+    rng = random.Random(25)
+    for i in range(90):
+        a, b = rng.sample(ids, 2)
+        uid = arena.store.create_battle("human", a, b, {"temperature": 0.7, "max_tokens": 32}, "c")
+        answers = ["# Title\n- **one**\n- two " + "word " * rng.randrange(40), "plain " * rng.randrange(60)]
+        rng.shuffle(answers)
+        arena.store.save_answers(uid, [{"role": "user", "content": "q"}, {"role": "assistant", "content": answers[0]}],
+                                 [{"role": "user", "content": "q"}, {"role": "assistant", "content": answers[1]}],
+                                 rng.randrange(5, 80), rng.randrange(5, 80))
+        winner = "model_a" if (a == ids[0]) != (rng.random() < 0.3) else rng.choice(["model_b", "tie"])
+        assert arena.store.vote(uid, winner, f"voter{i}")
+    with ServerThread(create_arena_app(arena, config)) as server:
+        yield server, arena
+
+
+def test_the_leaderboard_fits_a_laptop_and_a_phone(board_server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    server, arena = board_server
+    fingerprints = {c.fingerprint for c in arena.playing.values()}
+    try:
+        for width, height in LAYOUT_SIZES:
+            browser.set_window_size(width, height)
+            browser.get(server.url + "/leaderboard")
+            wait_for(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"), timeout=60)
+            assert int(browser.find_element(By.TAG_NAME, "body").get_attribute("data-loaded")) >= 90
+            assert browser.execute_script("return window.innerWidth") == width
+            assert browser.execute_script(CELLS_OUTSIDE) == [], width
+            assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+            for board in ("raw", "style"):
+                shown = browser.find_element(By.ID, board)
+                text = shown.text  # visible text only: a tooltip does not count
+                assert all(fp[:16] in text for fp in fingerprints), (width, board)
+                notes = [n.text for n in shown.find_elements(By.CSS_SELECTOR, ".note")]
+                assert notes.count("claimed by the endpoint, not verified") == 1 and notes.count("verified") == 4
+                rows = shown.find_elements(By.CSS_SELECTOR, "tbody tr")
+                names = [r.get_attribute("class") + ":" + r.find_elements(By.TAG_NAME, "td")[1 if r.get_attribute(
+                    "class") != "group" else 0].text.split("\n")[0] for r in rows]
+                heading = next(i for i, n in enumerate(names) if n.startswith("group:alpha-model"))
+                assert [n.split(" ")[0] for n in names[heading + 1:heading + 3]] == ["variant:alpha-model"] * 2
+                assert sum(n.startswith("variant:") for n in names) == 2  # the variants sit together, under the name
+            browser.set_window_size(width, min(browser.execute_script("return document.body.scrollHeight") + 40, 6000))
+            browser.save_screenshot(str(tmp_path / f"leaderboard-{width}.png"))
+            browser.set_window_size(width, height)
+
+            browser.get(server.url + "/")  # the battle page: the vote's thanks is not shown as an error
+            browser.find_element(By.ID, "prompt").send_keys("Say hi")
+            browser.find_element(By.ID, "send").click()
+            wait_for(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "answered",
+                     timeout=60)
+            browser.find_element(By.ID, "vote-tie").click()
+            wait_for(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "voted",
+                     timeout=60)
+            message = browser.find_element(By.ID, "message")
+            assert "vote recorded" in message.text and message.value_of_css_property("color") != ERROR_COLOUR
+            assert "verified" in browser.find_element(By.ID, "reveal-a").text
+            assert browser.execute_script(CELLS_OUTSIDE) == []
+            assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+            browser.save_screenshot(str(tmp_path / f"battle-{width}.png"))
+    finally:
+        browser.set_window_size(390, 844)

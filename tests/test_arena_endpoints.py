@@ -1,10 +1,11 @@
 """Endpoint contestants, the judge and the `herd arena` command line.
 
-Endpoints: a real herd server (its /v1/models card carries herd's fingerprint: verified) and a foreign
-OpenAI-compatible server (no fingerprint: "weights unverified"). The judge runs through the command line
-against a foreign judge that always prefers the first answer: asked in both orders, it must leave the two
-contestants level. `herd arena rate --json` must print the numbers of herd.arena.board (which
-tests/test_arena_rating.py holds to fschat).
+Endpoints: a real herd server (its /v1/models card carries herd's fingerprint: recorded, as the endpoint's
+claim), a foreign OpenAI-compatible server (no fingerprint: "weights unverified") and a forger whose card
+claims to be herd with any fingerprint: no endpoint is ever verified, only weights herd loaded itself.
+The judge runs through the command line against a foreign judge that always prefers the first answer:
+asked in both orders, it must leave the two contestants level. `herd arena rate --json` must print the
+numbers of herd.arena.board (which tests/test_arena_rating.py holds to fschat).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from herd.cli import main as herd_main
 from tests.fixtures.serving import ServerThread
 
 
+FORGED = "0123456789abcdef" * 4  # a fingerprint the forger claims: any 64 hex digits
+
+
 def foreign_server() -> FastAPI:
     """An OpenAI-compatible server that is not herd: fixed replies; the judge model always says [[A]]."""
     app = FastAPI()
@@ -28,7 +32,8 @@ def foreign_server() -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "someone"}
-                                           for m in ("judge", "left", "right")]}
+                                           for m in ("judge", "left", "right")]
+                + [{"id": "forger", "object": "model", "owned_by": "herd", "fingerprint": FORGED}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -64,19 +69,47 @@ def collect(contestant, messages, **sampling):
     return answer
 
 
-def test_a_herd_server_is_verified_by_its_fingerprint(smollm2):
+def test_a_herd_servers_fingerprint_is_recorded_as_its_claim(smollm2):
     from herd.server import create_app
 
     with ServerThread(create_app(smollm2, max_batch=2, context=256, model_id="smollm2")) as server:
         served = EndpointContestant("served", server.url + "/v1", "smollm2")
-        assert served.verified and served.fingerprint == smollm2.fingerprint
+        assert served.fingerprint == smollm2.fingerprint and served.fingerprint_claimed
+        assert served.verified is False  # the card is the endpoint's word; herd never saw those weights
         messages = [{"role": "user", "content": "Name a colour."}]
         answer = collect(served, messages, temperature=0.0)
         assert answer.error is None
         assert answer.text == smollm2.chat(messages, max_tokens=8, temperature=0).text
         assert answer.tokens == 8
         wrong = EndpointContestant("other", server.url + "/v1", "not-this-model")
-        assert not wrong.verified and wrong.fingerprint.startswith("unverified:")
+        assert not wrong.verified and wrong.fingerprint.startswith("unverified:") and not wrong.fingerprint_claimed
+
+
+def test_no_endpoint_is_verified_only_weights_herd_loaded(foreign, smollm2, tmp_path):
+    """The checker both ways: a forged herd card is stored and shown as a claim, never as verified; a local
+    contestant, whose weights herd loaded and hashed, is verified."""
+    from herd.arena.contestants import LocalContestant
+    from herd.arena.service import Arena
+    from herd.arena.store import Store
+
+    forger = EndpointContestant("forger", foreign.url + "/v1", "forger")
+    assert forger.fingerprint == FORGED and forger.fingerprint_claimed and forger.verified is False
+    arena = Arena(Store(f"sqlite:///{tmp_path / 'a.db'}"), sampling={}, max_tokens=4)
+    arena.enter(forger)
+    arena.enter(LocalContestant("local", smollm2, source="smollm2", context=64))
+    arena.enter(EndpointContestant("left", foreign.url + "/v1", "left"))
+    stored = {c["name"]: c["verified"] for c in arena.store.contestants()}
+    assert stored == {"forger": False, "local": True, "left": False}
+    shown = {s["name"]: s["verification"] for s in arena.sampling_table()}
+    assert shown["forger"].startswith("claimed by the endpoint, not verified")
+    assert shown["local"].startswith("verified: herd loaded these weights")
+    assert shown["left"].startswith("not verified: the endpoint reports no fingerprint")
+    uid = arena.start("c", pair=tuple(cid for cid, c in arena.playing.items() if c.name in ("forger", "local")))
+    arena.store.save_answers(uid, [], [], 0, 0)
+    revealed = {c["name"]: (c["verified"], c["verification"]) for c in arena.reveal(uid).values()}
+    assert revealed["forger"][0] is False and "claimed by the endpoint" in revealed["forger"][1]
+    assert revealed["local"][0] is True
+    arena.close()
 
 
 def test_a_foreign_endpoint_is_weights_unverified(foreign):

@@ -60,17 +60,22 @@ def test_migrations_upgrade_an_old_database_and_keep_its_battles(db_url):
     assert old.migrate(target=1) == 1
     a = old.add_contestant("x", "f" * 64, "local", True)
     b = old.add_contestant("y", "e" * 64, "local", True)
+    old.add_contestant("claims", "d" * 64, "endpoint", True)  # stored as verified before version 3
+    old.add_contestant("logged", "c" * 64, "imported", True)
     uid = answered_battle(old, a, b)
     assert old.vote(uid, "model_a", "v")
     with old.engine.connect() as conn:
         assert not sa.inspect(conn).has_table("blocked_clients")
     old.close()
     new = Store(db_url)
-    assert new.version() == len(store_module.MIGRATIONS) == 2
+    assert new.version() == len(store_module.MIGRATIONS) == 3
     assert [r["winner"] for r in new.records()] == ["model_a"]
     new.block("someone")
     assert new.blocked("someone") and not new.blocked("else")
-    assert Store(db_url).version() == 2  # migrating again is a no-op
+    # only weights herd loaded itself stay verified: an endpoint's card and a log's word are claims
+    assert {c["name"]: c["verified"] for c in new.contestants()} == {"x": True, "y": True, "claims": False,
+                                                                     "logged": False}
+    assert Store(db_url).version() == 3  # migrating again is a no-op
 
 
 def test_a_vote_counts_once_and_only_after_the_answers(db_url):
@@ -171,4 +176,10 @@ def test_export_import_round_trip_rates_the_same(db_url, tmp_path):
     assert other.import_records(records) == len(winners)
     assert other.import_records(records) == 0  # the same battles are not added twice
     options = Options(rounds=30, seed=1)
-    assert leaderboard(other.records(), options)["rows"] == leaderboard(store.records(), options)["rows"]
+
+    def rated(rows):
+        return [{k: v for k, v in r.items() if k != "verified"} for r in rows]
+
+    imported = leaderboard(other.records(), options)["rows"]
+    assert rated(imported) == rated(leaderboard(store.records(), options)["rows"])
+    assert not any(r["verified"] for r in imported)  # the log says verified; this arena loaded no weights

@@ -7,18 +7,24 @@ Checked from outside: an httpx client over a real loopback server, and the datab
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import socket
 import threading
+import time
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from herd.arena.config import ArenaConfig
-from herd.arena.contestants import Contestant
+from herd.arena.contestants import Contestant, EndpointContestant
 from herd.arena.service import Arena
 from herd.arena.store import Store
 from herd.arena.web import create_arena_app
+from herd.errors import HerdError
 from tests.fixtures.serving import ServerThread
 from tests.test_arena_store import db_url, pg_server  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 
@@ -247,3 +253,205 @@ def test_a_restart_without_a_variant_marks_it_retired(tmp_path):
     assert restarted.retire_absent() == ["gamma-model@" + "c" * 12]
     states = {c["name"]: c["retired_at"] is not None for c in restarted.store.contestants()}
     assert states == {"alpha-model": False, "beta-model": False, "gamma-model": True, "old": False, "older": False}
+
+
+# -- issue 23: failures stay anonymous, battles survive, malformed input gets a 4xx --------------------------
+
+def events_of(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: ")]
+
+
+def failing_endpoint() -> FastAPI:
+    """An OpenAI-compatible server whose every answer is an HTTP 500 that names its model."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "hidden-model-7b", "object": "model", "owned_by": "acme"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        return JSONResponse({"error": "hidden-model-7b is overloaded on gpu-node-3"}, status_code=500)
+
+    return app
+
+
+def test_a_failed_endpoint_is_not_named_before_the_vote(tmp_path):
+    with ServerThread(failing_endpoint()) as failing:
+        arena, config = make_arena(tmp_path)
+        alpha = next(cid for cid, c in arena.playing.items() if c.name == "alpha-model")
+        arena.retire(next(cid for cid, c in arena.playing.items() if c.name == "beta-model"))
+        arena.enter(EndpointContestant("secret-endpoint", failing.url + "/v1", "hidden-model-7b"))
+        with ServerThread(create_arena_app(arena, config)) as server:
+            b = Browser(server.url)
+            r, token, events = b.battle()
+            assert r.status_code == 200 and events[-1] == {"type": "end"}
+            for secret in ("secret-endpoint", "hidden-model-7b", "gpu-node-3", failing.url, "alpha-model", "HTTP"):
+                assert secret not in r.text
+            failed = [e for e in events if e["type"] == "done" and "error" in e]
+            assert len(failed) == 1
+            side = failed[0]["side"]
+            assert failed[0]["error"] == f"model {side.upper()} failed to answer"
+            vote = b.post("/api/vote", {"token": token, "winner": "a" if side == "b" else "b"})
+            assert vote.status_code == 200 and vote.json()[side]["name"] == "secret-endpoint"
+            record = arena.store.records()[0]
+            assert record[f"conversation_{side}"][-1] == {"role": "assistant", "content": "", "failed": True}
+            other = "b" if side == "a" else "a"
+            assert "failed" not in record[f"conversation_{other}"][-1]
+            assert arena.store.battle(token.split(".")[0])[f"contestant_{other}"] == alpha
+
+
+def test_a_full_context_is_not_named_before_the_vote(tmp_path, smollm2):
+    from herd.arena.contestants import LocalContestant
+
+    arena, config = make_arena(tmp_path, max_prompt_chars=4000)
+    arena.retire(next(cid for cid, c in arena.playing.items() if c.name == "beta-model"))
+    arena.enter(LocalContestant("tiny-context-model", smollm2, source="smollm2", context=16))
+    with ServerThread(create_arena_app(arena, config)) as server:
+        b = Browser(server.url)
+        r, token, events = b.battle("Tell me everything about the rivers of Europe, one by one, " * 4)
+        assert "tiny-context-model" not in r.text and "alpha-model" not in r.text
+        failed = [e for e in events if e["type"] == "done" and "error" in e]
+        assert len(failed) == 1 and failed[0]["error"] == (
+            f"model {failed[0]['side'].upper()} failed to answer: the conversation is longer than its context "
+            "allows; start a new battle")
+        assert b.post("/api/vote", {"token": token, "winner": "tie"}).status_code == 200
+    arena.close()
+
+
+class Endless(Scripted):
+    """Answers one word every 20 ms until it is stopped."""
+
+    async def stream(self, messages, sampling, max_tokens, answer):
+        while True:
+            answer.text += "word "
+            answer.tokens += 1
+            yield "word "
+            await asyncio.sleep(0.02)
+
+
+def test_a_closed_tab_leaves_a_saved_votable_battle(tmp_path):
+    arena, config = make_arena(tmp_path)
+    arena.retire(next(cid for cid, c in arena.playing.items() if c.name == "beta-model"))
+    arena.enter(Endless("endless-model", "e" * 64, []))
+    with ServerThread(create_arena_app(arena, config)) as server:
+        b = Browser(server.url)
+        with b.client.stream("POST", "/api/battle", json={"prompt": "Go on"},
+                             headers={"X-CSRF-Token": b.csrf}) as r:
+            seen = []
+            for line in r.iter_lines():  # leave after the first words of the endless side
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if sum(e.get("text") == "word " for e in seen) >= 3:
+                        break
+        token = next(e["token"] for e in seen if e["type"] == "battle")
+        uid = token.split(".")[0]
+        deadline = time.monotonic() + 30
+        while not arena.store.battle(uid)["answered"]:
+            assert time.monotonic() < deadline, "the battle was never saved after the client left"
+            time.sleep(0.05)
+        vote = b.post("/api/vote", {"token": token, "winner": "a"})
+        assert vote.status_code == 200
+        side = "a" if vote.json()["a"]["name"] == "endless-model" else "b"
+        record = arena.store.records()[0]
+        cut = record[f"conversation_{side}"][-1]
+        assert cut["cut"] is True and cut["content"].startswith("word word word ")
+        assert "cut" not in record[f"conversation_{'b' if side == 'a' else 'a'}"][-1]
+        assert not arena._turns  # nothing left running
+
+
+def test_lone_surrogates_neither_kill_the_stream_nor_get_stored(tmp_path):
+    arena, config = make_arena(tmp_path)
+    arena.enter(Scripted("odd-model", "c" * 64, ["bad \ud800 text"]))
+    for cid, c in list(arena.playing.items()):
+        if c.name != "odd-model" and c.name != "alpha-model":
+            arena.retire(cid)
+    with ServerThread(create_arena_app(arena, config)) as server:
+        b = Browser(server.url)
+        raw = b.client.post("/api/battle", content=b'{"prompt": "hi \\ud800 there"}',
+                            headers={"X-CSRF-Token": b.csrf, "Content-Type": "application/json"})
+        assert raw.status_code == 400 and "`prompt` holds a lone surrogate" in raw.json()["error"]
+        r, token, events = b.battle()  # a contestant that answers with a lone surrogate
+        assert events[-1] == {"type": "end"}
+        assert b.post("/api/vote", {"token": token, "winner": "a"}).status_code == 200
+        texts = [m["content"] for r in arena.store.records() for m in r["conversation_a"] + r["conversation_b"]]
+        assert "bad ? text (turn 1)" in texts
+        assert b.client.get("/api/battles.jsonl").status_code == 200
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(tmp_path):
+    arena, config = make_arena(tmp_path)
+    app = create_arena_app(arena, config)
+    with ServerThread(app) as server:
+        b = Browser(server.url)
+        session = b.client.cookies["arena_session"]
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"POST /api/battle HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 300000000\r\nX-CSRF-Token: " + b.csrf.encode() +
+                      b"\r\nCookie: arena_session=" + session.encode() + b"\r\n\r\n{\"prompt\": \"")
+            reply = s.recv(65536)  # a server that reads the body first never answers: the timeout fails it
+        assert reply.startswith(b"HTTP/1.1 413") and b"limit of" in reply
+
+    pulled = 0
+
+    async def body():  # 64 MiB offered in 1 MiB chunks, no Content-Length
+        nonlocal pulled
+        yield b'{"prompt": "'
+        for _ in range(64):
+            pulled += 1
+            yield b"x" * 2**20
+
+    async def post():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://arena") as client:
+            client.cookies.set("arena_session", session)
+            return await client.post("/api/battle", content=body(), headers={"X-CSRF-Token": b.csrf})
+
+    r = asyncio.run(post())
+    assert r.status_code == 413 and pulled <= 1
+
+
+def test_malformed_requests_get_a_4xx_and_the_arena_keeps_working(served):
+    server, arena = served
+    b = Browser(server.url)
+    _, token, _ = b.battle()
+    headers = {"X-CSRF-Token": b.csrf, "Content-Type": "application/json"}
+    admin = {"Authorization": "Bearer adm1n", "Content-Type": "application/json"}
+    for winner in (["a"], {"a": 1}, 1, None, "A"):
+        r = b.post("/api/vote", {"token": token, "winner": winner})
+        assert r.status_code == 400 and "winner must be one of" in r.json()["error"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert b.client.post("/api/battle", content=deep, headers=headers).status_code == 413  # past the limit
+    deep = b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    r = b.client.post("/api/battle", content=deep, headers=headers)
+    assert r.status_code == 400 and "nested deeper than" in r.json()["error"]
+    r = httpx.post(f"{server.url}/api/admin/contestants/{2**70}/retire", headers=admin)
+    assert r.status_code == 404 and "no active contestant" in r.json()["error"]
+    for weight in (b"NaN", b"Infinity", b"-Infinity", b"1e400", str(2**70).encode(), b"0", b"-1", b'"2"', b"true"):
+        r = httpx.post(server.url + "/api/admin/contestants", headers=admin,
+                       content=b'{"name": "gamma-model", "model": "g", "weight": ' + weight + b"}")
+        assert r.status_code == 400 and re.search(r"weight|NaN|Infinity", r.json()["error"]), (weight, r.text)
+    assert {c.name for c in arena.playing.values()} == {"alpha-model", "beta-model"}
+    with pytest.raises(HerdError, match="weight"):
+        arena.enter(Scripted("nan-model", "n" * 64, ["x"], weight=float("nan")))
+    assert b.post("/api/vote", {"token": token, "winner": "b"}).status_code == 200  # everything still works
+    _, token, events = b.battle()
+    assert events[-1] == {"type": "end"}
+    assert b.client.get("/api/leaderboard").status_code == 200
+    assert b.client.get("/api/leaderboard.png").status_code == 200
+
+
+def test_a_name_with_dollar_signs_draws_in_the_plot(tmp_path):
+    arena, config = make_arena(tmp_path)
+    for cid in list(arena.playing):
+        arena.retire(cid)
+    arena.enter(Scripted("$\\undefinedcmd$", "d" * 64, ["math"]))  # matplotlib: "Unknown symbol"
+    arena.enter(Scripted("$x^$ and $", "f" * 64, ["more"]))  # and a superscript with nothing to raise
+    with ServerThread(create_arena_app(arena, config)) as server:
+        b = Browser(server.url)
+        _, token, _ = b.battle()
+        assert b.post("/api/vote", {"token": token, "winner": "a"}).status_code == 200
+        names = {r["name"] for r in b.client.get("/api/leaderboard").json()["rows"]}
+        assert names == {"$\\undefinedcmd$", "$x^$ and $"}
+        png = b.client.get("/api/leaderboard.png")
+        assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"

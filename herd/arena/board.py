@@ -2,7 +2,8 @@
 
 Each (name, fingerprint) is its own contestant in the fit: a name seen with several fingerprints is
 several variants, rated separately and listed together under the name with a warning, so a best-of-N
-variant cannot stand alone for the others. Retired contestants keep their lines.
+variant cannot stand alone for the others: rows come in rating order, except that a name's variants follow
+its best one (`grouped`). Retired contestants keep their lines.
 """
 
 from __future__ import annotations
@@ -88,10 +89,11 @@ def leaderboard(records: list[dict], options: Options = Options(), *, style_cont
             facts = contestants.get((name, fp), {})
             out.append(dict(asdict(row), name=name, fingerprint=fp,
                             verified=facts.get("verified", verified.get((name, fp))),
+                            verification=facts.get("verification"),
                             retired=facts.get("retired", False), kind=facts.get("kind"),
                             provisional=row.battles < options.provisional_votes,
                             variants_of_name=len(names[name])))
-        return out
+        return grouped(out)
 
     result = {
         "battles": len(records),
@@ -115,6 +117,14 @@ def leaderboard(records: list[dict], options: Options = Options(), *, style_cont
         result["style_control"] = {"rows": rows(boards["style_control"]),
                                    "coefficients": boards["style_control"].style_coefficients}
     return result
+
+
+def grouped(rows: list[dict]) -> list[dict]:
+    """`rows` (in rating order) with every variant of a name moved up to follow the name's best variant."""
+    first = {}
+    for i, row in enumerate(rows):
+        first.setdefault(row["name"], i)
+    return sorted(rows, key=lambda row: first[row["name"]])  # stable: variants keep their rating order
 
 
 def format_table(board: dict) -> str:

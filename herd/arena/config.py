@@ -41,7 +41,7 @@ import secrets
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from herd.arena.contestants import ContestantSpec
+from herd.arena.contestants import ContestantSpec, weight_problem
 from herd.errors import ConfigError
 
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"}
@@ -120,8 +120,9 @@ def load_config(path: str | Path) -> ArenaConfig:
         if extra:
             raise ConfigError(f"{where} ({c['name']}): unknown key(s) {sorted(extra)}")
         weight = c.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-            raise ConfigError(f"{where} ({c['name']}): `weight` must be a number > 0, got {weight!r}")
+        problem = weight_problem(weight)  # TOML writes inf and nan too
+        if problem:
+            raise ConfigError(f"{where} ({c['name']}): `weight` {problem}")
         if bool(c.get("model")) == bool(c.get("url")) and not (c.get("url") and c.get("model")):
             raise ConfigError(f"{where} ({c['name']}): give `model` (a herd source) or `url` and `model`")
         model = c.get("model")

@@ -23,7 +23,8 @@ def intervals_png(board: dict) -> bytes:
         ax.errorbar(ratings, list(y), xerr=[[r["rating"] - r["lower"] for r in rows],
                                             [r["upper"] - r["rating"] for r in rows]],
                     fmt="o", capsize=3, color="#1f5fa8")
-        ax.set_yticks(list(y), [r["key"] + (" *" if r["provisional"] else "") for r in rows])
+        # names as written: a `$...$` in a name is text, not mathtext for matplotlib to parse (and fail on)
+        ax.set_yticks(list(y), [r["key"] + (" *" if r["provisional"] else "") for r in rows], parse_math=False)
         ax.set_title(title)
         ax.set_xlabel("rating (95% interval)")
         ax.grid(axis="x", alpha=0.3)

@@ -7,6 +7,7 @@ either database. Schema changes are ordered steps recorded in `schema_version`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -70,7 +71,13 @@ def _v2(conn):
     metadata.create_all(conn, tables=[blocked_clients])
 
 
-MIGRATIONS = [_v1, _v2]  # step i brings the schema to version i + 1; append, never edit
+def _v3(conn):
+    # Only weights herd loaded and hashed itself are verified. Before this step an endpoint whose model card
+    # claimed a fingerprint was stored as verified, and so was whatever an imported log said.
+    conn.execute(contestants.update().where(contestants.c.kind != "local").values(verified=False))
+
+
+MIGRATIONS = [_v1, _v2, _v3]  # step i brings the schema to version i + 1; append, never edit
 
 
 def _sqlite_pragmas(dbapi_connection, _record):
@@ -89,6 +96,15 @@ def database_url(db: str | None, default_path: str | Path = "arena.db") -> str:
     if db.startswith("postgresql://"):
         return "postgresql+psycopg://" + db[len("postgresql://"):]
     return db
+
+
+def _content_id(record: dict, seen: dict[str, int]) -> str:
+    """A battle id for a record that has none: a hash of its content and of how many identical records came
+    before it in the log (two equal lines are two battles; importing the log again finds both)."""
+    content = json.dumps(record, sort_keys=True, ensure_ascii=True)
+    occurrence = seen.get(content, 0)
+    seen[content] = occurrence + 1
+    return "log-" + hashlib.sha256(f"{occurrence}\0{content}".encode()).hexdigest()[:40]
 
 
 class Store:
@@ -235,15 +251,18 @@ class Store:
 
     def import_records(self, records: list[dict]) -> int:
         """Add battles from a clean_battle log (already checked by herd.arena.battlelog); a battle id
-        already present is skipped, so importing a log twice adds nothing. Returns battles added."""
+        already present is skipped, so importing a log twice adds nothing. A record without `question_id`
+        gets an id from its content (and, for identical records, which occurrence it is), so that holds for
+        such logs too. Imported contestants are never verified here: this arena did not load their weights,
+        whatever the log says. Returns battles added."""
         added = 0
+        seen: dict[str, int] = {}
         for r in records:
             ids = []
             for side in "ab":
                 fp = r.get(f"fingerprint_{side}") or f"unrecorded:{r[f'model_{side}']}"
-                ids.append(self.add_contestant(r[f"model_{side}"], fp, "imported",
-                                               bool(r.get(f"verified_{side}", False))))
-            uid = str(r.get("question_id") or uuid.uuid4().hex)
+                ids.append(self.add_contestant(r[f"model_{side}"], fp, "imported", False))
+            uid = str(r.get("question_id") or "") or _content_id(r, seen)
             conv_a, conv_b = r.get("conversation_a") or [], r.get("conversation_b") or []
             meta = r.get("conv_metadata") or {}
             values = dict(uid=uid, board=r.get("board", "human"), contestant_a=ids[0], contestant_b=ids[1],

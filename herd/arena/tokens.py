@@ -9,7 +9,7 @@ import secrets
 
 
 def _mac(secret: bytes, purpose: str, value: str) -> str:
-    digest = hmac.new(secret, f"{purpose}\0{value}".encode(), hashlib.sha256).digest()
+    digest = hmac.new(secret, f"{purpose}\0{value}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
@@ -23,7 +23,7 @@ def battle_uid(secret: bytes, token: str, session: str | None) -> str | None:
     """The battle id a token was signed for in this session, or None for anything the server did not sign."""
     uid, _, mac = str(token).partition(".")
     if not uid or not mac or not session or \
-            not hmac.compare_digest(mac, _mac(secret, "battle", uid + chr(0) + session)):
+            not _same(mac, _mac(secret, "battle", uid + chr(0) + session)):
         return None
     return uid
 
@@ -37,7 +37,13 @@ def csrf_token(secret: bytes, session: str) -> str:
 
 
 def csrf_ok(secret: bytes, session: str | None, token: str | None) -> bool:
-    return bool(session and token) and hmac.compare_digest(str(token), csrf_token(secret, session))
+    return bool(session and token) and _same(str(token), csrf_token(secret, session))
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality for a token from a client: compared as bytes, since compare_digest refuses str
+    with non-ASCII characters (a header or body can hold any)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode())
 
 
 def client_hash(salt: bytes, client: str) -> str:

@@ -5,29 +5,54 @@ both answers (SSE: a `battle` event with the signed token, then `delta` events p
 POST /api/battle/turn continues it with the same pair; POST /api/vote records one vote per battle and
 only then answers with the contestants' names and fingerprints. Every POST needs the CSRF header.
 There is no route that deletes anything.
+
+Every request body is read with a bound (`body_limit`: refused from its Content-Length, or while it
+streams, before it is all read) and parsed by herd.arena.untrusted, and every field is checked for its type
+and range, so malformed input gets a 4xx that says what is wrong, never a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import asynccontextmanager
+import re
+from contextlib import aclosing, asynccontextmanager
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from herd.arena import tokens
+from herd.arena import tokens, untrusted
 from herd.arena.config import ArenaConfig
-from herd.arena.service import VOTES, Arena, RateLimiter
+from herd.arena.contestants import verification, weight_problem
+from herd.arena.service import VOTES, Arena, RateLimiter, Turn
 
 SESSION_COOKIE = "arena_session"
+MAX_ID = 2**31 - 1  # the largest id either database stores (a 32-bit INTEGER on PostgreSQL)
+MAX_NAME_CHARS = 200  # the contestants table's name and fingerprint columns
 
 
 class Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+def body_limit(config: ArenaConfig) -> int:
+    """The largest request body the arena reads: a prompt at the length limit with every character written
+    as a JSON escape (up to 12 bytes for one outside the BMP), and room for the other fields."""
+    return 16 * 1024 + 12 * config.max_prompt_chars
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that closes its events generator however the response ends, a client that left
+    included, so a turn is stopped and saved at once rather than when the generator is collected."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def _page(name: str) -> str:
@@ -52,9 +77,34 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
     app = FastAPI(title="herd arena", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.arena = arena
 
+    limit = body_limit(config)
+
     @app.exception_handler(Refused)
     async def refused(request: Request, e: Refused):
-        return JSONResponse({"error": e.message}, status_code=e.status)
+        # past a 413 the rest of the body is never read, so the connection cannot carry another request
+        return JSONResponse({"error": e.message}, status_code=e.status,
+                            headers={"Connection": "close"} if e.status == 413 else None)
+
+    async def json_body(request: Request) -> dict:
+        """The request's JSON object, read within `limit` bytes: refused from Content-Length when it says
+        more, else as soon as the streamed body passes the limit."""
+        too_large = Refused(413, f"the request body is larger than this arena's limit of {limit:,} bytes")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        try:
+            body = untrusted.loads(b"".join(chunks))
+        except untrusted.UntrustedJSON as e:
+            raise Refused(400, f"the request body: {e}") from None
+        if not isinstance(body, dict):
+            raise Refused(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        return body
 
     def client_of(request: Request) -> str:
         if config.trust_forwarded_for and request.headers.get("x-forwarded-for"):
@@ -70,13 +120,7 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
             raise Refused(403, "this client is blocked from the arena")
         if limiter is not None and not limiter.allow(client):
             raise Refused(429, f"too many requests: at most {limiter.limit} a minute; try again shortly")
-        try:
-            body = await request.json()
-        except ValueError:
-            raise Refused(400, "the request body must be JSON") from None
-        if not isinstance(body, dict):
-            raise Refused(400, "the request body must be a JSON object")
-        return body, client
+        return await json_body(request), client
 
     def prompt_of(body: dict) -> str:
         prompt = body.get("prompt")
@@ -88,7 +132,8 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
         return prompt
 
     def uid_of(request: Request, body: dict) -> str:
-        uid = tokens.battle_uid(secret, body.get("token", ""), request.cookies.get(SESSION_COOKIE))
+        token = body.get("token", "")
+        uid = tokens.battle_uid(secret, token, request.cookies.get(SESSION_COOKIE)) if isinstance(token, str) else None
         if uid is None or arena.store.battle(uid) is None:
             raise Refused(403, "this battle token was not issued by this arena to this browser session")
         return uid
@@ -107,18 +152,19 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
     async def leaderboard_page(request: Request):
         return with_session(request, _page("leaderboard.html"))
 
-    async def stream_turn(uid: str, prompt: str, session: str | None):
+    async def stream_turn(turn: Turn, session: str | None):
         if session is not None:
-            yield _event({"type": "battle", "token": tokens.battle_token(secret, uid, session)})
-        async for side, text, error in arena.turn(uid, prompt):
-            if text is not None:
-                yield _event({"type": "delta", "side": side, "text": text})
-            else:
-                yield _event({"type": "done", "side": side, **({"error": error} if error else {})})
+            yield _event({"type": "battle", "token": tokens.battle_token(secret, turn.uid, session)})
+        async with aclosing(turn.events()) as events:  # closing this stream stops the turn (saved, cut)
+            async for side, text, error in events:
+                if text is not None:
+                    yield _event({"type": "delta", "side": side, "text": text})
+                else:
+                    yield _event({"type": "done", "side": side, **({"error": error} if error else {})})
         yield _event({"type": "end"})
 
     def sse(events) -> StreamingResponse:
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return EventStream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/api/battle")
     async def new_battle(request: Request):
@@ -128,7 +174,7 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
             uid = await asyncio.to_thread(arena.start, client)
         except LookupError as e:
             raise Refused(503, str(e)) from None
-        return sse(stream_turn(uid, prompt, request.cookies[SESSION_COOKIE]))
+        return sse(stream_turn(arena.begin_turn(uid, prompt), request.cookies[SESSION_COOKIE]))
 
     @app.post("/api/battle/turn")
     async def next_turn(request: Request):
@@ -140,13 +186,13 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
             raise Refused(409, f"this battle has had its {config.max_turns} turns; vote, then start a new one")
         if not await asyncio.to_thread(arena.store.start_turn, uid):
             raise Refused(409, "this battle is over (voted) or still answering")
-        return sse(stream_turn(uid, prompt, None))
+        return sse(stream_turn(arena.begin_turn(uid, prompt), None))
 
     @app.post("/api/vote")
     async def vote(request: Request):
         body, client = await guarded(request, vote_limit)
         uid = uid_of(request, body)
-        if body.get("winner") not in VOTES:
+        if not isinstance(body.get("winner"), str) or body["winner"] not in VOTES:
             raise Refused(400, f"winner must be one of {', '.join(VOTES)}")
         if not await asyncio.to_thread(arena.vote, uid, body["winner"], client):
             raise Refused(409, "this battle has a vote already (or its answers are not finished)")
@@ -173,11 +219,15 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
     async def all_contestants():
         """Every contestant that ever entered, retired ones included: the public record."""
         rows = await asyncio.to_thread(arena.store.contestants)
-        return {"contestants": [{k: r[k] for k in ("name", "fingerprint", "kind", "verified", "created_at",
-                                                    "retired_at")} for r in rows]}
+        return {"contestants": [{**{k: r[k] for k in ("name", "fingerprint", "kind", "verified", "created_at",
+                                                       "retired_at")},
+                                 "verification": verification(r["kind"], r["fingerprint"], r["verified"])}
+                                for r in rows]}
 
     @app.get("/api/battles.jsonl")
     async def export(board: str | None = None):
+        if board not in (None, "human", "judge"):
+            raise Refused(404, "boards: human, judge (or none for both)")
         records = await asyncio.to_thread(arena.store.records, board)
         return Response("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                         media_type="application/x-ndjson")
@@ -191,11 +241,7 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
 
     async def admin_body(request: Request) -> dict:
         admin(request)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise Refused(400, "the request body must be JSON") from None
-        return body if isinstance(body, dict) else {}
+        return await json_body(request)
 
     @app.post("/api/admin/contestants")
     async def add_contestant(request: Request):
@@ -203,32 +249,40 @@ def create_arena_app(arena: Arena, config: ArenaConfig, spec_builder=None) -> Fa
         from herd.errors import HerdError
 
         body = await admin_body(request)
-        if not isinstance(body.get("name"), str) or not body["name"].strip():
-            raise Refused(400, "name is required")
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
+            raise Refused(400, f"name must be a non-empty string of at most {MAX_NAME_CHARS} characters")
+        for key in ("model", "url", "api_key"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise Refused(400, f"cannot enter {name!r}: `{key}` must be a string")
+        weight = body.get("weight", 1.0)
+        problem = weight_problem(weight)
+        if problem:
+            raise Refused(400, f"cannot enter {name!r}: `weight` {problem}")
         try:
-            weight = float(body.get("weight", 1.0))
-            if weight <= 0:
-                raise ValueError
-            spec = ContestantSpec(body["name"], body.get("model"), body.get("url"), body.get("api_key"), weight)
+            spec = ContestantSpec(name, body.get("model"), body.get("url"), body.get("api_key"), float(weight))
             contestant = await asyncio.to_thread(spec_builder or spec.build, *([body] if spec_builder else []))
+            cid = await asyncio.to_thread(arena.enter, contestant)
         except (HerdError, ValueError, OSError) as e:
-            raise Refused(400, f"cannot enter {body['name']!r}: {e or 'weight must be a number > 0'}") from None
-        cid = await asyncio.to_thread(arena.enter, contestant)
+            raise Refused(400, f"cannot enter {name!r}: {e}") from None
         return {"id": cid, "name": contestant.name, "fingerprint": contestant.fingerprint,
                 "verified": contestant.verified}
 
     @app.post("/api/admin/contestants/{cid}/retire")
-    async def retire(cid: int, request: Request):
+    async def retire(cid: str, request: Request):
         admin(request)
-        if not await asyncio.to_thread(arena.retire, cid):
-            raise Refused(404, f"no active contestant {cid}")
-        return {"retired": cid}
+        if not re.fullmatch(r"[0-9]{1,10}", cid) or int(cid) > MAX_ID or \
+                not await asyncio.to_thread(arena.retire, int(cid)):
+            raise Refused(404, f"no active contestant {cid[:40]!r}")
+        return {"retired": int(cid)}
 
     @app.post("/api/admin/block")
     async def block(request: Request):
         body = await admin_body(request)
-        if not isinstance(body.get("client"), str):
+        if not isinstance(body.get("client"), str) or not body["client"]:
             raise Refused(400, "client (an address) is required")
+        if not isinstance(body.get("reason", ""), str):
+            raise Refused(400, "reason must be a string")
         await asyncio.to_thread(arena.store.block, tokens.client_hash(salt, body["client"]), body.get("reason", ""))
         return {"blocked": True}
 

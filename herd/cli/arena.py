@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from herd.cli import positive_int
@@ -131,10 +132,11 @@ def _anchor(text):
         return None
     name, sep, value = text.rpartition("=")
     try:
-        return name, float(value)
+        if name and math.isfinite(float(value)):
+            return name, float(value)
     except ValueError:
         pass
-    raise SystemExit(f"herd arena rate: --anchor must be NAME=RATING, got {text!r}")
+    raise SystemExit(f"herd arena rate: --anchor must be NAME=RATING with a finite rating, got {text!r}")
 
 
 def _rate(args):
@@ -164,7 +166,12 @@ def _read_prompts(path):
     from herd.errors import DataError
     from herd.jsonl import json_objects
 
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the prompts ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 (byte {e.start})") from None
     if path.endswith(".jsonl"):
         prompts = []
         for n, record in json_objects(path, text.splitlines()):
