@@ -164,7 +164,7 @@ def _pre_name(pre_tokenizer, table) -> str:
 def _tokens_by_id(data: dict, vocab_size: int) -> tuple[list[str], list[int]]:
     """One token per embedding row from a tokenizer.json: added special tokens CONTROL, other added tokens
     USER_DEFINED, <0xNN> byte pieces of a byte-fallback vocabulary BYTE, its unk_token UNKNOWN, ids that no
-    token has `[PADn]` UNUSED."""
+    token has `[PADn]` UNUSED (and so is a token of that name at that id: a padding row written back)."""
     model = data["model"]
     by_id = {i: t for t, i in model["vocab"].items()}
     added = {a["id"]: a for a in data.get("added_tokens", [])}
@@ -179,7 +179,8 @@ def _tokens_by_id(data: dict, vocab_size: int) -> tuple[list[str], list[int]]:
             token = by_id[i]
             tokens.append(token)
             types.append(_UNKNOWN if token == model.get("unk_token") else
-                         _BYTE if byte_fallback and re.fullmatch(r"<0x[0-9A-F]{2}>", token) else _NORMAL)
+                         _BYTE if byte_fallback and re.fullmatch(r"<0x[0-9A-F]{2}>", token) else
+                         _UNUSED if token == f"[PAD{i}]" else _NORMAL)  # the converter's name for a padding row
         else:
             tokens.append(f"[PAD{i}]")
             types.append(_UNUSED)
