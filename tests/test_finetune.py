@@ -416,7 +416,7 @@ def test_merged_hf_export_loads_in_transformers_with_herds_logits(tmp_path, caps
     assert back.fingerprint in capsys.readouterr().out
 
 
-def test_merged_export_names_the_bases_the_adapters_and_its_own_fingerprint(tmp_path, monkeypatch):
+def test_merged_export_names_the_bases_the_adapters_and_its_own_fingerprint(tmp_path, monkeypatch, capsys):
     """herd finetune over a GGUF base, then `herd export --adapter`. The merged export's lineage records the base's
     fingerprint (herd reading the base), the adapter's (as the adapter's own lineage recorded it, and as its PEFT
     files give it) and the merged weights' (herd reading the export), each under its own name. The adapter's
@@ -447,6 +447,11 @@ def test_merged_export_names_the_bases_the_adapters_and_its_own_fingerprint(tmp_
     assert lineage["fingerprint"] == merged_fp and "adapter" not in lineage["fingerprint_of"]
     assert len({base.fingerprint, adapter_fp, merged_fp}) == 3
     assert lineage["data"]["train"]["sha256"] == recorded["data"]["train"]["sha256"]
+    capsys.readouterr()
+    assert main(["info", str(out)]) in (0, None)
+    shown = {line[:15].strip(): line[15:].strip() for line in capsys.readouterr().out.splitlines()}
+    assert (shown["base"], shown["new"]) == (base.fingerprint, merged_fp)
+    assert shown["adapter"].startswith(adapter_fp)
 
     cfg = json.loads((run.adapter / "adapter_config.json").read_text())
     assert Path(cfg["base_model_name_or_path"]) == gguf.parent.resolve()
