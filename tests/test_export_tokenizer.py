@@ -227,3 +227,32 @@ def test_gguf_export_of_a_tiktoken_tokenizer_tokenizes_as_tiktoken(llama3_meta):
     tiktoken = load_tokenizer(source)
     for text in TEXTS + [LLAMA3_SPECIAL]:
         assert from_gguf.encode(text, special=True) == tiktoken.encode(text, special=True), text
+
+
+def test_tokenizer_json_of_a_llama4_tiktoken_file_has_llama4s_split_rule_and_special_ids(tmp_path):
+    """A 200000-rank tiktoken file is Llama 4's (herd.tokenizer.tiktoken_bpe): its tokenizer.json takes Llama 4's
+    split regex and its 2048 specials at Meta's ids (the same synthetic file as tests/test_tokenizers.py, two-byte
+    ranks added so that merges apply), and gives herd's tiktoken ids through the tokenizers library."""
+    import base64
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from herd.tokenizer.hf_files import tiktoken_tokenizer_files
+
+    # "oW" joins across the cut Llama 4's rule makes in "helloWorld" (case change), which Llama 3's does not make
+    pairs = [bytes([a, b]) for a in b"etaoin s" for b in b"etaoin s"] + [b"oW"]
+    ranks = [bytes([b]) for b in range(256)] + pairs
+    ranks += [i.to_bytes(3, "big") for i in range(1 << 16, (1 << 16) + 200000 - len(ranks))]
+    data = b"".join(base64.b64encode(r) + b" %d\n" % i for i, r in enumerate(ranks))
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(data)
+    text, config = tiktoken_tokenizer_files(data, path)
+    backend = HFTokenizer.from_str(text)
+    tiktoken = load_tokenizer(TokenizerSource("tiktoken", path))
+    assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == (
+        "<|begin_of_text|>", "<|end_of_text|>", True)
+    for sample in ["<|header_start|>user<|header_end|>\n\nsee a tie in a nest<|eot|>", "I'M fine, OK's 12345 日本",
+                   "<|image_start|><|patch|><|image_end|>it is set", "helloWorld"]:
+        assert backend.encode(sample).ids == tiktoken.encode(sample, special=True), sample
+    assert ranks.index(b"oW") not in backend.encode("helloWorld").ids
+    assert backend.token_to_id("<|eot|>") == 200008 and backend.token_to_id("<|patch|>") == 200092

@@ -182,3 +182,26 @@ def test_gguf_llama_vocabulary_exports_to_hf_and_back(spm_model, exported, tmp_p
     assert llm.tokenizer.kind == "gguf-llama"
     for text in _spm_texts():
         assert llm.tokenizer.encode(text, bos=False) == sp.encode(text), text
+
+
+def test_added_tokens_of_tokenizer_config_join_the_tokenizer_json_at_their_ids(spm_model):
+    """tokenizer_config.json's added_tokens_decoder past the model's pieces (a chat model's <|pad|>, a tool
+    marker) become added tokens at their ids: a special one cuts the text, each stretch tokenized as
+    sentencepiece tokenizes it alone; ids that leave a gap cannot be stated, and no tokenizer.json is made."""
+    import sentencepiece
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from herd.tokenizer.hf_files import sentencepiece_tokenizer_files
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    data = spm_model.read_bytes()
+    added = {"400": {"content": "<|pad|>", "special": True}, "401": {"content": "<tool>", "special": False},
+             "1": {"content": "<s>", "special": True}}
+    text, config = sentencepiece_tokenizer_files(data, spm_model, {"added_tokens_decoder": added})
+    tok = HFTokenizer.from_str(text)
+    assert (tok.token_to_id("<|pad|>"), tok.token_to_id("<tool>")) == (400, 401)
+    assert tok.encode("the fox<|pad|>lazy dog").ids == [1, *sp.encode("the fox"), 400, *sp.encode("lazy dog")]
+    assert 401 in tok.encode("a <tool> b").ids
+    assert config["add_bos_token"] is True and config["bos_token"] == "<s>"
+    gap = {"402": {"content": "<|pad|>", "special": True}}
+    assert sentencepiece_tokenizer_files(data, spm_model, {"added_tokens_decoder": gap}) is None

@@ -338,7 +338,9 @@ def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str 
         raise HerdError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
     ck = llm.checkpoint
     tokenizer_json = None
-    if to in ("hf", "meta"):  # converted before the weights are touched: a tokenizer it cannot write stops here
+    # converted before the weights are touched (a tokenizer it cannot write stops the export here); a Meta
+    # directory keeps a tokenizer.model as it is
+    if to == "hf" or (to == "meta" and ck.tokenizer is not None and ck.tokenizer.kind == "gguf"):
         from herd.tokenizer.hf_files import hf_tokenizer_files
 
         tokenizer_json = hf_tokenizer_files(ck.tokenizer)

@@ -116,7 +116,8 @@ def tiktoken_tokenizer_files(data: bytes, path) -> tuple[str, dict]:
 
 def sentencepiece_tokenizer_files(data: bytes, path, config: dict) -> tuple[str, dict] | None:
     """A SentencePiece BPE tokenizer.model (Llama 1/2); tokenizer_config.json's added_tokens_decoder
-    entries become added tokens (special or not) at their ids, as herd.finetune's GGUF export reads them."""
+    entries become added tokens (special or not) at their ids, as herd.finetune's GGUF export reads them
+    (None where those ids leave gaps, which a tokenizer.json cannot state)."""
     import sentencepiece
 
     if _sentencepiece_model_type(data, path) != _SPM_BPE:
@@ -131,15 +132,16 @@ def sentencepiece_tokenizer_files(data: bytes, path, config: dict) -> tuple[str,
     backend = sentencepiece_bpe(pieces, scores, types, add_dummy_prefix)
     tokens = list(pieces)
     _add_tokens(backend, tokens, types, user_normalized=True)
-    for key, entry in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
+    added = config.get("added_tokens_decoder") or {}
+    for key, entry in added.items():
         if not (str(key).isdigit() and isinstance(entry, dict) and isinstance(entry.get("content"), str)):
             raise FormatError(f"tokenizer_config.json: added_tokens_decoder[{key!r}] is not {{id: {{content}}}}")
-        i, text = int(key), entry["content"]
+    for i, entry in sorted(((int(key), entry) for key, entry in added.items()), key=lambda pair: pair[0]):
+        text = entry["content"]
         if i < len(tokens) and tokens[i] == text:
             continue  # a piece of the model, already placed
         if i != backend.get_vocab_size(with_added_tokens=True):
-            raise FormatError(f"tokenizer_config.json: added token {text!r} has id {i}; the next free id is "
-                              f"{backend.get_vocab_size(with_added_tokens=True)}")
+            return None  # ids with gaps between them, which added tokens cannot take: transformers converts it
         special = bool(entry.get("special"))
         backend.add_tokens([AddedToken(text, special=special, normalized=not special)])
         tokens.append(text)
