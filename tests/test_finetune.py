@@ -644,7 +644,15 @@ def test_each_method_runs_from_the_command_line(tmp_path, method):
     if method == "full":
         tuned = herd.load(tmp_path / "run" / "model", dtype="float32")
         assert tuned.fingerprint != herd.load(source, dtype="float32").fingerprint
-        assert json.loads(tuned.checkpoint.metadata["general.herd.lineage"])["fingerprint"] == tuned.fingerprint
+        record = json.loads(tuned.checkpoint.metadata["general.herd.lineage"])
+        assert record["fingerprint"] == tuned.fingerprint
+        # converted on, the GGUF's record goes with it, the fingerprint now the export's own
+        assert main(["export", str(tmp_path / "run" / "model" / "model.gguf"), "--to", "hf", str(tmp_path / "hf")]) \
+            in (0, None)
+        carried = json.loads((tmp_path / "hf" / "herd.json").read_text())["lineage"]
+        assert (carried["method"], carried["data"]) == ("full", record["data"])
+        assert carried["exported_from"]["fingerprint"] == tuned.fingerprint
+        assert carried["fingerprint"] == herd.load(tmp_path / "hf", dtype="float32").fingerprint
     else:
         tuned = herd.load(source, dtype="float32", adapter=tmp_path / "run" / "adapter")
         assert tuned.adapter["rank"] == 8
