@@ -205,3 +205,16 @@ def test_added_tokens_of_tokenizer_config_join_the_tokenizer_json_at_their_ids(s
     assert config["add_bos_token"] is True and config["bos_token"] == "<s>"
     gap = {"402": {"content": "<|pad|>", "special": True}}
     assert sentencepiece_tokenizer_files(data, spm_model, {"added_tokens_decoder": gap}) is None
+
+
+def test_a_unigram_sentencepiece_model_gets_no_tokenizer_json(tmp_path):
+    """Only BPE merges can be written as a BPE tokenizer.json: a unigram model is left to its tokenizer.model."""
+    import sentencepiece
+
+    from herd.formats.checkpoint import TokenizerSource
+    from herd.tokenizer.hf_files import hf_tokenizer_files
+
+    lines = ["the quick brown fox jumps over the lazy dog", "a llama and a model of tokens"] * 50
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "uni"),
+                                             vocab_size=30, model_type="unigram", minloglevel=2)
+    assert hf_tokenizer_files(TokenizerSource("sentencepiece", tmp_path / "uni.model")) is None

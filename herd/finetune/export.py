@@ -429,16 +429,17 @@ def source_lineage(llm, adapter: str | Path | None) -> dict:
 
     base = {"path": str(llm.checkpoint.path), "format": llm.checkpoint.format, "fingerprint": llm.base_fingerprint}
     if adapter is not None:
-        merged = {"path": str(Path(adapter).resolve()), "fingerprint": adapter_fingerprint(lora_state_dict(llm.model)),
-                  "fingerprint_of": ADAPTER_WEIGHTS}
+        adapter_record = {"path": str(Path(adapter).resolve()), "fingerprint_of": ADAPTER_WEIGHTS,
+                          "fingerprint": adapter_fingerprint(lora_state_dict(llm.model))}
         recorded = read_lineage(adapter)
         if recorded is None:
-            record = make_lineage(base, "adapter (no lineage record)", dict(llm.adapter or {}), None, parent=merged)
+            record = make_lineage(base, "adapter (no lineage record)", dict(llm.adapter or {}), None,
+                                  parent=adapter_record)
         else:
-            if recorded.get("fingerprint") not in (None, merged["fingerprint"]):
-                merged["recorded_fingerprint"] = recorded["fingerprint"]  # the adapter changed after training
+            if recorded.get("fingerprint") not in (None, adapter_record["fingerprint"]):
+                adapter_record["recorded_fingerprint"] = recorded["fingerprint"]  # the adapter changed after training
             record = {k: v for k, v in recorded.items() if k not in ("fingerprint", "fingerprint_of")}
-            record["adapter"] = merged
+            record["adapter"] = adapter_record
         return {**record, "exported_from": {**base, "adapter": str(adapter)}}
     recorded = read_lineage(llm.checkpoint.path) or _gguf_lineage(llm.checkpoint.metadata)
     if recorded:
@@ -446,5 +447,5 @@ def source_lineage(llm, adapter: str | Path | None) -> dict:
     return {**make_lineage(base, "conversion", {}, None), "exported_from": base}
 
 
-__all__ = ["export_model", "write_adapter_dir", "canonical_state", "adapter_fingerprint", "source_lineage", "peft_base_name",
-           "FORMATS"]
+__all__ = ["export_model", "write_adapter_dir", "canonical_state", "adapter_fingerprint", "source_lineage",
+           "peft_base_name", "gguf_tokenizer_keys", "FORMATS"]

@@ -23,12 +23,13 @@ from tokenizers.models import BPE
 
 from herd.errors import FormatError
 from herd.tokenizer.gguf_vocab import PRE_TOKENIZERS, spm_merges
-from herd.tokenizer.spm import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, read_model_proto
+from herd.tokenizer.spm import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, read_model_proto, read_model_type
 from herd.tokenizer.tiktoken_bpe import (
     LLAMA3_PATTERN,
     LLAMA4_BASE_TOKENS,
     LLAMA4_PATTERN,
     byte_level_alphabet,
+    is_tiktoken_file,
     llama3_special_tokens,
     llama4_special_tokens,
     read_ranks,
@@ -37,7 +38,7 @@ from herd.tokenizer.tiktoken_bpe import (
 # transformers loads the pipeline exactly as written under this class (4.x and 5.x alike); a model class such
 # as LlamaTokenizer would build its own normalizer and pre-tokenizer over the vocabulary instead
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
-_SPM_BPE = 2  # sentencepiece TrainerSpec.model_type
+_SPM_BPE = 2  # sentencepiece TrainerSpec.model_type (1 unigram, 3 word, 4 char)
 
 
 def hf_tokenizer_files(source) -> tuple[str, dict] | None:
@@ -51,8 +52,6 @@ def hf_tokenizer_files(source) -> tuple[str, dict] | None:
     if source.path is None or not Path(source.path).is_file():
         raise FormatError(f"tokenizer file {source.path} does not exist or is not a file")
     data = Path(source.path).read_bytes()
-    from herd.tokenizer.tiktoken_bpe import is_tiktoken_file
-
     if is_tiktoken_file(data[:1024]):
         return tiktoken_tokenizer_files(data, source.path)
     return sentencepiece_tokenizer_files(data, source.path, source.config or {})
@@ -120,7 +119,7 @@ def sentencepiece_tokenizer_files(data: bytes, path, config: dict) -> tuple[str,
     (None where those ids leave gaps, which a tokenizer.json cannot state)."""
     import sentencepiece
 
-    if _sentencepiece_model_type(data, path) != _SPM_BPE:
+    if read_model_type(data, path) != _SPM_BPE:
         return None
     sp = sentencepiece.SentencePieceProcessor()
     try:
@@ -211,21 +210,6 @@ def _finish(backend: HFTokenizer, ids: dict, add_bos: bool, add_eos: bool) -> tu
               # transformers' default would edit decoded text ("a ." -> "a."); herd never does
               "clean_up_tokenization_spaces": False}
     return backend.to_str(pretty=True), config
-
-
-def _sentencepiece_model_type(data: bytes, path) -> int:
-    """TrainerSpec.model_type of a serialized ModelProto (trainer_spec = 2 {model_type = 3}); 1 (unigram) when unstated."""
-    from herd.tokenizer.spm import _fields
-
-    try:
-        for field, value in _fields(data, 0, len(data)):
-            if field == 2 and isinstance(value, tuple):
-                for sub, sub_value in _fields(data, *value):
-                    if sub == 3 and isinstance(sub_value, int):
-                        return sub_value
-    except (IndexError, ValueError) as e:
-        raise FormatError(f"{path}: malformed SentencePiece model ({e})") from None
-    return 1
 
 
 __all__ = ["hf_tokenizer_files", "gguf_tokenizer_files", "tiktoken_tokenizer_files", "sentencepiece_tokenizer_files",

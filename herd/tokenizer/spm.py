@@ -146,6 +146,20 @@ def read_model_proto(data: bytes, path: Path | str = "tokenizer.model") -> tuple
     return pieces, types, add_dummy_prefix
 
 
+def read_model_type(data: bytes, path: Path | str = "tokenizer.model") -> int:
+    """TrainerSpec.model_type of a serialized ModelProto (trainer_spec = 2 {model_type = 3}): 1 unigram (the
+    default, when unstated), 2 BPE, 3 word, 4 char."""
+    try:
+        for field, value in _fields(data, 0, len(data)):
+            if field == 2 and isinstance(value, tuple):
+                for sub, sub_value in _fields(data, *value):
+                    if sub == 3 and isinstance(sub_value, int):
+                        return sub_value
+    except (IndexError, ValueError) as e:
+        raise FormatError(f"{path}: malformed SentencePiece model ({e})") from None
+    return 1
+
+
 def _fields(buf: bytes, pos: int, end: int):
     """(field number, value) pairs of one protobuf message: ints for varints, (start, end) for bytes."""
     while pos < end:
