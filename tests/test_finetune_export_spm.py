@@ -207,14 +207,18 @@ def test_added_tokens_of_tokenizer_config_join_the_tokenizer_json_at_their_ids(s
     assert sentencepiece_tokenizer_files(data, spm_model, {"added_tokens_decoder": gap}) is None
 
 
-def test_a_unigram_sentencepiece_model_gets_no_tokenizer_json(tmp_path):
-    """Only BPE merges can be written as a BPE tokenizer.json: a unigram model is left to its tokenizer.model."""
+@pytest.mark.parametrize("kind", ["unigram", "bpe-nfkc"])
+def test_a_sentencepiece_model_beyond_llamas_gets_no_tokenizer_json(tmp_path, kind):
+    """Only BPE merges over text as it is (Llama's normalizer "identity") can be written as this tokenizer.json:
+    a unigram model, or one that rewrites text first (NFKC), is left to its tokenizer.model."""
     import sentencepiece
 
     from herd.formats.checkpoint import TokenizerSource
     from herd.tokenizer.hf_files import hf_tokenizer_files
 
     lines = ["the quick brown fox jumps over the lazy dog", "a llama and a model of tokens"] * 50
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "uni"),
-                                             vocab_size=30, model_type="unigram", minloglevel=2)
-    assert hf_tokenizer_files(TokenizerSource("sentencepiece", tmp_path / "uni.model")) is None
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "m"), vocab_size=30, minloglevel=2,
+        model_type="unigram" if kind == "unigram" else "bpe",
+        normalization_rule_name="identity" if kind == "unigram" else "nmt_nfkc")
+    assert hf_tokenizer_files(TokenizerSource("sentencepiece", tmp_path / "m.model")) is None

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sentencepiece
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from herd.errors import FormatError
-from herd.tokenizer.gguf_vocab import PRE_TOKENIZERS, spm_merges
-from herd.tokenizer.spm import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, read_model_proto, read_model_type
+from herd.tokenizer.gguf_vocab import PRE_TOKENIZERS, GGUFVocabTokenizer, spm_merges
+from herd.tokenizer.spm import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, read_model_kind, read_model_proto
 from herd.tokenizer.tiktoken_bpe import (
     LLAMA3_PATTERN,
     LLAMA4_BASE_TOKENS,
@@ -43,8 +44,8 @@ _SPM_BPE = 2  # sentencepiece TrainerSpec.model_type (1 unigram, 3 word, 4 char)
 
 def hf_tokenizer_files(source) -> tuple[str, dict] | None:
     """(tokenizer.json text, tokenizer_config.json entries) for a herd.formats TokenizerSource that has no
-    tokenizer.json; None for one that is already a tokenizer.json (copy it) or a SentencePiece model that
-    is not BPE (transformers converts its tokenizer.model itself)."""
+    tokenizer.json; None for one that is already a tokenizer.json (copy it) or a SentencePiece model this
+    cannot state (sentencepiece_tokenizer_files)."""
     if source is None or source.kind == "hf_json":
         return None
     if source.kind == "gguf":
@@ -59,8 +60,6 @@ def hf_tokenizer_files(source) -> tuple[str, dict] | None:
 
 def gguf_tokenizer_files(metadata: dict, name: str = "GGUF file") -> tuple[str, dict]:
     """A GGUF vocabulary (`tokenizer.ggml.*`) as tokenizer.json + tokenizer_config.json entries."""
-    from herd.tokenizer.gguf_vocab import GGUFVocabTokenizer
-
     tok = GGUFVocabTokenizer(metadata, name)  # validates the keys and settles BOS/EOS/add_bos as herd does
     tokens = list(metadata["tokenizer.ggml.tokens"])
     types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
@@ -114,12 +113,12 @@ def tiktoken_tokenizer_files(data: bytes, path) -> tuple[str, dict]:
 
 
 def sentencepiece_tokenizer_files(data: bytes, path, config: dict) -> tuple[str, dict] | None:
-    """A SentencePiece BPE tokenizer.model (Llama 1/2); tokenizer_config.json's added_tokens_decoder
-    entries become added tokens (special or not) at their ids, as herd.finetune's GGUF export reads them
-    (None where those ids leave gaps, which a tokenizer.json cannot state)."""
-    import sentencepiece
-
-    if read_model_type(data, path) != _SPM_BPE:
+    """A SentencePiece BPE tokenizer.model that leaves text as it is (Llama 1/2: normalizer "identity");
+    tokenizer_config.json's added_tokens_decoder entries become added tokens (special or not) at their ids,
+    as herd.finetune's GGUF export reads them. None for any other model, or where those ids leave gaps, which
+    a tokenizer.json cannot state: transformers then converts the tokenizer.model (kept beside it) itself."""
+    model_type, normalizes = read_model_kind(data, path)
+    if model_type != _SPM_BPE or normalizes:  # unigram, or text rewritten by a charsmap (NFKC ...) first
         return None
     sp = sentencepiece.SentencePieceProcessor()
     try:
