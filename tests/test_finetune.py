@@ -416,6 +416,57 @@ def test_merged_hf_export_loads_in_transformers_with_herds_logits(tmp_path, caps
     assert back.fingerprint in capsys.readouterr().out
 
 
+def test_merged_export_names_the_bases_the_adapters_and_its_own_fingerprint(tmp_path, monkeypatch, capsys):
+    """herd finetune over a GGUF base, then `herd export --adapter`. The merged export's lineage records the base's
+    fingerprint (herd reading the base), the adapter's (as the adapter's own lineage recorded it, and as its PEFT
+    files give it) and the merged weights' (herd reading the export), each under its own name. The adapter's
+    base_model_name_or_path resolves in PEFT: AutoPeftModelForCausalLM loads base and adapter from it (a GGUF
+    base: its directory, with the file's name as transformers takes a GGUF) and gives herd's logits."""
+    from peft import AutoPeftModelForCausalLM
+
+    from herd.cli import main
+    from herd.fingerprint import fingerprint
+    from herd.formats.peft import read_adapter
+
+    gguf = B.reference(GEN).gguf("F32")
+    data = prompt_completion_data(tmp_path / "train.jsonl")
+    run = herd.finetune(str(gguf), data, tmp_path / "run", steps=2, batch_size=2, lr=1e-2, progress=False,
+                        max_len=64)
+    base = herd.load(gguf, dtype="float32")
+    recorded = json.loads((run.adapter / "herd.json").read_text())["lineage"]
+    _, tensors = read_adapter(run.adapter, base.config)
+    adapter_fp = fingerprint({k: v.float().contiguous() for k, v in tensors.items()})
+    assert recorded["fingerprint"] == adapter_fp
+    out = tmp_path / "merged"
+    assert main(["export", str(gguf), "--adapter", str(run.adapter), "--to", "hf", str(out)]) in (0, None)
+    lineage = json.loads((out / "herd.json").read_text())["lineage"]
+    merged_fp = herd.load(out, dtype="float32").fingerprint
+    assert lineage["base"]["fingerprint"] == base.fingerprint
+    assert lineage["adapter"]["fingerprint"] == adapter_fp and lineage["adapter"]["fingerprint_of"].startswith("adapter")
+    assert Path(lineage["adapter"]["path"]) == run.adapter.resolve()
+    assert lineage["fingerprint"] == merged_fp and "adapter" not in lineage["fingerprint_of"]
+    assert len({base.fingerprint, adapter_fp, merged_fp}) == 3
+    assert lineage["data"]["train"]["sha256"] == recorded["data"]["train"]["sha256"]
+    capsys.readouterr()
+    assert main(["info", str(out)]) in (0, None)
+    shown = {line[:15].strip(): line[15:].strip() for line in capsys.readouterr().out.splitlines()}
+    assert (shown["base"], shown["new"]) == (base.fingerprint, merged_fp)
+    assert shown["adapter"].startswith(adapter_fp)
+
+    cfg = json.loads((run.adapter / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]) == gguf.parent.resolve()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # an absolute path: it resolves from anywhere
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(run.adapter), gguf_file=gguf.name,
+                                                          dtype=torch.float32).eval()
+    ids = B.tokens(GEN)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids[None]).logits[0]
+    tuned = herd.load(gguf, dtype="float32", adapter=run.adapter)
+    assert close(tuned.logits(ids), want, 1e-4)
+    assert not close(base.logits(ids), want, 1e-4)
+
+
 def llm_base_logits(path, ids):
     return herd.load(path, dtype="float32").logits(ids)
 
@@ -593,7 +644,15 @@ def test_each_method_runs_from_the_command_line(tmp_path, method):
     if method == "full":
         tuned = herd.load(tmp_path / "run" / "model", dtype="float32")
         assert tuned.fingerprint != herd.load(source, dtype="float32").fingerprint
-        assert json.loads(tuned.checkpoint.metadata["general.herd.lineage"])["fingerprint"] == tuned.fingerprint
+        record = json.loads(tuned.checkpoint.metadata["general.herd.lineage"])
+        assert record["fingerprint"] == tuned.fingerprint
+        # converted on, the GGUF's record goes with it, the fingerprint now the export's own
+        assert main(["export", str(tmp_path / "run" / "model" / "model.gguf"), "--to", "hf", str(tmp_path / "hf")]) \
+            in (0, None)
+        carried = json.loads((tmp_path / "hf" / "herd.json").read_text())["lineage"]
+        assert (carried["method"], carried["data"]) == ("full", record["data"])
+        assert carried["exported_from"]["fingerprint"] == tuned.fingerprint
+        assert carried["fingerprint"] == herd.load(tmp_path / "hf", dtype="float32").fingerprint
     else:
         tuned = herd.load(source, dtype="float32", adapter=tmp_path / "run" / "adapter")
         assert tuned.adapter["rank"] == 8

@@ -123,3 +123,102 @@ def test_llama_cpp_tokenizes_the_export_as_sentencepiece_does(spm_model, exporte
             want = sp.encode(text)
             assert post("/tokenize", {"content": text, "add_special": False})["tokens"] == want, text
         assert post("/tokenize", {"content": "hi", "add_special": True})["tokens"][0] == 1
+
+
+# -- the other way: a SentencePiece vocabulary written as an HF tokenizer.json ------------------------------------
+
+
+def _auto_tokenizer(path, **kwargs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), **kwargs)
+
+
+def _spm_texts():
+    return [t for t in TEXTS + EXTRA if t]
+
+
+def test_hf_export_writes_a_tokenizer_json_that_transformers_reads_as_sentencepiece(spm_model, exported, tmp_path):
+    """HF (tokenizer.model) → HF: the export carries a tokenizer.json beside the copied tokenizer.model, and
+    transformers' AutoTokenizer on it gives sentencepiece's ids, BOS first, and its text back."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    _, gguf_path = exported
+    out = tmp_path / "hf"
+    assert main(["export", str(gguf_path.parent / "hf"), "--to", "hf", str(out)]) in (0, None)
+    assert (out / "tokenizer.model").read_bytes() == spm_model.read_bytes()
+    tok = _auto_tokenizer(out)
+    for text in _spm_texts():
+        assert tok(text)["input_ids"] == [1, *sp.encode(text)], text
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
+    assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (1, 2, 0)
+
+
+def test_gguf_llama_vocabulary_exports_to_hf_and_back(spm_model, exported, tmp_path):
+    """GGUF "llama" vocabulary → HF → GGUF. transformers reads the HF export with sentencepiece's ids; the GGUF
+    written back from it has the same tokens, types and special ids (gguf-py), and herd's tokenizer over it
+    sentencepiece's ids. A tokenizer.json holds no scores: they come back as the order of the merges."""
+    import gguf
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    _, gguf_path = exported
+    hf, back = tmp_path / "hf", tmp_path / "back.gguf"
+    assert main(["export", str(gguf_path), "--to", "hf", str(hf)]) in (0, None)
+    assert not (hf / "tokenizer.model").exists()
+    tok = _auto_tokenizer(hf)
+    for text in _spm_texts():
+        assert tok(text)["input_ids"] == [1, *sp.encode(text)], text
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
+    assert main(["export", str(hf), "--to", "gguf", "--gguf-type", "F32", str(back)]) in (0, None)
+    want, got = ({k: f.contents() for k, f in gguf.GGUFReader(str(p)).fields.items() if k.startswith("tokenizer.")}
+                 for p in (gguf_path, back))
+    assert got.keys() == want.keys()
+    for key in want:
+        if key != "tokenizer.ggml.scores":
+            assert got[key] == want[key], key
+    llm = herd.load(back, dtype="float32")
+    assert llm.tokenizer.kind == "gguf-llama"
+    for text in _spm_texts():
+        assert llm.tokenizer.encode(text, bos=False) == sp.encode(text), text
+
+
+def test_added_tokens_of_tokenizer_config_join_the_tokenizer_json_at_their_ids(spm_model):
+    """tokenizer_config.json's added_tokens_decoder past the model's pieces (a chat model's <|pad|>, a tool
+    marker) become added tokens at their ids: a special one cuts the text, each stretch tokenized as
+    sentencepiece tokenizes it alone; ids that leave a gap cannot be stated, and no tokenizer.json is made."""
+    import sentencepiece
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from herd.tokenizer.hf_files import sentencepiece_tokenizer_files
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    data = spm_model.read_bytes()
+    added = {"400": {"content": "<|pad|>", "special": True}, "401": {"content": "<tool>", "special": False},
+             "1": {"content": "<s>", "special": True}}
+    text, config = sentencepiece_tokenizer_files(data, spm_model, {"added_tokens_decoder": added})
+    tok = HFTokenizer.from_str(text)
+    assert (tok.token_to_id("<|pad|>"), tok.token_to_id("<tool>")) == (400, 401)
+    assert tok.encode("the fox<|pad|>lazy dog").ids == [1, *sp.encode("the fox"), 400, *sp.encode("lazy dog")]
+    assert 401 in tok.encode("a <tool> b").ids
+    assert config["add_bos_token"] is True and config["bos_token"] == "<s>"
+    gap = {"402": {"content": "<|pad|>", "special": True}}
+    assert sentencepiece_tokenizer_files(data, spm_model, {"added_tokens_decoder": gap}) is None
+
+
+@pytest.mark.parametrize("kind", ["unigram", "bpe-nfkc"])
+def test_a_sentencepiece_model_beyond_llamas_gets_no_tokenizer_json(tmp_path, kind):
+    """Only BPE merges over text as it is (Llama's normalizer "identity") can be written as this tokenizer.json:
+    a unigram model, or one that rewrites text first (NFKC), is left to its tokenizer.model."""
+    import sentencepiece
+
+    from herd.formats.checkpoint import TokenizerSource
+    from herd.tokenizer.hf_files import hf_tokenizer_files
+
+    lines = ["the quick brown fox jumps over the lazy dog", "a llama and a model of tokens"] * 50
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "m"), vocab_size=30, minloglevel=2,
+        model_type="unigram" if kind == "unigram" else "bpe",
+        normalization_rule_name="identity" if kind == "unigram" else "nmt_nfkc")
+    assert hf_tokenizer_files(TokenizerSource("sentencepiece", tmp_path / "m.model")) is None

@@ -153,8 +153,11 @@ def lineage_rows(path, ck=None) -> list[tuple[str, str]]:
     hp = record.get("hyperparameters") or {}
     versions = record.get("versions") or {}
     rows = [("lineage", f"{record.get('method')} of {base.get('path')} ({base.get('format')})"),
-            ("  base", str(base.get("fingerprint"))),
-            ("  new", str(record.get("fingerprint")))]
+            ("  base", str(base.get("fingerprint")))]
+    adapter = record.get("adapter")
+    if isinstance(adapter, dict):  # a merged export: the adapter that went into it
+        rows.append(("  adapter", f"{adapter.get('fingerprint')} ({adapter.get('path')})"))
+    rows.append(("  new", str(record.get("fingerprint"))))
     if train:
         rows.append(("  data", f"{train.get('path')} sha256 {train.get('sha256')}"))
     if hp:

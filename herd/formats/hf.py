@@ -592,7 +592,7 @@ def read_hf(path: Path, lazy: bool = False) -> Checkpoint:
         format="hf",
         path=path,
         tokenizer=_tokenizer_source(path),
-        chat_template=_chat_template(path),
+        chat_template=read_chat_template(path),
         generation=guess_generation(args),
         quantization=", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in raw.values()})),
         eos_token_ids=_eos_ids(path, config),
@@ -644,7 +644,9 @@ def _looks_like_tiktoken(path: Path) -> bool:
     return len(first) == 2 and first[1].isdigit()
 
 
-def _chat_template(path: Path) -> str | None:
+def read_chat_template(path: Path) -> str | None:
+    """The chat template of an HF-style directory: chat_template.jinja, else tokenizer_config.json's (the
+    "default" of named variants)."""
     jinja = path / "chat_template.jinja"
     if jinja.is_file():
         try:

@@ -24,6 +24,7 @@ import torch
 from herd.config import ModelArgs
 from herd.errors import FormatError, UnsupportedArchitecture
 from herd.formats.checkpoint import TokenizerSource
+from herd.formats.fields import read_json
 from herd.formats.herdq import is_json
 from herd.formats.hf import (
     LAYER_MAP,
@@ -307,38 +308,64 @@ def hf_tensors(tensors: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.d
 
 def write_hf(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor], tokenizer: TokenizerSource | None,
              chat_template: str | None = None, eos_token_ids=(), lineage: dict | None = None,
-             dtype: torch.dtype | None = None) -> Path:
-    """An HF directory at `out` (new or empty). A tokenizer.json / tokenizer.model is copied; a GGUF-embedded
-    tokenizer cannot be written as HF files, so such an export carries none (transformers still loads the
-    weights; herd then needs token ids)."""
+             dtype: torch.dtype | None = None, tokenizer_json: tuple[str, dict] | None = None) -> Path:
+    """An HF directory at `out` (new or empty). The tokenizer (write_tokenizer): a tokenizer.json is copied;
+    any other comes as `tokenizer_json`, the text of the tokenizer.json that reproduces it and its
+    tokenizer_config.json entries (herd.tokenizer.hf_files builds them; formats cannot)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FormatError(f"{out}: exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
-    tok_config = dict(tokenizer.config) if tokenizer is not None else {}
+    write_tokenizer(out, tokenizer, tokenizer_json, chat_template, model_dir="original")
+    written = TokenizerSource("hf_json", out / "tokenizer.json") if (out / "tokenizer.json").is_file() else None
     bos = None
-    if tokenizer is not None and tokenizer.kind in ("hf_json", "sentencepiece", "tiktoken") and tokenizer.path:
-        shutil.copyfile(tokenizer.path, out / tokenizer.path.name)
     if tokenizer is not None and tokenizer.gguf_metadata:
         bos = tokenizer.gguf_metadata.get("tokenizer.ggml.bos_token_id")
-    elif tokenizer is not None and tokenizer.kind == "hf_json" and tokenizer.path:
-        bos = _token_ids(tokenizer).get(_token_text(tok_config.get("bos_token")))
-    config = hf_config(args, eos_token_ids, bos, _image_tokens(tokenizer))
+    elif written is not None:
+        tok_config = read_json(out / "tokenizer_config.json") if (out / "tokenizer_config.json").is_file() else {}
+        bos = _token_ids(written).get(_token_text(tok_config.get("bos_token")))
+    config = hf_config(args, eos_token_ids, bos, _image_tokens(written))
     save_file(hf_tensors(tensors, args, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
     if args.vision is not None:
         for name, data in processor_files(args).items():
             (out / name).write_text(json.dumps(data, indent=2))
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    if tok_config or chat_template:
-        tok_config = {k: v for k, v in tok_config.items() if is_json(v)}
-        if chat_template:
-            tok_config["chat_template"] = chat_template
-        (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     if lineage is not None:
         (out / LINEAGE_FILE).write_text(json.dumps({"format": "herd-lineage", "lineage": lineage}, indent=2))
     return out
+
+
+# what a converted tokenizer.json keeps of the source's tokenizer_config.json: the rest describes the source's
+# own tokenizer class (its slow pipeline, legacy flags), which would rebuild the pipeline differently
+_KEPT_WITH_CONVERSION = ("model_max_length", "padding_side", "truncation_side")
+
+
+def write_tokenizer(out: Path, tokenizer: TokenizerSource | None, tokenizer_json: tuple[str, dict] | None,
+                    chat_template: str | None, model_dir: str | None = None) -> None:
+    """The tokenizer files of an HF (or Meta) directory: tokenizer.json, copied from an HF source or written
+    from `tokenizer_json`; a SentencePiece or tiktoken tokenizer.model copied as it is (into `model_dir` for
+    tiktoken, as Meta's HF repositories keep it in original/); tokenizer_config.json with the special tokens,
+    BOS/EOS rules and the chat template."""
+    source_config = {k: v for k, v in (tokenizer.config if tokenizer is not None else {}).items() if is_json(v)}
+    if tokenizer_json is not None:
+        text, facts = tokenizer_json
+        (out / "tokenizer.json").write_text(text, encoding="utf-8")
+        tok_config = {**{k: source_config[k] for k in _KEPT_WITH_CONVERSION if k in source_config}, **facts}
+    else:
+        tok_config = source_config
+    if tokenizer is not None and tokenizer.path and tokenizer.kind in ("hf_json", "sentencepiece", "tiktoken"):
+        target = out / ("tokenizer.json" if tokenizer.kind == "hf_json" else "tokenizer.model")
+        if tokenizer.kind == "tiktoken" and model_dir and tokenizer_json is not None:
+            (out / model_dir).mkdir(exist_ok=True)
+            target = out / model_dir / "tokenizer.model"
+        shutil.copyfile(tokenizer.path, target)
+    if chat_template:
+        tok_config["chat_template"] = chat_template
+    if tok_config:
+        (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False),
+                                                   encoding="utf-8")
 
 
 def _token_ids(tokenizer: TokenizerSource) -> dict:
@@ -404,4 +431,4 @@ def read_lineage(path: str | Path) -> dict | None:
     return data.get("lineage") if isinstance(data, dict) and data.get("format") == "herd-lineage" else None
 
 
-__all__ = ["write_hf", "hf_config", "hf_tensors", "read_lineage", "LINEAGE_FILE"]
+__all__ = ["write_hf", "write_tokenizer", "hf_config", "hf_tensors", "read_lineage", "LINEAGE_FILE"]

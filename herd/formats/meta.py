@@ -29,6 +29,7 @@ from herd.errors import (
 from herd.formats import meta_mllama
 from herd.formats.checkpoint import Checkpoint, TokenizerSource
 from herd.formats.fields import Fields, check_layer_count, naming, read_json
+from herd.formats.hf import read_chat_template
 
 # How a tensor split across model-parallel ranks is put back together (dim to concatenate on).
 # Norms and Llama 4 routers are replicated; embeddings depend on the generation (see merge_shards).
@@ -346,24 +347,33 @@ def read_meta(path: Path, lazy: bool = False) -> Checkpoint:
                 or (args.cross_attention_layers and name.startswith(("cross_attention_layers.", "vision_model.")))
                 or (args.vision is not None and name.startswith(("vision_embeddings.", "vision_projection.")))):
             raise UnexpectedTensor(f"{path}: {name}: no place for this tensor in a Llama model")
-    tokenizer = None
-    for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
-        if candidate.is_file():
-            with open(candidate, "rb") as f:
-                first = f.readline(200).split()
-            kind = "tiktoken" if len(first) == 2 and first[1].isdigit() else "sentencepiece"
-            tokenizer = TokenizerSource(kind, candidate)
-            break
     return Checkpoint(
         args=args,
         tensors=tensors,
         format="meta",
         path=path,
-        tokenizer=tokenizer,
+        tokenizer=_tokenizer_source(path),
+        chat_template=read_chat_template(path),
         generation=generation,
         quantization=", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})),
         metadata={"shards": len(files), **_vision_note(params, args, path)},
     )
+
+
+def _tokenizer_source(path: Path) -> TokenizerSource | None:
+    """Meta's tokenizer.model (beside the weights or one directory up, as Meta's downloads lay it out); else a
+    tokenizer.json, which herd's Meta export writes for a tokenizer that has no tokenizer.model (a GGUF
+    vocabulary, an HF tokenizer.json). tokenizer_config.json, where present, states BOS/EOS."""
+    config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
+        if candidate.is_file():
+            with open(candidate, "rb") as f:
+                first = f.readline(200).split()
+            kind = "tiktoken" if len(first) == 2 and first[1].isdigit() else "sentencepiece"
+            return TokenizerSource(kind, candidate, config=config if candidate.parent == path else {})
+    if (path / "tokenizer.json").is_file():
+        return TokenizerSource("hf_json", path / "tokenizer.json", config=config)
+    return None
 
 
 def _vision_note(params: dict, args: ModelArgs, path: Path) -> dict:

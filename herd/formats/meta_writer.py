@@ -18,7 +18,6 @@ Meta's code can state the model (params_fields says where it cannot)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from herd.config import ModelArgs, MoEArgs, ffn_hidden_dim
 from herd.errors import FormatError, UnsupportedArchitecture
 from herd.formats import meta_mllama
 from herd.formats.checkpoint import TokenizerSource
+from herd.formats.hf_writer import write_tokenizer
 
 
 def _ffn_params(args: ModelArgs) -> dict:
@@ -184,7 +184,12 @@ def llama4_state(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str,
 
 
 def write_meta(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor], tokenizer: TokenizerSource | None,
-               lineage: dict | None = None) -> Path:
+               lineage: dict | None = None, chat_template: str | None = None,
+               tokenizer_json: tuple[str, dict] | None = None) -> Path:
+    """A Meta checkpoint directory: consolidated.00.pth and params.json, and the tokenizer. Meta's format is a
+    tokenizer.model (SentencePiece or tiktoken), copied as it is; a tokenizer Meta's format has no file for
+    (an HF tokenizer.json, a GGUF vocabulary, given as `tokenizer_json`) goes in as tokenizer.json. The chat
+    template, which params.json cannot hold, goes into tokenizer_config.json (herd.formats.meta reads both)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FormatError(f"{out}: exists and is not empty")
@@ -199,8 +204,9 @@ def write_meta(out: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor
         state["output.weight"] = state["tok_embeddings.weight"].clone()
     torch.save(state, out / "consolidated.00.pth")
     (out / "params.json").write_text(json.dumps(params, indent=2))
-    if tokenizer is not None and tokenizer.kind in ("sentencepiece", "tiktoken") and tokenizer.path:
-        shutil.copyfile(tokenizer.path, out / "tokenizer.model")
+    if tokenizer is not None and tokenizer.kind in ("sentencepiece", "tiktoken"):
+        tokenizer_json = None  # Meta's own tokenizer.model says it all
+    write_tokenizer(out, tokenizer, tokenizer_json, chat_template)
     if lineage is not None:
         (out / "herd.json").write_text(json.dumps({"format": "herd-lineage", "lineage": lineage}, indent=2))
     return out

@@ -146,6 +146,24 @@ def read_model_proto(data: bytes, path: Path | str = "tokenizer.model") -> tuple
     return pieces, types, add_dummy_prefix
 
 
+def read_model_kind(data: bytes, path: Path | str = "tokenizer.model") -> tuple[int, bool]:
+    """(TrainerSpec.model_type: 1 unigram, the default when unstated, 2 BPE, 3 word, 4 char; whether the
+    model normalizes text: a non-empty NormalizerSpec.precompiled_charsmap) of a serialized ModelProto
+    (trainer_spec = 2 {model_type = 3}, normalizer_spec = 3 {precompiled_charsmap = 2})."""
+    model_type, normalizes = 1, False
+    try:
+        for field, value in _fields(data, 0, len(data)):
+            if field in (2, 3) and isinstance(value, tuple):
+                for sub, sub_value in _fields(data, *value):
+                    if field == 2 and sub == 3 and isinstance(sub_value, int):
+                        model_type = sub_value
+                    elif field == 3 and sub == 2 and isinstance(sub_value, tuple):
+                        normalizes = sub_value[1] > sub_value[0]
+    except (IndexError, ValueError) as e:
+        raise FormatError(f"{path}: malformed SentencePiece model ({e})") from None
+    return model_type, normalizes
+
+
 def _fields(buf: bytes, pos: int, end: int):
     """(field number, value) pairs of one protobuf message: ints for varints, (start, end) for bytes."""
     while pos < end:
