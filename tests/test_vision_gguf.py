@@ -36,15 +36,14 @@ def files(tmp_path_factory):
     V.torchvision_functional()
     root = tmp_path_factory.mktemp("llama4-gguf")
     hf = root / "hf"
-    V.build(hf, vision_layers=3, byte_level=True)
+    # the release's tile limit; transformers 4's file layout, the one llama.cpp's converter reads
+    V.build(hf, vision_layers=3, byte_level=True, layout="flat", max_patches=16)
     # llama.cpp has no GGUF key for the attention chunk or the temperature floor and fixes both at 8192 (the
     # released models' values); the tiny model's 8 and 4 are set to those, so the converted file is the model
     config = json.loads((hf / "config.json").read_text())
     config["text_config"].update(attention_chunk_size=8192, floor_scale=8192)
     (hf / "config.json").write_text(json.dumps(config))
     model = Llama4ForConditionalGeneration.from_pretrained(hf, attn_implementation="eager", dtype=torch.float32).eval()
-    config = json.loads((hf / "preprocessor_config.json").read_text())
-    (hf / "preprocessor_config.json").write_text(json.dumps(config | {"max_patches": 16}))  # the release's limit
     out = {"hf": hf, "model": model}
     for kind in ("f32", "f16", "q8_0"):
         out["mmproj", kind] = convert(hf, root / f"mmproj-{kind}.gguf", kind, mmproj=True)
