@@ -101,8 +101,8 @@ def _typed(md: dict[str, Any], path: Path, key: str, kind: type, default: Any = 
     value = md[key]
     types = (int, float) if kind is float else kind
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, types):
-        raise FormatError(f"{path}: {key} should be a {'number' if kind is float else kind.__name__}, got "
-                          f"{_shown(value)}")
+        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+        raise FormatError(f"{path}: {key} should be {what}, got {_shown(value)}")
     return value
 
 
