@@ -344,4 +344,5 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None,
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-__all__ = ["ModelArgs", "VisionArgs", "MllamaVisionArgs", "CLIP_MEAN", "CLIP_STD", "RopeScaling", "MoEArgs", "LayerSpec", "layer_plan", "parameter_counts", "ffn_hidden_dim"]
+__all__ = ["ModelArgs", "VisionArgs", "MllamaVisionArgs", "CLIP_MEAN", "CLIP_STD", "RopeScaling", "MoEArgs", "LayerSpec",
+           "layer_plan", "parameter_counts", "ffn_hidden_dim"]

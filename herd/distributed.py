@@ -10,9 +10,9 @@ print one clear line and exit with EXIT_RANK_LOST: a process group that lost a m
 Leader and followers (herd.transforms.tensor_parallel.ParallelTransformer uses this): rank 0 runs
 everything a single process runs (HTTP server, scheduler, sampling, image encoding); before each forward it
 broadcasts a StepDescription (the tokens, where their keys go, and any image features they take), and the
-other ranks, looping in `follow`, run the same forward on their shard of the weights and their own KV cache. A forward's all-reduces line the ranks
-up; rank 0 gets the logits. While rank 0 has nothing to run it broadcasts a heartbeat every third of the
-timeout, so an idle server is not mistaken for a dead one.
+other ranks, looping in `follow`, run the same forward on their shard of the weights and their own KV cache.
+A forward's all-reduces line the ranks up; rank 0 gets the logits. While rank 0 has nothing to run it
+broadcasts a heartbeat every third of the timeout, so an idle server is not mistaken for a dead one.
 """
 
 from __future__ import annotations

@@ -182,8 +182,9 @@ def normalize(pixels: torch.Tensor, mean=LLAMA4_MEAN_STD, std=LLAMA4_MEAN_STD,
     """uint8 -> bfloat16: x * rescale_factor, then (x - mean) / std per channel, every step rounded to
     bfloat16 and mean and std too, as HF's Llama4ImageProcessor (torchvision's normalize) computes it."""
     x = pixels.to(torch.bfloat16) * rescale_factor
-    shape = (-1, 1, 1)
-    return (x - torch.tensor(mean, dtype=torch.bfloat16).view(shape)) / torch.tensor(std, dtype=torch.bfloat16).view(shape)
+    mean = torch.tensor(mean, dtype=torch.bfloat16).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=torch.bfloat16).view(-1, 1, 1)
+    return (x - mean) / std
 
 
 def preprocess_llama4(img, tile: int = 336, max_tiles: int = 16, mean=LLAMA4_MEAN_STD, std=LLAMA4_MEAN_STD,

@@ -216,8 +216,9 @@ def test_llama4_with_its_image_encoder_splits_the_text_model_and_sees_images(tmp
             "--temperature", "0", "--max-tokens", "6"]
     one = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
                          timeout=JOB_TIMEOUT)
-    two = subprocess.run(torchrun("--nproc-per-node", "2", "--master-port", str(free_port()), *args, "--tp", "2",
-                                  "--ep", "2"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    launcher = torchrun("--nproc-per-node", "2", "--master-port", str(free_port()))
+    two = subprocess.run([*launcher, *args, "--tp", "2", "--ep", "2"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=JOB_TIMEOUT)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert two.stdout == one.stdout and one.stdout.strip()
 

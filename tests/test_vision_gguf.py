@@ -413,7 +413,8 @@ def write_mmproj_header(path, text_dim: int, **wrong) -> None:
         "clip.vision.patch_size": (V.PATCH, T.UINT32), "clip.vision.projection_dim": (text_dim, T.UINT32),
         "clip.vision.projector.scale_factor": (2, T.UINT32),
         "clip.vision.attention.layer_norm_epsilon": (1e-5, T.FLOAT32),
-        "clip.vision.image_mean": ([0.5] * 3, T.ARRAY, T.FLOAT32), "clip.vision.image_std": ([0.5] * 3, T.ARRAY, T.FLOAT32),
+        "clip.vision.image_mean": ([0.5] * 3, T.ARRAY, T.FLOAT32),
+        "clip.vision.image_std": ([0.5] * 3, T.ARRAY, T.FLOAT32),
     } | wrong
     w = gguf.GGUFWriter(str(path), "clip")
     for key, (value, *types) in metadata.items():
@@ -426,25 +427,16 @@ def write_mmproj_header(path, text_dim: int, **wrong) -> None:
     w.close()
 
 
-def _wrong_metadata():
-    import gguf
-
-    T = gguf.GGUFValueType
-    return {
-        "clip.vision.image_mean": ((["0.5", "0.5", "0.5"], T.ARRAY, T.STRING), "should be 3 finite numbers"),
-        "clip.vision.image_std": (([0.5, 0.0, 0.5], T.ARRAY, T.FLOAT32), "none of them 0"),
-        "clip.projector_type": ((7, T.UINT32), "should be a string, got 7"),
-        "clip.has_vision_encoder": (("yes", T.STRING), "should be true or false, got 'yes'"),
-        "clip.use_gelu": ((1, T.UINT32), "should be true or false, got 1"),
-        "clip.vision.projection_dim": (("64", T.STRING), "should be an integer, got '64'"),
-        "clip.vision.embedding_length": ((32.0, T.FLOAT32), "should be an integer, got 32.0"),
-        "clip.vision.attention.layer_norm_epsilon": (("1e-5", T.STRING), "should be a number, got '1e-5'"),
-    }
-
-
-WRONG_KEYS = ["clip.vision.image_mean", "clip.vision.image_std", "clip.projector_type", "clip.has_vision_encoder",
-              "clip.use_gelu", "clip.vision.projection_dim", "clip.vision.embedding_length",
-              "clip.vision.attention.layer_norm_epsilon"]
+WRONG = {  # key: (a value of the wrong type, its GGUF type names), words the error must hold
+    "clip.vision.image_mean": ((["0.5", "0.5", "0.5"], "ARRAY", "STRING"), "should be 3 finite numbers"),
+    "clip.vision.image_std": (([0.5, 0.0, 0.5], "ARRAY", "FLOAT32"), "none of them 0"),
+    "clip.projector_type": ((7, "UINT32"), "should be a string, got 7"),
+    "clip.has_vision_encoder": (("yes", "STRING"), "should be true or false, got 'yes'"),
+    "clip.use_gelu": ((1, "UINT32"), "should be true or false, got 1"),
+    "clip.vision.projection_dim": (("64", "STRING"), "should be an integer, got '64'"),
+    "clip.vision.embedding_length": ((32.0, "FLOAT32"), "should be an integer, got 32.0"),
+    "clip.vision.attention.layer_norm_epsilon": (("1e-5", "STRING"), "should be a number, got '1e-5'"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -454,8 +446,10 @@ def llama4_text_gguf():
     return B.reference("llama4_scout").gguf("F32"), B.SPECS["llama4_scout"].dim
 
 
-@pytest.mark.parametrize("key", WRONG_KEYS)
+@pytest.mark.parametrize("key", WRONG)
 def test_mmproj_metadata_of_the_wrong_type_is_a_clear_error(llama4_text_gguf, tmp_path, key):
+    import gguf
+
     import herd
     from herd.errors import FormatError, MissingTensor
 
@@ -463,9 +457,9 @@ def test_mmproj_metadata_of_the_wrong_type_is_a_clear_error(llama4_text_gguf, tm
     write_mmproj_header(tmp_path / "sound.gguf", dim)
     with pytest.raises(MissingTensor):  # the sound file's metadata passes; its missing tensors are what fails
         herd.load(text, mmproj=tmp_path / "sound.gguf", dtype="float32")
-    wrong, words = _wrong_metadata()[key]
+    (value, *types), words = WRONG[key]
     bad = tmp_path / "bad.gguf"
-    write_mmproj_header(bad, dim, **{key: wrong})
+    write_mmproj_header(bad, dim, **{key: (value, *(getattr(gguf.GGUFValueType, t) for t in types))})
     with pytest.raises(FormatError) as caught:
         herd.load(text, mmproj=bad, dtype="float32")
     message = str(caught.value)
