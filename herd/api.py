@@ -14,7 +14,7 @@ from herd.fingerprint import fingerprint
 from herd.formats import Checkpoint, open_checkpoint
 from herd.decoding import TokenLogprob
 from herd.generate import Completion, GenerationStep, ImageFeatures, ImagePlacement, generate_steps
-from herd.loader import apply_adapter, apply_adapters, check_vocabulary, load_model, mask_padding_rows
+from herd.loader import apply_adapter, apply_adapters, check_vocabulary, load_model
 from herd.models import resolve
 from herd.model import Transformer
 from herd.sampling import SamplingParams
@@ -77,7 +77,10 @@ class LLM:
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Float32 logits: [T, vocab] for one sequence, [B, T, vocab] for a [B, T] batch."""
+        """Float32 logits: [T, vocab] for one sequence, [B, T, vocab] for a [B, T] batch: every row the model's
+        output layer has, as transformers returns them. Rows past the tokenizer's tokens (an embedding padded to
+        a round size) hold the model's own values here; only generation bans them (sampling never picks an id
+        no token stands for), so scores computed from these logits are transformers' scores."""
         tokens = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
         if tokens.dim() not in (1, 2) or tokens.numel() == 0:
             raise ValueError(f"token_ids must be a non-empty [T] or [B, T] sequence, got shape {tuple(tokens.shape)}")
@@ -169,13 +172,14 @@ class LLM:
             hint = ""
             if self.checkpoint.format == "gguf" and self.config.is_llama4:
                 hint = "; a Llama 4 GGUF sees images with its image projector file: herd.load(..., mmproj=PATH)"
-            raise ImageError(f"an image part (type 'image_url'), but {self.checkpoint.path.name} cannot see images "
-                             f"(no image encoder{' weights' if 'note' in self.checkpoint.metadata else ''}): this "
-                             f"model takes text only{hint}")
+            note = self.checkpoint.metadata.get("note")  # why a checkpoint with an encoder loaded text-only
+            why = f": {note}" if note else " (no image encoder): this model takes text only"
+            raise ImageError(f"an image part (type 'image_url'), but {self.checkpoint.path.name} cannot see "
+                             f"images{why}{hint}")
         ids = render(messages, self.tokenizer, self.chat_format, tools=tools, add_generation_prompt=True)
         if not sources:
             return ids, []
-        from herd.images import MAX_BYTES, MAX_PIXELS, decode_image, image_bytes, preprocess_llama4, preprocess_mllama
+        from herd.images import MAX_BYTES, MAX_PIXELS, decode_image, image_bytes
 
         vision = self.config.vision
         pictures = []
@@ -195,12 +199,11 @@ class LLM:
             # vocabulary (128256), which Meta's chat format substitutes (llama-models llama3/chat_format.py)
             ids = [vision.image_token_id if t == marker else t for t in ids]
             for where, picture in zip(at, pictures):
-                image = preprocess_mllama(picture, vision.image_size, vision.max_num_tiles,
-                                          aspect_ratios=vision.aspect_ratios)
+                image = self.preprocess_image(picture)
                 placements.append(ImagePlacement(image.tiles, image.digest, (where,), affects_from=0,
                                                  ratio_id=image.ratio_id, n_tiles=image.n_tiles))
             return ids, placements
-        inputs = [preprocess_llama4(picture, vision.image_size, vision.max_tiles) for picture in pictures]
+        inputs = [self.preprocess_image(picture) for picture in pictures]
         patch = self.tokenizer.special_id("<|patch|>")
         out, placements, last = [], [], 0
         for where, image in zip(at, inputs):
@@ -216,6 +219,21 @@ class LLM:
             last = where + 1
         out += ids[last:]
         return out, placements
+
+    def preprocess_image(self, picture):
+        """An RGB PIL image (herd.images.decode_image) -> the model's input tiles, prepared with the settings
+        of the checkpoint's own image processor (VisionArgs / MllamaVisionArgs): herd.images.ImageInput for
+        Llama 4, herd.images.MllamaImage for Llama 3.2 Vision."""
+        from herd.images import preprocess_llama4, preprocess_mllama
+
+        v = self.config.vision
+        if v is None:
+            raise ImageError(f"{self.checkpoint.path.name} has no image encoder")
+        if self.config.cross_attention_layers:
+            return preprocess_mllama(picture, v.image_size, v.max_num_tiles, v.image_mean, v.image_std,
+                                     v.aspect_ratios, v.rescale_factor)
+        return preprocess_llama4(picture, v.image_size, v.max_tiles, v.image_mean, v.image_std, v.rescale_factor,
+                                 v.resize_to_max_canvas)
 
     def end_of_turn(self, fmt=None):
         """What ends a reply in chat format `fmt` (default: the model's): herd.chat.formats.EndOfTurn, with
@@ -332,8 +350,6 @@ def load(
         if not use_int8_prompts(model):
             raise HerdError("prompt_int8 applies to herd's packed quantized linears; this model has none "
                             "(a quantized file on the CPU, with herd's kernels built)")
-    if tokenizer is not None:
-        mask_padding_rows(model, tokenizer.vocab_size)
     compile_decode(model, compile)
     llm = LLM(checkpoint, model, tokenizer)
     llm.adapter = settings

@@ -32,6 +32,29 @@ def _positive_float(field: str, value) -> None:
         raise _bad(field, f"config field {field} must be a finite positive number, got {value!r}")
 
 
+def _per_channel(field: str, value, channels: int, nonzero: bool = False) -> None:
+    """An image normalisation's mean or std: one finite number per colour channel (a std never 0)."""
+    if not isinstance(value, tuple) or len(value) != channels or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (nonzero and v == 0)
+            for v in value):
+        raise _bad(field, f"{field} must be {channels} finite numbers{' none of them 0' if nonzero else ''}, "
+                          f"got {value!r}")
+
+
+# Llama 3.2 Vision's normalisation, as its released preprocessor_config.json and Meta's llama-models state it
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _check_image_processing(args) -> None:
+    for name in ("image_mean", "image_std"):  # a list (as JSON gives it) is kept as the tuple it stands for
+        if isinstance(getattr(args, name), list):
+            object.__setattr__(args, name, tuple(getattr(args, name)))
+    _per_channel("vision.image_mean", args.image_mean, args.n_channels)
+    _per_channel("vision.image_std", args.image_std, args.n_channels, nonzero=True)
+    _positive_float("vision.rescale_factor", args.rescale_factor)
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """How RoPE inverse frequencies are rescaled for long context.
@@ -105,12 +128,21 @@ class VisionArgs:
     norm_eps: float = 1e-5
     image_token_id: int = 200092
     n_channels: int = 3
-    max_tiles: int = 16  # preprocessing: most tiles an image is cut into (HF max_patches), the global one aside
+    # preprocessing (herd.images.preprocess_llama4), as the checkpoint's image processor states it:
+    max_tiles: int = 16  # most tiles an image is cut into (HF max_patches), the global one aside
+    resize_to_max_canvas: bool = False  # the canvas that upscales most, without the one-tile upscaling limit
+    rescale_factor: float = 1 / 255  # pixel values x this, then (x - mean) / std
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "hidden_dim", "image_size", "patch_size", "output_dim",
                      "n_channels", "max_tiles"):
             _positive_int(f"vision.{name}", getattr(self, name))
+        if not isinstance(self.resize_to_max_canvas, bool):
+            raise _bad("vision.resize_to_max_canvas", f"resize_to_max_canvas must be true or false, got "
+                                                      f"{self.resize_to_max_canvas!r}")
+        _check_image_processing(self)
         _positive_float("vision.rope_theta", self.rope_theta)
         _positive_float("vision.norm_eps", self.norm_eps)
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
@@ -154,11 +186,16 @@ class MllamaVisionArgs:
     norm_eps: float = 1e-5
     image_token_id: int = 128256
     n_channels: int = 3
+    # preprocessing (herd.images.preprocess_mllama), as the checkpoint's image processor states it
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_global_layers", "n_heads", "hidden_dim", "image_size", "patch_size",
                      "max_num_tiles", "n_channels"):
             _positive_int(f"vision.{name}", getattr(self, name))
+        _check_image_processing(self)
         if self.dim % self.n_heads:
             raise _bad("vision.n_heads", f"vision dim {self.dim} is not a multiple of n_heads {self.n_heads}")
         if self.image_size % self.patch_size:
@@ -307,4 +344,5 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None,
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-__all__ = ["ModelArgs", "VisionArgs", "MllamaVisionArgs", "RopeScaling", "MoEArgs", "LayerSpec", "layer_plan", "parameter_counts", "ffn_hidden_dim"]
+__all__ = ["ModelArgs", "VisionArgs", "MllamaVisionArgs", "CLIP_MEAN", "CLIP_STD", "RopeScaling", "MoEArgs", "LayerSpec",
+           "layer_plan", "parameter_counts", "ffn_hidden_dim"]

@@ -8,11 +8,11 @@ that dies closes its sockets and the others' next collective fails at once. Eith
 print one clear line and exit with EXIT_RANK_LOST: a process group that lost a member cannot be repaired.
 
 Leader and followers (herd.transforms.tensor_parallel.ParallelTransformer uses this): rank 0 runs
-everything a single process runs (HTTP server, scheduler, sampling); before each forward it broadcasts a
-StepDescription (the tokens and where their keys go), and the other ranks, looping in `follow`, run the
-same forward on their shard of the weights and their own KV cache. A forward's all-reduces line the ranks
-up; rank 0 gets the logits. While rank 0 has nothing to run it broadcasts a heartbeat every third of the
-timeout, so an idle server is not mistaken for a dead one.
+everything a single process runs (HTTP server, scheduler, sampling, image encoding); before each forward it
+broadcasts a StepDescription (the tokens, where their keys go, and any image features they take), and the
+other ranks, looping in `follow`, run the same forward on their shard of the weights and their own KV cache.
+A forward's all-reduces line the ranks up; rank 0 gets the logits. While rank 0 has nothing to run it
+broadcasts a heartbeat every third of the timeout, so an idle server is not mistaken for a dead one.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ class StepDescription:
     last: torch.Tensor | None = None
     cache: tuple | None = None  # (id, num_blocks, block_size, dtype name)
     live_caches: tuple = ()
+    image_embeds: tuple | None = None  # Llama 4: (mask [B, T], feature rows), encoded on rank 0
 
 
 def _broadcast(desc: StepDescription | None) -> StepDescription:
@@ -136,19 +137,19 @@ class Leader:
             fatal(f"another rank stopped answering ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         self.last_sent = time.monotonic()
 
-    def run(self, forward, tokens, batch, last_only: bool):
+    def run(self, forward, tokens, batch, last_only: bool, image_embeds=None):
         with self.lock:
             if self.stopped:
                 raise DistributedError("the followers were released (Leader.stop); no more forwards")
-            self.send(self.describe(tokens, batch, last_only))
+            self.send(self.describe(tokens, batch, last_only, image_embeds))
             try:
-                return forward(tokens, batch, last_only)
+                return forward(tokens, batch, last_only, image_embeds)
             except RuntimeError as e:
                 if "gloo" in str(e).lower() or "nccl" in str(e).lower() or "connection" in str(e).lower():
                     fatal(f"a collective failed during the forward ({str(e).splitlines()[0][:200]})")
                 raise
 
-    def describe(self, tokens, batch, last_only: bool) -> StepDescription:
+    def describe(self, tokens, batch, last_only: bool, image_embeds=None) -> StepDescription:
         cache = None
         if batch is not None and batch.cache is not None:
             c = batch.cache
@@ -159,7 +160,8 @@ class Leader:
             "forward", tokens.cpu(), last_only,
             None if batch is None else cpu(batch.positions), None if batch is None else cpu(batch.block_tables),
             0 if batch is None else batch.max_len, None if batch is None else batch.start,
-            None if batch is None else cpu(batch.last), cache, tuple(self.caches.keys()))
+            None if batch is None else cpu(batch.last), cache, tuple(self.caches.keys()),
+            None if image_embeds is None else tuple(cpu(t) for t in image_embeds))
 
     def _beat(self) -> None:
         interval = timeout_s() / 3
@@ -224,8 +226,9 @@ def follow(model, device: torch.device) -> None:
             if desc.positions is not None:
                 to = (lambda t: None if t is None else t.to(device))
                 batch = Batch(to(desc.positions), cache, to(desc.block_tables), desc.max_len, desc.start, to(desc.last))
+            images = None if desc.image_embeds is None else tuple(t.to(device) for t in desc.image_embeds)
             try:
-                model.local_forward(desc.tokens.to(device), batch, desc.last_only)
+                model.local_forward(desc.tokens.to(device), batch, desc.last_only, images)
             except RuntimeError as e:
                 fatal(f"a collective failed during the forward ({str(e).splitlines()[0][:200]})")
 

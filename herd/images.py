@@ -7,7 +7,12 @@ llama-models' VariableSizeImageTransform: the tile arrangements of at most `max_
 needs the least upscaling (or, when every arrangement shrinks the image, the least downscaling; ties go to
 the smaller canvas); upscaling limited to the tile size; a resize that keeps the aspect ratio (bilinear,
 antialiased), zero padding right and bottom, rescaling and normalisation in bfloat16 as Meta's transform
-does; when there is more than one tile, the whole image squeezed into one more tile, last.
+does; when there is more than one tile, the whole image squeezed into one more tile, last. With
+`resize_to_max_canvas` the canvas is the one that upscales most and the upscaling is not limited.
+
+The settings (tile count, rescale factor, mean, std, ...) are the checkpoint's own, read with its config
+(herd.formats.hf reads its image processor's files into VisionArgs / MllamaVisionArgs); the defaults here
+are the released models'.
 """
 
 from __future__ import annotations
@@ -128,14 +133,16 @@ def tile_arrangements(max_tiles: int) -> list[tuple[int, int]]:
     return [a for group in by_ratio.values() for a in group]
 
 
-def best_canvas(height: int, width: int, tile: int, max_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+def best_canvas(height: int, width: int, tile: int, max_tiles: int,
+                largest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The canvas (pixels, as 0-d int64 tensors) an image of height x width is fitted into (see the module
-    doc). The arithmetic is HF's to the bit: float32 scales, and a tie in float32 is a tie."""
+    doc; `largest`: resize_to_max_canvas). The arithmetic is HF's to the bit: float32 scales, and a tie in
+    float32 is a tie."""
     canvases = torch.tensor([(r * tile, c * tile) for r, c in tile_arrangements(max_tiles)])
     scale_h, scale_w = canvases[:, 0] / height, canvases[:, 1] / width
     scales = torch.minimum(scale_h, scale_w)
     up = scales[scales >= 1]
-    chosen = up.min() if len(up) else scales[scales < 1].max()
+    chosen = (up.max() if largest else up.min()) if len(up) else scales[scales < 1].max()
     candidates = canvases[scales == chosen]
     best = candidates[torch.argmin(candidates[:, 0] * candidates[:, 1])]
     return best[0], best[1]
@@ -167,35 +174,52 @@ def resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return out.round_().to(torch.uint8)
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 -> bfloat16 in [-1, 1]: x/255, then (x - 0.5) / 0.5, every step rounded to bfloat16."""
-    x = pixels.to(torch.bfloat16) * (1 / 255)
-    half = torch.tensor(0.5, dtype=torch.bfloat16)
-    return (x - half) / half
+LLAMA4_MEAN_STD = (0.5, 0.5, 0.5)  # Llama 4's normalisation (its released processor and Meta's transform)
 
 
-def preprocess_llama4(img, tile: int = 336, max_tiles: int = 16) -> ImageInput:
+def normalize(pixels: torch.Tensor, mean=LLAMA4_MEAN_STD, std=LLAMA4_MEAN_STD,
+              rescale_factor: float = 1 / 255) -> torch.Tensor:
+    """uint8 -> bfloat16: x * rescale_factor, then (x - mean) / std per channel, every step rounded to
+    bfloat16 and mean and std too, as HF's Llama4ImageProcessor (torchvision's normalize) computes it."""
+    x = pixels.to(torch.bfloat16) * rescale_factor
+    mean = torch.tensor(mean, dtype=torch.bfloat16).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=torch.bfloat16).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def preprocess_llama4(img, tile: int = 336, max_tiles: int = 16, mean=LLAMA4_MEAN_STD, std=LLAMA4_MEAN_STD,
+                      rescale_factor: float = 1 / 255, resize_to_max_canvas: bool = False) -> ImageInput:
     """An RGB PIL image -> Llama 4's tiles (see the module doc)."""
     import numpy as np
 
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()[None]
     height, width = pixels.shape[-2:]
-    canvas_h, canvas_w = best_canvas(height, width, tile, max_tiles)
-    # upscaling stops at one tile's size (Python's min keeps the int on a tie, and with it float64 scales)
-    limit_h, limit_w = min(max(height, tile), canvas_h), min(max(width, tile), canvas_w)
+    canvas_h, canvas_w = best_canvas(height, width, tile, max_tiles, largest=resize_to_max_canvas)
+    if resize_to_max_canvas:  # the image fills the canvas as far as its aspect ratio allows
+        limit_h, limit_w = canvas_h, canvas_w
+    else:  # upscaling stops at one tile's size (Python's min keeps the int on a tie, and with it float64 scales)
+        limit_h, limit_w = min(max(height, tile), canvas_h), min(max(width, tile), canvas_w)
     new_h, new_w = fit_without_distortion(height, width, limit_h, limit_w)
     canvas_h, canvas_w = int(canvas_h), int(canvas_w)
     fitted = F.pad(resize(pixels, new_h, new_w), (0, canvas_w - new_w, 0, canvas_h - new_h))
     rows, cols = canvas_h // tile, canvas_w // tile
-    tiles = normalize(fitted).reshape(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(-1, 3, tile, tile)
+
+    def normalized(x):
+        return normalize(x, mean, std, rescale_factor)
+
+    tiles = normalized(fitted).reshape(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(-1, 3, tile, tile)
     if rows * cols > 1:
-        tiles = torch.cat([tiles, normalize(resize(pixels, tile, tile))])
+        tiles = torch.cat([tiles, normalized(resize(pixels, tile, tile))])
     tiles = tiles.contiguous()
     digest = hashlib.sha256(tiles.view(torch.int16).numpy().tobytes()).hexdigest()
     return ImageInput(tiles, (rows, cols), digest)
 
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Llama 3.2 Vision's normalisation (HF preprocessor_config.json)
+
+
+# Llama 3.2 Vision's released normalisation (the defaults of herd.config.MllamaVisionArgs too; herd.images
+# imports nothing of herd's but its errors)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -222,11 +246,13 @@ def mllama_canvas(height: int, width: int, tile: int, max_tiles: int) -> tuple[i
 
 
 def preprocess_mllama(img, tile: int = 560, max_tiles: int = 4, mean=CLIP_MEAN, std=CLIP_STD,
-                      aspect_ratios: tuple[tuple[int, int], ...] | None = None) -> MllamaImage:
+                      aspect_ratios: tuple[tuple[int, int], ...] | None = None,
+                      rescale_factor: float = 1 / 255) -> MllamaImage:
     """An RGB PIL image -> Llama 3.2 Vision's tiles (HF MllamaImageProcessor; llama-models
     llama3/multimodal/image_transform.py): the canvas of tiles that needs the least rescaling, the image
     resized into it keeping its aspect ratio (never below one tile a side), zero padding right and bottom,
-    normalised in float32, cut into tiles and padded with empty tiles to max_tiles."""
+    normalised in float32 ((x * rescale_factor - mean) / std, the rescaling folded into mean and std as HF
+    does), cut into tiles and padded with empty tiles to max_tiles."""
     import numpy as np
 
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()[None]
@@ -240,8 +266,8 @@ def preprocess_mllama(img, tile: int = 560, max_tiles: int = 4, mean=CLIP_MEAN, 
         new_h, new_w = target_h, min(math.floor(width * scale_h) or 1, target_w)
     fitted = F.pad(resize(pixels, new_h, new_w), (0, cols * tile - new_w, 0, rows * tile - new_h))
     tiles = fitted.reshape(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(-1, 3, tile, tile)
-    scaled_mean = torch.tensor(mean) * (1.0 / (1 / 255))  # rescaling folded into the normalisation, as HF does
-    scaled_std = torch.tensor(std) * (1.0 / (1 / 255))
+    scaled_mean = torch.tensor(mean) * (1.0 / rescale_factor)  # rescaling folded into the normalisation, as HF does
+    scaled_std = torch.tensor(std) * (1.0 / rescale_factor)
     tiles = (tiles.float() - scaled_mean.view(-1, 1, 1)) / scaled_std.view(-1, 1, 1)
     out = torch.zeros(1, max_tiles, 3, tile, tile)
     out[0, : rows * cols] = tiles

@@ -171,33 +171,14 @@ def _no_init():
 
 def check_vocabulary(checkpoint: Checkpoint, tokenizer) -> None:
     """Every id the tokenizer can produce must have an embedding row. More rows than tokens is common
-    (HF checkpoints pad the embedding to a round size); see mask_padding_rows for those."""
+    (HF checkpoints pad the embedding to a round size): the model computes logits for them, as transformers
+    does, and sampling never picks them (herd.engine.runner, ModelRunner.generable)."""
     rows, n = checkpoint.args.vocab_size + checkpoint.args.extra_embeddings, tokenizer.vocab_size
     if n > rows:
         raise ShapeMismatch(
             f"{checkpoint.path}: the tokenizer has {n} tokens, but the embedding has {rows} rows; "
             f"ids {rows}..{n - 1} would have no embedding"
         )
-
-
-class PaddedVocabLogits(nn.Module):
-    """The output layer with the logits of rows no token stands for set to -inf: never sampled, never decoded."""
-
-    def __init__(self, inner: nn.Module, n_tokens: int):
-        super().__init__()
-        self.inner, self.n_tokens = inner, n_tokens
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.inner(x)
-        logits[..., self.n_tokens:] = float("-inf")
-        return logits
-
-
-def mask_padding_rows(model: Transformer, n_tokens: int) -> Transformer:
-    """Embedding rows beyond the tokenizer's `n_tokens` (padding) can never be generated."""
-    if n_tokens < model.args.vocab_size and not isinstance(model.output, PaddedVocabLogits):
-        model.output = PaddedVocabLogits(model.output, n_tokens)
-    return model
 
 
 def _finish(model: Transformer, checkpoint: Checkpoint, device: torch.device) -> Transformer:

@@ -1,7 +1,9 @@
 """Checkpoint -> this rank's share of a tensor- and expert-parallel model: the loader's plan for a
 torchrun job (herd.load(tp=, ep=)). Each parameter is read as the rows or columns the layout gives this rank
 (herd.transforms.tensor_parallel describes the layout; herd.formats.slices reads the slices from the
-memory-mapped files without the rest), then the modules are swapped for their parallel forms.
+memory-mapped files without the rest), then the modules are swapped for their parallel forms. Llama 4's image
+encoder and projector are read whole on every rank (replicated: rank 0 runs them, see
+herd.transforms.tensor_parallel).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from herd.errors import HerdError, ShapeMismatch
 from herd.formats.slices import read_slice
 from herd.loader import _finish, _skeleton, default_dtype
 from herd.model import Transformer
-from herd.transforms.tensor_parallel import Layout, check_layout, parallelize
+from herd.transforms.tensor_parallel import VISION_PREFIXES, Layout, check_layout, parallelize
 
 
 def _param(t: torch.Tensor, device) -> nn.Parameter:
@@ -22,6 +24,8 @@ def _param(t: torch.Tensor, device) -> nn.Parameter:
 
 def _set(module: nn.Module, attr: str, tensor: torch.Tensor, device) -> None:
     module._parameters[attr] = _param(tensor, device)
+    if attr != "weight":  # a bias (the image encoder's linears have them) says nothing of the sizes
+        return
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = tensor.shape
     elif isinstance(module, nn.Embedding):
@@ -31,9 +35,9 @@ def _set(module: nn.Module, attr: str, tensor: torch.Tensor, device) -> None:
 def load_parallel(checkpoint, layout: Layout, device: torch.device, dtype: torch.dtype | None) -> Transformer:
     """This rank's share of the checkpoint as a sharded model (see the module docstring)."""
     args = checkpoint.args
-    if getattr(args, "vision", None) is not None or getattr(args, "cross_attention_layers", None):
-        raise HerdError(f"{checkpoint.path}: tensor/expert parallelism covers the text model only; "
-                        "this checkpoint has an image encoder or cross-attention layers")
+    if args.cross_attention_layers:
+        raise HerdError(f"{checkpoint.path}: Llama 3.2 Vision's cross-attention layers are not split over ranks; "
+                        "run this model in one process (without --tp/--ep)")
     check_layout(args, layout.tp, layout.ep, layout.world, str(checkpoint.path))
     dtype = dtype or default_dtype(checkpoint, device)
     model, expected = _skeleton(checkpoint)
@@ -54,6 +58,8 @@ def load_parallel(checkpoint, layout: Layout, device: torch.device, dtype: torch
 
     def plan(name: str) -> tuple[int, int, int] | None:
         """(dim, start, stop) of this rank's share of tensor `name`, None for the whole."""
+        if name.startswith(VISION_PREFIXES):  # Llama 4's image encoder: whole on every rank (see the module doc)
+            return None
         if name == "tok_embeddings.weight" or name == "output.weight":
             return (0, v_lo, v_hi) if tp > 1 else None
         short = name.split(".", 2)[-1]

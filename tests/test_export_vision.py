@@ -132,6 +132,7 @@ def test_meta_llama_vision_exports_to_the_hf_model_it_came_from(tmp_path):
     model = M.make_model(meta_compatible=True)
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     M.write_tokenizer(tmp_path / "hf")
+    M.write_processor(tmp_path / "hf")
     out = export_hf(M.write_meta(model, tmp_path / "meta"), tmp_path / "export")
     assert_same_tensors(tensors(out), tensors(tmp_path / "hf"))
     written = json.loads((out / "config.json").read_text())

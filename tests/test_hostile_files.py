@@ -172,19 +172,24 @@ def test_hf_tokenizer_larger_than_embedding(hf_dir):
 
 
 def test_hf_tokenizer_smaller_than_embedding_generates(hf_dir):
-    """Padding rows (an embedding larger than the tokenizer) are common in HF checkpoints: they load, and
-    ids no token stands for are never sampled."""
+    """Padding rows (an embedding larger than the tokenizer) are common in HF checkpoints: they load, ids no
+    token stands for are never sampled (nor shown among logprob alternatives), and LLM.logits still returns
+    every row's logit as transformers computes it (the ban is the sampler's, not the model's)."""
     n = 100
     B.write_hf_tokenizer(hf_dir, n)
-    llm = herd.load(str(hf_dir), device="cpu")
+    llm = herd.load(str(hf_dir), device="cpu", dtype="float32")
     assert llm.config.vocab_size == B.SPECS[GEN].vocab > n
     for seed in range(4):
-        out = llm.generate("t5 t6 t7", max_tokens=24, temperature=1.5, seed=seed)
+        out = llm.generate("t5 t6 t7", max_tokens=24, temperature=1.5, seed=seed, logprobs=5)
         assert out.completion_tokens > 0 and all(0 <= i < n for i in out.token_ids), out.token_ids
+        assert all(0 <= t[0] < n for lp in out.logprobs for t in lp.top), out.logprobs
     greedy = llm.generate("t5", max_tokens=8, temperature=0)
     assert all(i < n for i in greedy.token_ids)
-    logits = llm.logits([0, 5, 6])
-    assert torch.isinf(logits[:, n:]).all() and torch.isfinite(logits[:, :n]).all()
+    ids = torch.tensor([[0, 5, 6]])
+    want = B.hf_logits(B.reference(GEN).model, ids)[0]
+    logits = llm.logits(ids[0])
+    assert torch.isfinite(logits).all() and (logits - want).abs().max() < 1e-4
+    assert int(logits[-1].argmax()) >= n  # a padding row would win: the greedy ban above was not vacuous
 
 
 # -- 7. malformed fields: herd errors naming the file and the field, never bare Python errors -----------------------

@@ -170,6 +170,59 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path):
     check_parity(torch.load(out), {k: refs[k] for k in keys})
 
 
+# ---- Llama 4 with its image encoder -------------------------------------------------------------------------
+
+
+def test_llama4_with_its_image_encoder_splits_the_text_model_and_sees_images(tmp_path):
+    """The README's Llama 4 example, on a checkpoint that ships the image encoder as Meta's Scout and Maverick
+    do: at --tp 2 --ep 2 and at --tp 2 the text model is split, the encoder replicated (rank 0 encodes, the
+    features travel with the forward). A text prompt's logits and a two-image chat's prompt ids and logits
+    equal HF transformers' (its processor and Llama4ForConditionalGeneration); the greedy replies equal the
+    single process's; `herd run --image` under torchrun prints what one process prints."""
+    from transformers import AutoProcessor
+
+    from tests.fixtures import vision as V
+    from tests.fixtures.tp_worker import image_chat
+    from tests.test_vision import hf_inputs, messages
+
+    V.torchvision_functional()
+    path = tmp_path / "llama4v"
+    model = V.build(path, padding_rows=3)  # an odd vocabulary (515 rows), split 258 + 257
+    pictures = [V.image(120, 110, seed=1), V.image(40, 40, seed=2)]
+    ours, theirs = messages(pictures, ["t5 t6", "t7"])
+    text_ids = torch.tensor([[V.IDS["<|begin_of_text|>"], 5, 6, 7, 8, 9, 10, 11]])
+    items = [{"key": key, "path": str(path), "messages": ours, "max_tokens": 6, "ids": text_ids.tolist(), **layout}
+             for key, layout in (("tp2-ep2", {"tp": 2, "ep": 2}), ("tp2", {"tp": 2}))]
+    out = run_job(tmp_path, items)
+
+    want = hf_inputs(AutoProcessor.from_pretrained(path), theirs)
+    with torch.no_grad():
+        image_logits = model(input_ids=want["input_ids"], pixel_values=want["pixel_values"].float()).logits[0]
+        text_logits = model(input_ids=text_ids).logits
+    single = image_chat(herd.load(str(path), device="cpu", dtype="float32"), items[0])
+    assert single["chat_greedy"], "no reply to compare"
+    for key in ("tp2-ep2", "tp2"):
+        got = out[key]
+        assert got["chat_ids"] == want["input_ids"][0].tolist() == single["chat_ids"], key
+        print(f"{key}: max|Δ| vs HF: image chat {max_diff(got['chat_logits'], image_logits):.2e}, "
+              f"text {max_diff(got['logits'], text_logits):.2e}")
+        assert max_diff(got["chat_logits"], image_logits) < TOL, key
+        assert max_diff(got["logits"], text_logits) < TOL, key
+        assert got["chat_greedy"] == single["chat_greedy"], key
+
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(pictures[0])
+    args = ["-m", "herd", "run", str(path), "--image", str(picture), "t5 t6", "--device", "cpu", "--dtype", "float32",
+            "--temperature", "0", "--max-tokens", "6"]
+    one = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=JOB_TIMEOUT)
+    launcher = torchrun("--nproc-per-node", "2", "--master-port", str(free_port()))
+    two = subprocess.run([*launcher, *args, "--tp", "2", "--ep", "2"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=JOB_TIMEOUT)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
+
+
 # ---- memory: each rank reads its share ----------------------------------------------------------------------
 
 

@@ -14,13 +14,16 @@ import torch
 from tests.fixtures import vision as V
 
 TOL = 1e-4  # as tests/test_parity_hf.py: fp32 against fp32
+PADDING = 33  # embedding rows past the tokenizer's tokens, as checkpoints pad their vocabulary
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """The tiny model, its processor saved by transformers' Llama4Processor (transformers 5's layout:
+    processor_config.json only) with max_patches 4 and 56-pixel tiles, and PADDING rows past its tokenizer."""
     V.torchvision_functional()  # HF's Llama 4 image processor needs it; skip without
     path = tmp_path_factory.mktemp("llama4v")
-    model = V.build(path)
+    model = V.build(path, padding_rows=PADDING)
     return path, model
 
 
@@ -51,26 +54,32 @@ def pil(data: bytes):
 SIZES = [(56, 56), (30, 20), (200, 90), (57, 113), (400, 401), (13, 170), (333, 77), (112, 56), (1, 1)]
 
 
-@pytest.mark.parametrize("width,height", SIZES)
-def test_preprocessing_equals_hf_pixel_for_pixel(tiny, processor, width, height):
-    from herd.images import decode_image, preprocess_llama4
+def assert_hf_pixels(llm, processor, width: int, height: int) -> None:
+    """herd's tiles for a width x height picture (with the settings it read from the checkpoint) are those of
+    HF's processor loaded from the same directory, bit for bit."""
+    from herd.images import decode_image
 
     data = V.image(width, height, seed=width + height)
-    img = decode_image(data)
     want = processor.image_processor(images=[pil(data)], return_tensors="pt")
-    got = preprocess_llama4(img, V.TILE, 4)
+    got = llm.preprocess_image(decode_image(data))
     assert got.tiles.dtype == want["pixel_values"].dtype == torch.bfloat16
-    assert torch.equal(got.tiles, want["pixel_values"])
-    assert list(got.arrangement) == want["aspect_ratios"][0].tolist()
+    assert torch.equal(got.tiles, want["pixel_values"]), (width, height)
+    assert list(got.arrangement) == want["aspect_ratios"][0].tolist(), (width, height)
 
 
-def test_decoding_formats_exif_and_alpha_as_hf_loads_them(tiny, processor):
+@pytest.mark.parametrize("width,height", SIZES)
+def test_preprocessing_equals_hf_pixel_for_pixel(llm, processor, width, height):
+    assert llm.config.vision.max_tiles == 4  # processor_config.json's, not the default 16
+    assert_hf_pixels(llm, processor, width, height)
+
+
+def test_decoding_formats_exif_and_alpha_as_hf_loads_them(llm, processor):
     """JPEG with an EXIF rotation, WebP, a GIF's first frame and a transparent PNG: herd's decoding gives the
     pixels HF's processor makes of the image Pillow opens, EXIF-transposed as HF's load_image does (the
     processor's own RGB conversion composites transparency on white)."""
     from PIL import Image, ImageOps
 
-    from herd.images import decode_image, preprocess_llama4
+    from herd.images import decode_image
 
     base = Image.open(io.BytesIO(V.image(90, 40, seed=3)))
     exif = Image.Exif()
@@ -89,7 +98,7 @@ def test_decoding_formats_exif_and_alpha_as_hf_loads_them(tiny, processor):
         ours = decode_image(data, name)
         opened = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
         want = processor.image_processor(images=[opened], return_tensors="pt")
-        assert torch.equal(preprocess_llama4(ours, V.TILE, 4).tiles, want["pixel_values"]), name
+        assert torch.equal(llm.preprocess_image(ours).tiles, want["pixel_values"]), name
     assert decode_image(jpeg.getvalue()).size == (40, 90)  # upright
 
 
@@ -136,6 +145,106 @@ def test_chat_ids_and_logits_equal_hf(tiny, llm, processor, tmp_path, case, temp
     with torch.no_grad():
         ref = tiny[1](input_ids=want["input_ids"], pixel_values=want["pixel_values"].float()).logits[0]
     assert (V.herd_image_logits(model, ids, placed) - ref).abs().max() < TOL
+
+
+# Processors saved with settings other than the tiny fixture's, by transformers itself, in both layouts it writes
+SAVED = {
+    "nested, 6 tiles, CLIP's mean and std": (
+        "nested", dict(max_patches=6, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                       image_std=[0.26862954, 0.26130258, 0.27577711])),
+    "flat, 2 tiles on the largest canvas, another rescale": (
+        "flat", dict(max_patches=2, resize_to_max_canvas=True, rescale_factor=2 / 255, image_mean=[1.0, 0.9, 1.1],
+                     image_std=[1.0, 0.8, 1.25])),
+}
+
+
+def with_processor(tiny, tmp_path, layout: str, **settings):
+    """A copy of the tiny checkpoint whose processor files transformers wrote with these settings."""
+    out = tmp_path / "m"
+    shutil.copytree(tiny[0], out)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (out / name).unlink(missing_ok=True)
+    V.write_processor(out, layout, **settings)
+    assert (out / "preprocessor_config.json").is_file() == (layout == "flat")
+    return out
+
+
+@pytest.mark.parametrize("case", SAVED)
+def test_saved_processor_settings_give_hfs_pixels_ids_and_logits(tiny, tmp_path, case):
+    """herd reads every preprocessing setting the checkpoint's processor saved, from processor_config.json's
+    "image_processor" (transformers 5) or preprocessor_config.json (transformers 4), as AutoProcessor does:
+    the same tiles, the same prompt ids (tile counts), HF's logits."""
+    import herd
+    from transformers import AutoProcessor
+
+    layout, settings = SAVED[case]
+    path = with_processor(tiny, tmp_path, layout, **settings)
+    llm = herd.load(path, dtype="float32")
+    processor = AutoProcessor.from_pretrained(path)
+    assert llm.config.vision.max_tiles == settings["max_patches"]
+    for width, height in SIZES:
+        assert_hf_pixels(llm, processor, width, height)
+    ours, theirs = messages([V.image(200, 90, seed=1), V.image(57, 113, seed=2), V.image(40, 40, seed=3)],
+                            ["t5 t6", "t7", "t8"])
+    ids, placed = llm.chat_inputs(ours)
+    want = hf_inputs(processor, theirs)
+    assert ids == want["input_ids"][0].tolist()
+    with torch.no_grad():
+        ref = tiny[1](input_ids=want["input_ids"], pixel_values=want["pixel_values"].float()).logits[0]
+    assert (V.herd_image_logits(llm, ids, placed) - ref).abs().max() < TOL
+
+
+REFUSED = {  # a setting herd does not implement, and the words its error must hold
+    "bicubic resize": (dict(resample=3), "resample is 3 (bicubic)"),
+    "no normalisation": (dict(do_normalize=False), "do_normalize is false"),
+    "tiles of another size than the encoder's": (dict(size={"height": 112, "width": 112}), 'size is {"height": 112'),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_processor_settings_herd_does_not_implement_are_refused(tiny, tmp_path, case):
+    """Saved by transformers with a setting herd's preprocessing does not implement: the model loads text-only
+    with a warning naming the file and the setting, and an image is refused with the same words (never
+    prepared some other way than the checkpoint says)."""
+    import herd
+    from herd.errors import ImageError
+
+    settings, words = REFUSED[case]
+    path = with_processor(tiny, tmp_path, "nested", **settings)
+    with pytest.warns(UserWarning, match="processor_config.json: image_processor: " + words.split()[0]):
+        llm = herd.load(path, dtype="float32")
+    assert not llm.sees_images
+    with pytest.raises(ImageError, match=f"cannot see images.*processor_config.json: image_processor: "
+                                         f"{words.replace('(', '.').replace(')', '.')}"):
+        llm.chat_inputs(messages([V.image(40, 40)], ["t5"])[0])
+
+
+def test_a_malformed_processor_setting_names_the_file_and_key(tiny, tmp_path):
+    import json
+
+    import herd
+    from herd.errors import ImageError
+
+    path = with_processor(tiny, tmp_path, "nested")
+    config = json.loads((path / "processor_config.json").read_text())
+    config["image_processor"]["image_mean"] = ["0.5", "0.5", "0.5"]
+    (path / "processor_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="image_processor: field 'image_mean' must be 3 finite numbers"):
+        llm = herd.load(path, dtype="float32")
+    with pytest.raises(ImageError, match="processor_config.json: image_processor: field 'image_mean'"):
+        llm.chat_inputs(messages([V.image(40, 40)], ["t5"])[0])
+
+
+def test_logits_are_transformers_own_at_every_row(tiny, llm):
+    """The tiny checkpoint's embedding has PADDING rows past its tokenizer's tokens. LLM.logits returns the
+    model's logits at every row, as transformers does (no -inf where transformers has a number); sampling is
+    what never picks those ids (tests/test_hostile_files.py checks the ban)."""
+    ids = [V.IDS["<|begin_of_text|>"], 5, 6, 7, 8, 9]
+    with torch.no_grad():
+        want = tiny[1](input_ids=torch.tensor([ids])).logits[0]
+    got = llm.logits(ids)
+    assert got.shape == want.shape == (len(ids), V.VOCAB + PADDING)
+    assert torch.isfinite(got).all() and (got - want).abs().max() < TOL
 
 
 def test_greedy_chat_equals_hf_generate(tiny, llm, processor):

@@ -36,15 +36,14 @@ def files(tmp_path_factory):
     V.torchvision_functional()
     root = tmp_path_factory.mktemp("llama4-gguf")
     hf = root / "hf"
-    V.build(hf, vision_layers=3, byte_level=True)
+    # the release's tile limit; transformers 4's file layout, the one llama.cpp's converter reads
+    V.build(hf, vision_layers=3, byte_level=True, layout="flat", max_patches=16)
     # llama.cpp has no GGUF key for the attention chunk or the temperature floor and fixes both at 8192 (the
     # released models' values); the tiny model's 8 and 4 are set to those, so the converted file is the model
     config = json.loads((hf / "config.json").read_text())
     config["text_config"].update(attention_chunk_size=8192, floor_scale=8192)
     (hf / "config.json").write_text(json.dumps(config))
     model = Llama4ForConditionalGeneration.from_pretrained(hf, attn_implementation="eager", dtype=torch.float32).eval()
-    config = json.loads((hf / "preprocessor_config.json").read_text())
-    (hf / "preprocessor_config.json").write_text(json.dumps(config | {"max_patches": 16}))  # the release's limit
     out = {"hf": hf, "model": model}
     for kind in ("f32", "f16", "q8_0"):
         out["mmproj", kind] = convert(hf, root / f"mmproj-{kind}.gguf", kind, mmproj=True)
@@ -394,3 +393,87 @@ def test_text_gguf_with_mmproj_exports_to_an_hf_model_transformers_runs_as_the_o
     with torch.no_grad():
         inputs = {"input_ids": want["input_ids"], "pixel_values": want["pixel_values"].float()}
         assert (exported(**inputs).logits - files["model"](**inputs).logits).abs().max() < TOL
+
+
+# ---- an mmproj's metadata of the wrong type: one clear error, no traceback -----------------------------------------
+
+
+def write_mmproj_header(path, text_dim: int, **wrong) -> None:
+    """A llama4 mmproj with gguf-py's writer: the metadata llama.cpp's converter writes for the tiny encoder,
+    each key of `wrong` replaced by (value, GGUF type[, element type]), and only the tensors herd reads before
+    the metadata is used (the rest is missing: a load gets as far as the tensor checks, no further)."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    metadata = {
+        "clip.projector_type": ("llama4", T.STRING), "clip.has_vision_encoder": (True, T.BOOL),
+        "clip.use_gelu": (True, T.BOOL), "clip.vision.embedding_length": (32, T.UINT32),
+        "clip.vision.block_count": (1, T.UINT32), "clip.vision.attention.head_count": (2, T.UINT32),
+        "clip.vision.feed_forward_length": (128, T.UINT32), "clip.vision.image_size": (V.TILE, T.UINT32),
+        "clip.vision.patch_size": (V.PATCH, T.UINT32), "clip.vision.projection_dim": (text_dim, T.UINT32),
+        "clip.vision.projector.scale_factor": (2, T.UINT32),
+        "clip.vision.attention.layer_norm_epsilon": (1e-5, T.FLOAT32),
+        "clip.vision.image_mean": ([0.5] * 3, T.ARRAY, T.FLOAT32),
+        "clip.vision.image_std": ([0.5] * 3, T.ARRAY, T.FLOAT32),
+    } | wrong
+    w = gguf.GGUFWriter(str(path), "clip")
+    for key, (value, *types) in metadata.items():
+        w.add_key_value(key, value, *types)
+    w.add_tensor("v.blk.0.ln1.weight", np.ones(32, dtype=np.float32))
+    w.add_tensor("mm.model.mlp.2.weight", np.zeros((48, 128), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+WRONG = {  # key: (a value of the wrong type, its GGUF type names), words the error must hold
+    "clip.vision.image_mean": ((["0.5", "0.5", "0.5"], "ARRAY", "STRING"), "should be 3 finite numbers"),
+    "clip.vision.image_std": (([0.5, 0.0, 0.5], "ARRAY", "FLOAT32"), "none of them 0"),
+    "clip.projector_type": ((7, "UINT32"), "should be a string, got 7"),
+    "clip.has_vision_encoder": (("yes", "STRING"), "should be true or false, got 'yes'"),
+    "clip.use_gelu": ((1, "UINT32"), "should be true or false, got 1"),
+    "clip.vision.projection_dim": (("64", "STRING"), "should be an integer, got '64'"),
+    "clip.vision.embedding_length": ((32.0, "FLOAT32"), "should be an integer, got 32.0"),
+    "clip.vision.attention.layer_norm_epsilon": (("1e-5", "STRING"), "should be a number, got '1e-5'"),
+}
+
+
+@pytest.fixture(scope="module")
+def llama4_text_gguf():
+    from tests.fixtures import build as B
+
+    return B.reference("llama4_scout").gguf("F32"), B.SPECS["llama4_scout"].dim
+
+
+@pytest.mark.parametrize("key", WRONG)
+def test_mmproj_metadata_of_the_wrong_type_is_a_clear_error(llama4_text_gguf, tmp_path, key):
+    import gguf
+
+    import herd
+    from herd.errors import FormatError, MissingTensor
+
+    text, dim = llama4_text_gguf
+    write_mmproj_header(tmp_path / "sound.gguf", dim)
+    with pytest.raises(MissingTensor):  # the sound file's metadata passes; its missing tensors are what fails
+        herd.load(text, mmproj=tmp_path / "sound.gguf", dtype="float32")
+    (value, *types), words = WRONG[key]
+    bad = tmp_path / "bad.gguf"
+    write_mmproj_header(bad, dim, **{key: (value, *(getattr(gguf.GGUFValueType, t) for t in types))})
+    with pytest.raises(FormatError) as caught:
+        herd.load(text, mmproj=bad, dtype="float32")
+    message = str(caught.value)
+    assert message.startswith(str(bad)) and key in message and words in message and "\n" not in message, message
+
+
+def test_cli_names_the_mmproj_and_the_key_without_a_traceback(llama4_text_gguf, tmp_path):
+    import gguf
+
+    text, dim = llama4_text_gguf
+    bad = tmp_path / "strings.gguf"
+    write_mmproj_header(bad, dim, **{"clip.vision.image_mean": (["a", "b", "c"], gguf.GGUFValueType.ARRAY,
+                                                                 gguf.GGUFValueType.STRING)})
+    r = subprocess.run([sys.executable, "-m", "herd", "info", str(text), "--mmproj", str(bad)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert str(bad) in r.stderr and "clip.vision.image_mean" in r.stderr, r.stderr

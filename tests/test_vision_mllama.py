@@ -30,6 +30,8 @@ TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """The tiny model, its processor saved by transformers' MllamaProcessor (transformers 5's layout) with
+    MllamaImageProcessor's default normalisation (0.5), not the released models' CLIP values."""
     V.torchvision_functional()
     path = tmp_path_factory.mktemp("mllama")
     return path, M.build(path)
@@ -59,15 +61,79 @@ def url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-@pytest.mark.parametrize("width,height", [(28, 28), (30, 20), (200, 90), (57, 113), (400, 401), (13, 170), (5, 5)])
-def test_preprocessing_equals_hf_pixel_for_pixel(processor, llm, width, height):
-    from herd.images import decode_image, preprocess_mllama
+SIZES = [(28, 28), (30, 20), (200, 90), (57, 113), (400, 401), (13, 170), (5, 5)]
+
+
+def assert_hf_pixels(llm, processor, width: int, height: int) -> None:
+    from herd.images import decode_image
 
     data = V.image(width, height, seed=width)
     want = processor.image_processor(images=[[pil(data)]], return_tensors="pt")
-    got = preprocess_mllama(decode_image(data), M.TILE, M.MAX_TILES, aspect_ratios=llm.config.vision.aspect_ratios)
-    assert torch.equal(got.tiles, want["pixel_values"][0])
+    got = llm.preprocess_image(decode_image(data))
+    assert torch.equal(got.tiles, want["pixel_values"][0]), (width, height)
     assert got.ratio_id == want["aspect_ratio_ids"][0, 0] and got.n_tiles == want["num_tiles"][0][0]
+
+
+@pytest.mark.parametrize("width,height", SIZES)
+def test_preprocessing_equals_hf_pixel_for_pixel(processor, llm, width, height):
+    assert llm.config.vision.image_mean == llm.config.vision.image_std == (0.5, 0.5, 0.5)  # the saved ones
+    assert_hf_pixels(llm, processor, width, height)
+
+
+SAVED = {  # processors transformers saved with other settings, in both layouts it writes
+    "flat, the release's CLIP mean and std": ("flat", dict(image_mean=M.CLIP_MEAN, image_std=M.CLIP_STD)),
+    "nested, another rescale, mean and std": ("nested", dict(rescale_factor=1 / 127.5, image_mean=[1.0, 0.9, 1.1],
+                                                             image_std=[1.0, 0.75, 1.25])),
+}
+
+
+def with_processor(tiny, tmp_path, layout: str, **settings):
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(tiny[0], out)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (out / name).unlink(missing_ok=True)
+    M.write_processor(out, layout, **settings)
+    assert (out / "preprocessor_config.json").is_file() == (layout == "flat")
+    return out
+
+
+@pytest.mark.parametrize("case", SAVED)
+def test_saved_processor_settings_give_hfs_pixels_ids_and_logits(tiny, tmp_path, case):
+    import herd
+    from transformers import AutoProcessor
+
+    path = with_processor(tiny, tmp_path, *SAVED[case][:1], **SAVED[case][1])
+    llm = herd.load(path, dtype="float32")
+    processor = AutoProcessor.from_pretrained(path)
+    for width, height in SIZES:
+        assert_hf_pixels(llm, processor, width, height)
+    ids, placed, enc = processor_inputs(llm, processor, "text, image, text, two images together")
+    assert (herd_logits(llm, ids, placed) - hf_logits(tiny[1], enc)).abs().max() < TOL
+
+
+REFUSED = {
+    "fewer tiles than the encoder's": (dict(max_image_tiles=2), "max_image_tiles is 2, but the image encoder takes 4"),
+    "bicubic resize": (dict(resample=3), "resample is 3 .bicubic."),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_processor_settings_herd_does_not_implement_are_refused(tiny, tmp_path, case):
+    import herd
+    from herd.errors import ImageError
+
+    settings, words = REFUSED[case]
+    path = with_processor(tiny, tmp_path, "nested", **settings)
+    with pytest.warns(UserWarning, match="processor_config.json: image_processor: " + words):
+        llm = herd.load(path, dtype="float32")
+    assert not llm.sees_images
+    with pytest.raises(ImageError, match="cannot see images.*image_processor: " + words):
+        llm.chat_inputs(conversation("one image first")[0])
+    ids = [M.IDS["<|begin_of_text|>"], 5, 6, 7]  # the text model runs as before
+    with torch.no_grad():
+        assert (llm.logits(ids) - tiny[1](input_ids=torch.tensor([ids])).logits[0]).abs().max() < TOL
 
 
 CASES = {

@@ -30,6 +30,7 @@ def reference(tmp_path_factory):
     model = M.make_model(meta_compatible=True)
     model.save_pretrained(root / "hf", safe_serialization=True)
     M.write_tokenizer(root / "hf")
+    M.write_processor(root / "hf")
     return model, root / "hf", M.write_meta(model, root / "meta")
 
 

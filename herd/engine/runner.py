@@ -207,11 +207,23 @@ class Runner:
         seq.num_computed = upto
         self.blocks.filled(seq.blocks, seq.token_ids, upto)
 
+    def generable(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [..., V] with -inf for the ids no token stands for. A checkpoint's embedding often has more
+        rows than its tokenizer has tokens (padded to a round size); the model computes real logits for them,
+        and LLM.logits and herd's scoring keep them as transformers does (a logits API that claims
+        transformers' values must return them). Generation is where they are banned: an id without a token
+        can neither be sampled nor decoded, so the draw and the logprobs shown beside the text (whose
+        alternatives are decoded) never see them."""
+        n = getattr(self.tokenizer, "vocab_size", None)
+        if n is None or n >= logits.shape[-1]:
+            return logits
+        return logits.float().index_fill(-1, torch.arange(n, logits.shape[-1], device=logits.device), float("-inf"))
+
     def _prompt_logprobs(self, seq: Sequence, start: int, end: int, logits: torch.Tensor) -> None:
         """Logprob of prompt token i+1 from the logits at position i, for the positions of this chunk."""
         if start == 0:
             seq.prompt_logprobs.append(None)  # the first token has no context to be predicted from
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logprobs = torch.log_softmax(self.generable(logits.float()), dim=-1)
         top_n = seq.request.prompt_logprobs
         for i in range(start, min(end, seq.n_prompt - 1)):
             row = logprobs[i - start]
@@ -223,7 +235,7 @@ class Runner:
         if not ready:
             return []
         seqs = [s for s, _ in ready]
-        logits = torch.stack([row for _, row in ready])  # [N, V]
+        logits = self.generable(torch.stack([row for _, row in ready]))  # [N, V]
         params = [s.request.params for s in seqs]
         shaped = apply_penalties(logits, [s.token_ids for s in seqs], params, n_prompt=[s.n_prompt for s in seqs])
         for i, s in enumerate(seqs):

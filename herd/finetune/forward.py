@@ -147,18 +147,16 @@ def _blockwise_softmax_product(rows, targets, n_valid: int, rows_of, with_produc
 
 
 def _output_blocks(module):
-    """(trainable weight or None, columns that are tokens, rows_of(a, b, dtype)) when the output projection
-    is a plain or a block-dequantized linear (maybe with padding rows masked); None otherwise."""
+    """(trainable weight or None, columns in the softmax, rows_of(a, b, dtype)) when the output projection
+    is a plain or a block-dequantized linear; None otherwise. Every row counts, padding rows of an embedding
+    larger than the tokenizer too, as in transformers' loss."""
     from herd.transforms.qlora import BlockDequantLinear
 
-    inner, n_valid = module, None
-    if hasattr(module, "inner") and hasattr(module, "n_tokens"):  # herd.loader.PaddedVocabLogits
-        inner, n_valid = module.inner, module.n_tokens
-    if type(inner) is torch.nn.Linear and inner.bias is None:
-        weight = inner.weight
-        return weight, n_valid or weight.shape[0], lambda a, b, dtype: weight[a:b].to(dtype)
-    if isinstance(inner, BlockDequantLinear):
-        return None, n_valid or inner.out_features, inner.weight_rows
+    if type(module) is torch.nn.Linear and module.bias is None:
+        weight = module.weight
+        return weight, weight.shape[0], lambda a, b, dtype: weight[a:b].to(dtype)
+    if isinstance(module, BlockDequantLinear):
+        return None, module.out_features, module.weight_rows
     return None
 
 

@@ -191,13 +191,22 @@ def _mllama_vision(cfg: Fields, top: Fields, path) -> MllamaVisionArgs:
     ratios = cfg.data.get("supported_aspect_ratios")
     if not isinstance(ratios, list) or not all(isinstance(r, list) and len(r) == 2 for r in ratios):
         raise ConfigError(f"{path}: vision_config.supported_aspect_ratios must be a list of [rows, columns]")
+    image_size, max_tiles, channels = cfg.int("image_size"), cfg.int("max_num_tiles"), cfg.int("num_channels", 3)
+    processing = image_processing(Path(path).parent, "mllama", image_size, channels)
+    # the processor pads every image to its tile count and numbers the arrangements of that many tiles; the
+    # encoder's tile embeddings are sized by the config's: they must agree (transformers fails otherwise)
+    saved_tiles = processing.pop("max_image_tiles", max_tiles)
+    if saved_tiles != max_tiles:
+        where = saved_image_processor(Path(path).parent).where
+        raise UnsupportedArchitecture(f"{where}: max_image_tiles is {saved_tiles}, but the image encoder takes "
+                                      f"{max_tiles} tiles (vision_config.max_num_tiles)")
     args = MllamaVisionArgs(
         dim=cfg.int("hidden_size"), n_layers=cfg.int("num_hidden_layers"), n_global_layers=cfg.int("num_global_layers"),
-        n_heads=cfg.int("attention_heads"), hidden_dim=cfg.int("intermediate_size"), image_size=cfg.int("image_size"),
-        patch_size=cfg.int("patch_size"), max_num_tiles=cfg.int("max_num_tiles"),
+        n_heads=cfg.int("attention_heads"), hidden_dim=cfg.int("intermediate_size"), image_size=image_size,
+        patch_size=cfg.int("patch_size"), max_num_tiles=max_tiles,
         intermediate_layers=tuple(cfg.int_list("intermediate_layers_indices")),
         aspect_ratios=tuple((int(r), int(c)) for r, c in ratios), norm_eps=cfg.float("norm_eps", 1e-5),
-        image_token_id=top.int("image_token_index", 128256), n_channels=cfg.int("num_channels", 3))
+        image_token_id=top.int("image_token_index", 128256), n_channels=channels, **processing)
     if cfg.int("vision_output_dim", args.output_dim) != args.output_dim:
         raise UnsupportedArchitecture(f"{path}: vision_config.vision_output_dim {cfg.int('vision_output_dim')} is not "
                                       f"hidden_size x (1 + intermediate layers) = {args.output_dim}")
@@ -226,16 +235,108 @@ def _llama4_vision(cfg: Fields, top: Fields, path) -> VisionArgs:
         part = cfg.object(key, None)
         if part is not None:
             theta = part.float("rope_theta", theta)
-    max_tiles = 16
-    processor = Path(path).parent / "preprocessor_config.json"
-    if processor.is_file():
-        max_tiles = Fields(read_json(processor, ConfigError), str(processor)).int("max_patches", 16)
+    image_size, channels = cfg.int("image_size"), cfg.int("num_channels", 3)
     return VisionArgs(
-        max_tiles=max_tiles, dim=dim, n_layers=cfg.int("num_hidden_layers"), n_heads=cfg.int("num_attention_heads"), hidden_dim=hidden,
-        image_size=cfg.int("image_size"), patch_size=cfg.int("patch_size"), output_dim=out,
-        pixel_shuffle_ratio=ratio, rope_theta=theta, n_channels=cfg.int("num_channels", 3),
+        dim=dim, n_layers=cfg.int("num_hidden_layers"), n_heads=cfg.int("num_attention_heads"), hidden_dim=hidden,
+        image_size=image_size, patch_size=cfg.int("patch_size"), output_dim=out,
+        pixel_shuffle_ratio=ratio, rope_theta=theta, n_channels=channels,
         image_token_id=top.int("image_token_index", None) or top.int("image_token_id", 200092),
+        **image_processing(Path(path).parent, "llama4", image_size, channels),
     )
+
+
+# What transformers 5.23's image processors of the two families do with a key a saved processor leaves out
+# (the class attributes of Llama4ImageProcessor and MllamaImageProcessor): AutoImageProcessor builds the
+# processor from the saved keys over these, and so does herd.
+_PROCESSOR_DEFAULTS = {
+    "llama4": {"size": 336, "max_patches": 16, "resize_to_max_canvas": False, "image_mean": 0.5, "image_std": 0.5},
+    "mllama": {"size": 224, "max_image_tiles": 4, "do_pad": True, "image_mean": 0.5, "image_std": 0.5},
+}
+_PROCESSOR_CLASSES = {
+    "llama4": ("Llama4ImageProcessor", "Llama4ImageProcessorFast"),
+    "mllama": ("MllamaImageProcessor", "MllamaImageProcessorFast", "MllamaImageProcessorPil"),
+}
+_PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def saved_image_processor(directory: Path) -> Fields | None:
+    """The settings of the image processor saved beside a checkpoint, where transformers' AutoImageProcessor
+    finds them: nested under "image_processor" in processor_config.json (what transformers 5's
+    ProcessorMixin.save_pretrained writes), else preprocessor_config.json (transformers 4's layout, and an
+    image processor saved alone); one or the other, never merged. None when neither file holds them."""
+    nested, flat = directory / "processor_config.json", directory / "preprocessor_config.json"
+    try:
+        if nested.is_file():
+            part = Fields(read_json(nested, ConfigError), str(nested)).object("image_processor", None)
+            if part is not None:
+                return part
+        if flat.is_file():
+            return Fields(read_json(flat, ConfigError), str(flat))
+    except FormatError as e:  # not JSON: the images cannot be prepared as the checkpoint says
+        raise ConfigError(str(e)) from None
+    return None
+
+
+def _per_channel(p: Fields, key: str, default: float, channels: int, nonzero: bool = False) -> tuple[float, ...]:
+    """image_mean / image_std: one number per channel, or one number for all (transformers broadcasts it)."""
+    value = p.data.get(key, default)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * channels
+    if not isinstance(value, list) or len(value) != channels or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (nonzero and v == 0)
+            for v in value):
+        raise p.fail(key, f"{channels} finite numbers{', none of them 0' if nonzero else ''}", value)
+    return tuple(float(v) for v in value)
+
+
+def image_processing(directory: Path, family: str, image_size: int, channels: int = 3) -> dict:
+    """The preprocessing the checkpoint's saved image processor (family "llama4" or "mllama") states, as
+    keyword arguments of VisionArgs / MllamaVisionArgs: every setting that changes pixels or tile counts
+    (size, max_patches / max_image_tiles, resize_to_max_canvas, resample, do_resize / do_rescale /
+    do_normalize / do_pad, rescale_factor, image_mean, image_std), transformers' class defaults for the keys
+    it leaves out. With no processor saved, {}: the released models' settings (the dataclasses' defaults).
+    A value herd does not implement raises UnsupportedArchitecture naming the file and the key (and a
+    malformed one ConfigError): herd prepares images as transformers would, or not at all. do_convert_rgb
+    changes no RGB image; herd always converts (and composites transparency on white, as HF does)."""
+    p = saved_image_processor(directory)
+    if p is None:
+        return {}
+    defaults = _PROCESSOR_DEFAULTS[family]
+    kind = p.str("image_processor_type", None)
+    if kind is not None and kind not in _PROCESSOR_CLASSES[family]:
+        raise UnsupportedArchitecture(f"{p.where}: image_processor_type {kind!r} is another model's; herd prepares "
+                                      f"images as {' / '.join(_PROCESSOR_CLASSES[family])} does")
+    for key in ("do_resize", "do_rescale", "do_normalize") + (("do_pad",) if family == "mllama" else ()):
+        if p.bool(key, True) is not True:
+            raise UnsupportedArchitecture(f"{p.where}: {key} is false; herd implements {family} preprocessing with "
+                                          f"{key} true only (the model's tiles are always resized, rescaled, "
+                                          "normalised and padded)")
+    resample = p.int("resample", 2)
+    if resample != 2:
+        raise UnsupportedArchitecture(f"{p.where}: resample is {resample} ({_PIL_FILTERS.get(resample, 'unknown')}); "
+                                      "herd resizes with bilinear filtering (2) only")
+    size = p.data.get("size", defaults["size"])
+    side = size if isinstance(size, int) and not isinstance(size, bool) else None
+    if isinstance(size, dict) and size.keys() == {"height", "width"}:
+        side = size["height"] if size["height"] == size["width"] else None
+    if side != image_size:
+        raise UnsupportedArchitecture(f"{p.where}: size is {json.dumps(size)}, but the image encoder takes tiles of "
+                                      f"{image_size}x{image_size} pixels (vision_config.image_size)")
+    rescale = p.float("rescale_factor", 1 / 255)
+    if not (math.isfinite(rescale) and rescale > 0):
+        raise p.fail("rescale_factor", "a finite positive number", rescale)
+    out = {"rescale_factor": rescale,
+           "image_mean": _per_channel(p, "image_mean", defaults["image_mean"], channels),
+           "image_std": _per_channel(p, "image_std", defaults["image_std"], channels, nonzero=True)}
+    tiles_key = "max_patches" if family == "llama4" else "max_image_tiles"
+    tiles = p.int(tiles_key, defaults[tiles_key])
+    if tiles <= 0:
+        raise p.fail(tiles_key, "a positive integer", tiles)
+    if family == "llama4":
+        out.update(max_tiles=tiles, resize_to_max_canvas=p.bool("resize_to_max_canvas", False))
+    else:
+        out["max_image_tiles"] = tiles
+    return out
 
 
 def permute_for_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -393,28 +393,22 @@ def _image_tokens(tokenizer: TokenizerSource | None) -> dict:
     return {k: v for k, v in found.items() if isinstance(v, int)}
 
 
-# Llama 3.2 Vision's normalisation as its HF releases' preprocessor_config.json state it (herd.images uses the
-# same; formats may not import it)
-MLLAMA_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
-MLLAMA_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
 def processor_files(args: ModelArgs) -> dict[str, dict]:
     """preprocessor_config.json and processor_config.json stating the image preprocessing herd does
-    (herd.images), so that transformers' processor, and herd reading the export back, prepare images alike."""
+    (herd.images, with the settings the model was read with), so that transformers' processor, and herd
+    reading the export back, prepare images alike."""
     v = args.vision
     common = {"size": {"height": v.image_size, "width": v.image_size}, "do_resize": True, "do_rescale": True,
-              "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 2}
+              "rescale_factor": v.rescale_factor, "do_normalize": True, "do_convert_rgb": True, "resample": 2,
+              "image_mean": list(v.image_mean), "image_std": list(v.image_std)}
     if args.cross_attention_layers:
         return {"preprocessor_config.json": {
                     "image_processor_type": "MllamaImageProcessor", **common, "max_image_tiles": v.max_num_tiles,
-                    "do_pad": True, "image_mean": MLLAMA_IMAGE_MEAN, "image_std": MLLAMA_IMAGE_STD,
-                    "processor_class": "MllamaProcessor"},
+                    "do_pad": True, "processor_class": "MllamaProcessor"},
                 "processor_config.json": {"processor_class": "MllamaProcessor"}}
     return {"preprocessor_config.json": {
                 "image_processor_type": "Llama4ImageProcessor", **common, "max_patches": v.max_tiles,
-                "resize_to_max_canvas": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                "processor_class": "Llama4Processor"},
+                "resize_to_max_canvas": v.resize_to_max_canvas, "processor_class": "Llama4Processor"},
             "processor_config.json": {"processor_class": "Llama4Processor", "patch_size": v.patch_size,
                                       "pixel_shuffle_ratio": v.pixel_shuffle_ratio}}
 

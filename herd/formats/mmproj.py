@@ -32,13 +32,16 @@ answers), and for a one-tile image it leaves out the `<|image|>` token HF's proc
 patches. So herd is checked against HF transformers, not against llama-server, for images.
 
 Tiles are cut as HF's Llama4ImageProcessor cuts them (herd.images.preprocess_llama4, up to 16 tiles, as the
-released preprocessor_config.json), not by llama.cpp's own slicing; an mmproj whose image_mean / image_std are
-not Llama 4's 0.5 is refused, since herd's preprocessing normalises with those.
+released preprocessor_config.json), not by llama.cpp's own slicing, and normalised with the file's image_mean /
+image_std (Llama 4's are 0.5).
+
+Every metadata value is type-checked before use: a wrong one is a FormatError naming the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -85,33 +88,59 @@ _KEYS = {
     "vision.norm_eps": "clip.vision.attention.layer_norm_epsilon", "vision.output_dim": "mm.model.mlp.2.weight",
 }
 LLAMA4_MEAN_STD = (0.5, 0.5, 0.5)
+_REQUIRED = object()
 
 
-def projector_type(md: dict[str, Any]) -> str | None:
-    value = md.get("clip.projector_type", md.get("clip.vision.projector_type"))
+def _typed(md: dict[str, Any], path: Path, key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """md[key] checked to be a `kind` (float: any number; bool only for bool): a FormatError names the file,
+    the key and what it holds otherwise, a ConfigError a required key that is missing."""
+    if key not in md:
+        if default is _REQUIRED:
+            raise ConfigError(f"{path}: the image projector's metadata lacks {key}")
+        return default
+    value = md[key]
+    types = (int, float) if kind is float else kind
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, types):
+        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+        raise FormatError(f"{path}: {key} should be {what}, got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def projector_type(md: dict[str, Any], path: Path | None = None) -> str | None:
+    """clip.projector_type (older files: clip.vision.projector_type); with `path`, one of another type is an
+    error naming the key."""
+    key = "clip.projector_type" if "clip.projector_type" in md else "clip.vision.projector_type"
+    value = md.get(key)
+    if path is not None and value is not None and not isinstance(value, str):
+        raise FormatError(f"{path}: {key} should be a string, got {_shown(value)}")
     return value if isinstance(value, str) else None
 
 
-def _vision_args(md: dict[str, Any], tensors: dict[str, Any], path: Path, image_token_id: int | None) -> VisionArgs:
-    def get(key: str, kind: type = int, default: Any = ConfigError):
-        value = md.get(key, default)
-        if value is ConfigError:
-            raise ConfigError(f"{path}: the image projector's metadata lacks {key}")
-        types = (int, float) if kind is float else kind
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise FormatError(f"{path}: {key} should be a {kind.__name__}, got {value!r}")
-        return value
+def _per_channel(md: dict[str, Any], path: Path, key: str, nonzero: bool) -> tuple[float, ...]:
+    values = md.get(key, list(LLAMA4_MEAN_STD))
+    if not isinstance(values, list) or len(values) != 3 or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (nonzero and v == 0)
+            for v in values):
+        raise FormatError(f"{path}: {key} should be 3 finite numbers{', none of them 0' if nonzero else ''} (one "
+                          f"per colour channel), got {_shown(values)}")
+    return tuple(float(v) for v in values)
 
-    if md.get("clip.has_vision_encoder") is not True:
+
+def _vision_args(md: dict[str, Any], tensors: dict[str, Any], path: Path, image_token_id: int | None) -> VisionArgs:
+    def get(key: str, kind: type = int, default: Any = _REQUIRED):
+        return _typed(md, path, key, kind, default)
+
+    if get("clip.has_vision_encoder", bool, None) is not True:
         raise UnsupportedArchitecture(f"{path}: the projector file has no image encoder (clip.has_vision_encoder "
                                       f"is {md.get('clip.has_vision_encoder')!r})")
-    for key in ("clip.vision.image_mean", "clip.vision.image_std"):
-        values = md.get(key)
-        if values is not None and (not isinstance(values, list) or len(values) != 3
-                                   or any(abs(v - 0.5) > 1e-6 for v in values)):
-            raise UnsupportedArchitecture(f"{path}: {key} is {values!r}; Llama 4's images are normalised with "
-                                          f"{list(LLAMA4_MEAN_STD)}, which is what herd's preprocessing does")
-    if md.get("clip.use_gelu", True) is not True:
+    mean = _per_channel(md, path, "clip.vision.image_mean", nonzero=False)
+    std = _per_channel(md, path, "clip.vision.image_std", nonzero=True)
+    if get("clip.use_gelu", bool, True) is not True:
         raise UnsupportedArchitecture(f"{path}: clip.use_gelu is {md.get('clip.use_gelu')!r}; Llama 4's encoder "
                                       "uses GELU")
     scale = get("clip.vision.projector.scale_factor", int, 2)
@@ -134,6 +163,7 @@ def _vision_args(md: dict[str, Any], tensors: dict[str, Any], path: Path, image_
             pixel_shuffle_ratio=1.0 / scale,
             rope_theta=10000.0,  # not in the file: clip.cpp fixes it for llama4
             norm_eps=float(get("clip.vision.attention.layer_norm_epsilon", float, 1e-5)),
+            image_mean=mean, image_std=std,
             **extra,
         )
 
@@ -162,9 +192,9 @@ def read_projector(path: Path, text: Checkpoint, image_token_id: int | None = No
     version, md, raw, types = read_gguf_parts(path)
     arch = md.get("general.architecture")
     if arch != "clip":
-        raise UnsupportedArchitecture(f"{path}: not an image projector file: its general.architecture is {arch!r}, "
-                                      "an mmproj's is 'clip'")
-    kind = projector_type(md)
+        raise UnsupportedArchitecture(f"{path}: not an image projector file: its general.architecture is "
+                                      f"{_shown(arch)}, an mmproj's is 'clip'")
+    kind = projector_type(md, path)
     if kind != "llama4":
         raise UnsupportedArchitecture(f"{path}: image projector type {kind!r}: herd implements 'llama4' only "
                                       "(Llama 4's encoder); this mmproj belongs to another model family")
@@ -176,7 +206,7 @@ def read_projector(path: Path, text: Checkpoint, image_token_id: int | None = No
         if canonical in tensors:  # ln2 and attn_post_norm both, or blk.7 and blk.07
             raise FormatError(f"{path}: tensor {name} is a second {canonical}")
         tensors[canonical] = t
-    width = md.get("clip.vision.projection_dim")
+    width = _typed(md, path, "clip.vision.projection_dim", int, None)
     projection = tensors.get("vision_projection.weight")
     if width is not None and width != text.args.dim:
         raise ShapeMismatch(f"{path}: the projector maps images to width {width} (clip.vision.projection_dim), but "

@@ -18,6 +18,10 @@ Layout, for `tp` ranks (rank r of the group):
   which returns the result (all_to_all back). The shared expert's partial sums and the routed results
   meet in one all-reduce;
 - norms and RoPE are replicated.
+- Llama 4's image encoder and projector (vision_embeddings, vision_projection) are replicated, unsplit: a few
+  percent of the weights, run once per image. Rank 0 encodes each image (the engine's encoder-output cache
+  is rank 0's) and sends the features with the forward that places them (herd.distributed.StepDescription),
+  so the other ranks never run the encoder. Llama 3.2 Vision's cross-attention layers are not split (refused).
 The KV cache of a rank holds its own KV heads: `model.args` of a sharded model describes this rank's share
 (n_heads and n_kv_heads per rank); everything else in it is the model's.
 
@@ -185,17 +189,21 @@ class VocabParallelOutput(nn.Linear):
         return all_gather_last(local, self.shard_rows, self.layout.world, self.vocab_size)
 
 
+VISION_PREFIXES = ("vision_embeddings.", "vision_projection.")  # Llama 4's encoder and projector: replicated
+
+
 class ParallelTransformer(Transformer):
     """The root of a sharded model. On rank 0, each forward is first described to the other ranks
-    (herd.distributed.Leader), which run it too; `local_forward` is the plain forward on this rank's shard."""
+    (herd.distributed.Leader), which run it too; `local_forward` is the plain forward on this rank's shard.
+    `image_embeds` (Llama 4's image features and where they go) travel with the description."""
 
-    def forward(self, tokens, batch=None, last_only: bool = False):
+    def forward(self, tokens, batch=None, last_only: bool = False, image_embeds=None):
         if self.leader is None:
             raise HerdError(f"rank {self.layout.rank} follows rank 0's forwards: call llm.follow() on this rank")
-        return self.leader.run(self.local_forward, tokens, batch, last_only)
+        return self.leader.run(self.local_forward, tokens, batch, last_only, image_embeds)
 
-    def local_forward(self, tokens, batch=None, last_only: bool = False):
-        return Transformer.forward(self, tokens, batch, last_only)
+    def local_forward(self, tokens, batch=None, last_only: bool = False, image_embeds=None):
+        return Transformer.forward(self, tokens, batch, last_only, image_embeds=image_embeds)
 
 
 def parallelize(model: Transformer, layout: Layout, args, local_kv: int) -> None:
@@ -230,6 +238,6 @@ def parallelize(model: Transformer, layout: Layout, args, local_kv: int) -> None
     model.args = dataclasses.replace(args, n_heads=args.n_heads // tp, n_kv_heads=local_kv)
 
 
-__all__ = ["Layout", "check_layout", "ParallelTransformer", "ParallelAttention",
+__all__ = ["Layout", "check_layout", "VISION_PREFIXES", "ParallelTransformer", "ParallelAttention",
            "ParallelFeedForward", "ParallelMoE", "ExpertParallelMoE", "VocabParallelEmbedding",
            "VocabParallelOutput", "parallelize"]
