@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property
 from typing import Callable, Iterator, Sequence
@@ -148,23 +149,30 @@ class LLM:
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The token ids the model sees for these OpenAI-shaped messages, ending with the assistant header.
         Messages with images need their features too: use chat_inputs."""
-        ids, images = self.chat_inputs(messages, tools)
-        if images:
+        from herd.chat import extract_images
+
+        # refused before any image is read (a model that cannot see images says so in chat_inputs, also unread)
+        if self.sees_images and extract_images(messages)[1]:
             raise ImageError("the messages hold images, whose features token ids alone cannot carry; use "
                              "LLM.chat_inputs (ids and images) or LLM.chat")
-        return ids
+        return self.chat_inputs(messages, tools)[0]
 
     @property
     def sees_images(self) -> bool:
         """Whether this model has an image encoder (Llama 4 with its vision weights)."""
         return self.config.vision is not None
 
-    def chat_inputs(self, messages: list[dict], tools: list[dict] | None = None,
-                    fetch=None) -> tuple[list[int], list[ImagePlacement]]:
+    def chat_inputs(self, messages: list[dict], tools: list[dict] | None = None, read_image=None,
+                    max_images: int | None = None,
+                    max_total_pixels: int | None = None) -> tuple[list[int], list[ImagePlacement]]:
         """The prompt's token ids and its images (herd.engine.ImagePlacement) for OpenAI-shaped messages whose
         content may hold image parts: {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
-        or a file path as the url. `fetch(url) -> bytes` reads http(s) URLs (the server's, with its limits);
-        without it they are refused. Raises herd.errors.ImageError for an image the model cannot take."""
+        or a file path as the url. `read_image(url) -> (bytes, name)` reads each image's url (default
+        herd.images.image_bytes: data URLs and files; herd serve passes its own, which reads no files).
+        `max_images` and `max_total_pixels` bound the images of one call: how many, and their pixels together,
+        read from each image's header before any is decoded; each image alone is held to
+        `llm.max_image_pixels`. Images are decoded one at a time. Raises herd.errors.ImageError for an image
+        the model cannot take."""
         from herd.chat import IMAGE_TOKEN, extract_images, llama4_image_tokens, render
 
         messages, sources = extract_images(messages)
@@ -179,31 +187,34 @@ class LLM:
         ids = render(messages, self.tokenizer, self.chat_format, tools=tools, add_generation_prompt=True)
         if not sources:
             return ids, []
-        from herd.images import MAX_BYTES, MAX_PIXELS, decode_image, image_bytes
+        from herd.images import MAX_BYTES, MAX_PIXELS, decode_image, image_bytes, image_size
 
+        if max_images is not None and len(sources) > max_images:
+            raise ImageError(f"{len(sources)} images in one request; the limit is {max_images}")
         vision = self.config.vision
-        pictures = []
-        for source in sources:
-            if fetch is not None and isinstance(source, str) and source.startswith(("http://", "https://")):
-                data, name = fetch(source), source
-            else:
-                data, name = image_bytes(source, self.max_image_bytes or MAX_BYTES)
-            pictures.append(decode_image(data, name, self.max_image_pixels or MAX_PIXELS))
+        read = read_image or (lambda source: image_bytes(source, self.max_image_bytes or MAX_BYTES))
+        encoded = [read(source) for source in sources]
+        per_image = self.max_image_pixels or MAX_PIXELS
+        total = sum(math.prod(image_size(data, name, per_image)) for data, name in encoded)
+        if max_total_pixels is not None and total > max_total_pixels:
+            raise ImageError(f"the {len(encoded)} images hold {total:,} pixels together, more than the limit of "
+                             f"{max_total_pixels:,} per request")
         marker = self.tokenizer.special_id(IMAGE_TOKEN)
         at = [i for i, t in enumerate(ids) if t == marker]
-        if len(at) != len(pictures):
-            raise ImageError(f"the chat format placed {len(at)} image(s) for the {len(pictures)} given")
+        if len(at) != len(encoded):
+            raise ImageError(f"the chat format placed {len(at)} image(s) for the {len(encoded)} given")
         if self.config.cross_attention_layers:  # Llama 3.2 Vision: the <|image|> token stays; its tiles are read
             placements = []  # by the cross-attention layers, which every token's keys depend on
             # Meta's tiktoken vocabulary spells <|image|> 128011; the model's row for it is the first past the
             # vocabulary (128256), which Meta's chat format substitutes (llama-models llama3/chat_format.py)
             ids = [vision.image_token_id if t == marker else t for t in ids]
-            for where, picture in zip(at, pictures):
-                image = self.preprocess_image(picture)
+            for where, (data, name) in zip(at, encoded):  # decoded one at a time, dropped once preprocessed
+                image = self.preprocess_image(decode_image(data, name, per_image))
                 placements.append(ImagePlacement(image.tiles, image.digest, (where,), affects_from=0,
                                                  ratio_id=image.ratio_id, n_tiles=image.n_tiles))
             return ids, placements
-        inputs = [self.preprocess_image(picture) for picture in pictures]
+        inputs = [self.preprocess_image(decode_image(data, name, per_image))
+                  for data, name in encoded]  # decoded one at a time, dropped once preprocessed
         patch = self.tokenizer.special_id("<|patch|>")
         out, placements, last = [], [], 0
         for where, image in zip(at, inputs):

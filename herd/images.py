@@ -23,6 +23,7 @@ import hashlib
 import io
 import math
 import platform
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,29 +37,51 @@ MAX_BYTES = 20 * 1024 * 1024  # default limit on an encoded image (a data URL's 
 
 
 def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS):
-    """Encoded bytes -> an RGB PIL image, upright. Raises ImageError naming `name` for anything unusable."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """Encoded bytes -> an RGB PIL image, upright. Raises ImageError naming `name` for anything unusable; the
+    size is checked from the header (image_size) before a pixel is decoded."""
+    from PIL import ImageOps
+
+    with _opened(data, name) as img:
+        _check_size(img, name, max_pixels)
+        img.seek(0)  # a GIF's or WebP's first frame
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+
+
+def image_size(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) read from the image's header alone: Pillow decodes no pixel until asked, so a limit on
+    the pixels of several images together is checked before any of them costs memory."""
+    with _opened(data, name) as img:
+        return _check_size(img, name, max_pixels)
+
+
+def _check_size(img, name: str, max_pixels: int) -> tuple[int, int]:
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(f"{name}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}")
+    if width == 0 or height == 0:
+        raise ImageError(f"{name}: the image is {width}x{height} pixels")
+    return width, height
+
+
+@contextmanager
+def _opened(data: bytes, name: str):
+    """The image Pillow opens lazily from `data`; Pillow's errors become ImageErrors naming `name`. They never
+    quote the data (it may be a file or a download the reader of the message must not see)."""
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise ImageError(f"{name}: empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageError(f"{name}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
-                                 f"{max_pixels:,}")
-            if width == 0 or height == 0:
-                raise ImageError(f"{name}: the image is {width}x{height} pixels")
-            img.seek(0)  # a GIF's or WebP's first frame
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            yield img
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image Pillow can read ({len(data)} bytes starting {data[:8]!r})") from None
+        raise ImageError(f"{name}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or corrupt data
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
 
@@ -280,4 +303,4 @@ def preprocess_mllama(img, tile: int = 560, max_tiles: int = 4, mean=CLIP_MEAN, 
 
 
 __all__ = ["decode_image", "load_image", "image_bytes", "preprocess_llama4", "preprocess_mllama", "ImageInput",
-           "MllamaImage", "MAX_PIXELS", "MAX_BYTES"]
+           "MllamaImage", "MAX_PIXELS", "MAX_BYTES", "image_size"]

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
 
 import openai
 import pytest
 
 from herd.server import create_app
-from tests.fixtures.serving import ServerThread, closed_by_server, http, raw_response
+from tests.fixtures.serving import ServerThread, closed_by_server, health_latencies, http, raw_response
 
 MODEL = "smol"
 
@@ -82,22 +81,6 @@ def test_body_over_the_default_limit_gets_413_before_it_is_read(server):
     assert http("GET", server.url + "/health", timeout=5) == (200, {"status": "ok"})
 
 
-def health_latencies(srv, work) -> tuple[list[float], object]:
-    """Run `work()` in a thread and time /health meanwhile: (latencies while it ran, its result)."""
-    result, latencies = {}, []
-    t = threading.Thread(target=lambda: result.setdefault("r", work()))
-    t.start()
-    time.sleep(0.2)  # let the request reach its handler
-    while t.is_alive():
-        start = time.monotonic()
-        status, _ = http("GET", srv.url + "/health", timeout=30)
-        latencies.append(time.monotonic() - start)
-        assert status == 200
-        time.sleep(0.05)
-    t.join()
-    return latencies, result["r"]
-
-
 def test_large_prompts_do_not_block_health(roomy):
     text = "The quick brown fox jumps over the lazy dog. " * (10_000_000 // 45)  # 10 MB
     latencies, (status, body) = health_latencies(
@@ -149,12 +132,27 @@ def test_seed_out_of_range_is_400_naming_seed(server):
     ("/v1/chat/completions", chat_body([{"type": "text", "text": "\udfffx"}]), "messages"),
     ("/tokenize", {"prompt": "\ud800abc"}, "prompt"),
     ("/tokenize", {"messages": [{"role": "user", "content": "\ud800abc"}]}, "messages"),
+    # issue 23 item 12: a model name that is not valid Unicode was a 500 (the "does not exist" answer quoted it)
+    ("/v1/chat/completions", chat_body("Hi", model="\ud800"), "model"),
+    ("/v1/completions", {"model": "x\udfff", "prompt": "Hi", "max_tokens": 2}, "model"),
+    ("/tokenize", {"model": "\ud800", "prompt": "Hi"}, "model"),
+    ("/detokenize", {"model": "\ud800", "tokens": [1]}, "model"),
 ])
 def test_lone_surrogates_are_400_naming_the_field(server, path, body, param):
     assert "\\ud800" in json.dumps(body) or "\\udfff" in json.dumps(body)  # sent as JSON's escape
     err = error_of(http("POST", server.url + path, body, timeout=60))
     assert err["param"] == param, err
     assert "not valid Unicode" in err["message"] and "lone surrogate" in err["message"], err
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "function": "f"}, {"type": "function", "function": ["f"]},
+                                         {"type": "function", "function": {"name": 5}}, {"function": 7}])
+def test_malformed_tool_choice_is_400_naming_it(server, tool_choice):
+    """Issue 23 item 12: tool_choice.function given as a string (or anything but an object with a name) was a 500."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    err = error_of(http("POST", server.url + "/v1/chat/completions",
+                        chat_body("Hi", tools=tools, tool_choice=tool_choice), timeout=60))
+    assert err["param"] == "tool_choice" and '"function": {"name": NAME}' in err["message"], err
 
 
 # -- item 5: large enums ----------------------------------------------------------------------------------------

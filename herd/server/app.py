@@ -27,7 +27,9 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from herd.engine import AsyncEngine, Engine, Metrics
-from herd.server.images import ImageFetch
+from herd.images import MAX_BYTES, MAX_PIXELS
+from herd.server.budget import InputBudget
+from herd.server.images import ImageFetch, ImageSources
 from herd.server.openai import APIError, Served, error_response, router
 from herd.server.sse import ClientDisconnected
 
@@ -35,6 +37,8 @@ log = logging.getLogger("herd.server")
 
 PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 MAX_BODY_BYTES = 8 << 20
+MAX_IMAGES = 16  # images in one request
+MAX_REQUEST_PIXELS = MAX_PIXELS  # decoded pixels of one request's images together: ~150 MB as RGB
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,19 @@ def create_app(llm, *, max_batch: int = 8, context: int | None = None, max_queue
                api_key: str | None = None, model_id: str | None = None, aliases=(),
                prefill_budget: int = 256, max_body_bytes: int = MAX_BODY_BYTES, header_timeout: float = 10.0,
                body_timeout: float = 60.0, kv_dtype=None, allow_image_urls: bool = False,
-               image_url_max_bytes: int | None = None, image_url_timeout: float = 10.0) -> FastAPI:
+               image_url_max_bytes: int | None = None, image_url_timeout: float = 10.0,
+               max_images: int = MAX_IMAGES, max_image_pixels: int = MAX_REQUEST_PIXELS) -> FastAPI:
     """An OpenAI-compatible app serving `llm` (a herd.api.LLM) with a continuous-batching engine of
     `max_batch` sequences of at most `context` tokens each (default: the model's context) and a waiting queue of
     `max_queue` requests (default 8 x max_batch) past which requests get 429. Bodies over `max_body_bytes`
     get 413, bodies slower than `body_timeout` seconds 408; `header_timeout` applies when the app is served
     through herd.server.uvicorn_config. `kv_dtype`: the KV cache's dtype (default
     herd.engine.runner.default_kv_dtype: fp16 on the quantized CPU path). Images come as data URLs in
-    image_url parts; `allow_image_urls` lets the server fetch http(s) ones too, each within
-    `image_url_max_bytes` (default herd.images.MAX_BYTES) and `image_url_timeout` seconds."""
+    image_url parts, never as files on the server; `allow_image_urls` lets the server fetch http(s) ones too,
+    each within `image_url_max_bytes` (default herd.images.MAX_BYTES) and `image_url_timeout` seconds. A
+    request holds at most `max_images` images of `max_image_pixels` pixels together, checked from their
+    headers before any is decoded. Input is prepared (tokenized, rendered, decoded) within an InputBudget of
+    one body's worth at a time (herd.server.budget)."""
     context = context or llm.config.max_seq_len
     engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, context=context,
                     max_queue=max_queue if max_queue is not None else 8 * max_batch,
@@ -76,8 +84,11 @@ def create_app(llm, *, max_batch: int = 8, context: int | None = None, max_queue
 
     app = FastAPI(title="herd", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     adapters = {name: i for i, name in enumerate(getattr(llm, "adapters", None) or {}, 1)}
+    fetch = ImageFetch(image_url_max_bytes, image_url_timeout) if allow_image_urls else None
     app.state.served = Served(llm, async_engine, model_id, set(aliases) - {None}, context, adapters=adapters,
-                              image_fetch=ImageFetch(image_url_max_bytes, image_url_timeout) if allow_image_urls else None)
+                              read_image=ImageSources(fetch, llm.max_image_bytes or MAX_BYTES),
+                              max_images=max_images, max_image_pixels=max_image_pixels,
+                              inputs=InputBudget(max_body_bytes))
     app.state.limits = limits = Limits(max_body_bytes, header_timeout, body_timeout)
     app.include_router(router)
 

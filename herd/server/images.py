@@ -1,5 +1,6 @@
-"""Fetching http(s) image URLs for herd serve --allow-image-urls: one GET per image, bounded in bytes and time,
-refused for anything but an image-sized body. Data URLs and the decoding itself are herd.images'."""
+"""Where herd serve takes images from: data URLs always; http(s) URLs only with --allow-image-urls, each fetched
+with one GET bounded in bytes and time. Never a file: a path, a relative path or a file:// URL in a request names
+a file on the server, which a client must not reach (nor learn whether it exists). Decoding is herd.images'."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from herd.errors import ImageError
-from herd.images import MAX_BYTES
+from herd.images import MAX_BYTES, image_bytes
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,24 @@ class ImageFetch:
             raise
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise ImageError(f"{url}: could not fetch the image ({e})") from None
+
+
+@dataclass(frozen=True)
+class ImageSources:
+    """The server's `read_image` for herd.api.LLM.chat_inputs: (bytes, name) of an image part's url."""
+
+    fetch: ImageFetch | None = None  # None: http(s) URLs are refused
+    max_bytes: int = MAX_BYTES  # of a data URL's image
+
+    def __call__(self, url) -> tuple[bytes, str]:
+        if isinstance(url, str) and url.startswith("data:"):
+            return image_bytes(url, self.max_bytes)
+        if isinstance(url, str) and url.startswith(("http://", "https://")):
+            if self.fetch is None:
+                raise ImageError("an http(s) image URL, but this server was not started with --allow-image-urls: "
+                                 "send the image as a data URL (data:image/png;base64,...)")
+            return self.fetch(url), url
+        # The same words for every other url, whatever it names, so that nothing about the server's files shows.
+        raise ImageError("an image_url must be a data URL (data:image/png;base64,...)"
+                         + (" or an http(s) URL" if self.fetch is not None else "")
+                         + "; this server reads no files")

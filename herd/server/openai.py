@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from herd.chat.tools import functions, parse_reply
 from herd.engine import AsyncEngine, QueueFull, Request as EngineRequest, RequestOutput
 from herd.engine.constrained import UnsupportedSchema, json_constraint
-from herd.errors import ContextOverflow, HerdError, ImageError
+from herd.errors import ContextOverflow, HerdError
 from herd.sampling import SamplingParams
+from herd.server.budget import InputBudget
 from herd.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest)
 from herd.server.sse import DONE, SSEResponse, event, until_disconnect
 
@@ -47,8 +48,14 @@ class APIError(Exception):
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    body = {"error": {"message": _printable(message), "type": type, "param": _printable(param), "code": code}}
     return JSONResponse(body, status_code=status)
+
+
+def _printable(text: str | None) -> str | None:
+    """`text` as valid Unicode: a client's lone surrogate quoted in a message becomes its escape (\\ud800)
+    rather than a response that cannot be encoded."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(text, str) else text
 
 
 @dataclass
@@ -62,7 +69,10 @@ class Served:
     context: int  # tokens per sequence: prompt + output must fit
     created: int = field(default_factory=lambda: int(time.time()))
     adapters: dict[str, int] = field(default_factory=dict)  # LoRA adapter name -> its index in the model (1..)
-    image_fetch: Any = None  # herd.server.images.ImageFetch when --allow-image-urls, else http(s) images are refused
+    read_image: Any = None  # herd.server.images.ImageSources: data URLs, and http(s) ones with --allow-image-urls
+    max_images: int | None = None  # images in one request
+    max_image_pixels: int | None = None  # decoded pixels of one request's images together
+    inputs: InputBudget = field(default_factory=lambda: InputBudget(8 << 20))  # input prepared at once
 
 
 def served(request: Request) -> Served:
@@ -71,6 +81,7 @@ def served(request: Request) -> Served:
 
 def _check_model(s: Served, name: str | None) -> int:
     """The adapter a request's `model` names: 0 for the base model (or no name), i for adapter i."""
+    _check_text(name, "model")
     if name is None or name == s.model_id or name in s.aliases:
         return 0
     if name in s.adapters:
@@ -111,6 +122,27 @@ def _check_text(value, param: str) -> None:
             todo += [(x, f"{where}.{k}") for k, x in v.items()]
         elif isinstance(v, (list, tuple)):
             todo += [(x, f"{where}[{i}]") for i, x in enumerate(v)]
+
+
+async def _prepare(s: Served, share: int, work, *args):
+    """work(*args) in a worker thread, holding `share` bytes of the server's InputBudget while it runs (also
+    when the request is cancelled meanwhile: the thread runs on, and so does what it costs)."""
+    async with s.inputs.hold(share):
+        done = asyncio.ensure_future(asyncio.to_thread(work, *args))
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            await asyncio.gather(done, return_exceptions=True)
+            raise
+
+
+def _has_images(messages) -> bool:
+    """Whether any message holds a content part that is not text (an image part, or one the template will
+    refuse): such a request is prepared with the whole InputBudget, for decoding images costs more than
+    their bytes say."""
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(not (isinstance(p, dict) and p.get("type") == "text") for p in m["content"])
+               for m in messages)
 
 
 def _stops(stop) -> list[str]:
@@ -213,7 +245,11 @@ def _chat_plan(s: Served, body: ChatCompletionRequest) -> tuple[ChatPlan, dict |
     if choice != "none" and not tools:
         raise APIError(400, "tool_choice needs a non-empty tools list", param="tool_choice")
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type", "function") != "function" or not isinstance(name, str):
+            raise APIError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", '
+                                '"function": {"name": NAME}}', param="tool_choice")
         match = [f for f in fns if f["name"] == name]
         if not match:
             raise APIError(400, f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
@@ -274,11 +310,8 @@ def _chat_inputs(s: Served, body: ChatCompletionRequest, plan: ChatPlan, schema:
     _check_text(body.messages, "messages")
     _check_text(body.tools, "tools")
     try:
-        prompt_ids, images = llm.chat_inputs(body.messages, plan.tools, fetch=s.image_fetch)
-    except ImageError as e:
-        hint = "" if s.image_fetch is not None or "http" not in str(e) else \
-            " (this server was not started with --allow-image-urls: send the image as a data URL)"
-        raise APIError(400, f"messages: {e}{hint}", param="messages") from None
+        prompt_ids, images = llm.chat_inputs(body.messages, plan.tools, read_image=s.read_image,
+                                             max_images=s.max_images, max_total_pixels=s.max_image_pixels)
     except (HerdError, ValueError, TypeError) as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
     if not constrained:
@@ -301,8 +334,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     eot = llm.end_of_turn(plan.fmt)
     stop_ids = eot.token_ids
-    prompt_ids, constraint, images = await asyncio.to_thread(_chat_inputs, s, body, plan, schema, constrained,
-                                                             stop_ids)
+    share = s.inputs.capacity if _has_images(body.messages) else len(await request.body())
+    prompt_ids, constraint, images = await _prepare(s, share, _chat_inputs, s, body, plan, schema, constrained,
+                                                    stop_ids)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     cid = "chatcmpl-" + uuid.uuid4().hex
     reqs = _requests(s, prompt_ids, max_tokens, body, body.n, cid, stop_ids=stop_ids,
@@ -467,7 +501,7 @@ async def completions(body: CompletionRequest, request: Request):
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of other than n is not supported", param="best_of")
-    prompts = await asyncio.to_thread(_prompts, s, body.prompt)
+    prompts = await _prepare(s, len(await request.body()), _prompts, s, body.prompt)
     stop_ids = frozenset(s.llm.stop_ids)
     prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
     cid = "cmpl-" + uuid.uuid4().hex
@@ -564,7 +598,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages")
 
-    def answer() -> JSONResponse:  # in a worker thread: millions of ids take seconds to serialize too
+    def answer() -> Response:  # in a worker thread: millions of ids take seconds to serialize too
         param = "messages" if body.messages is not None else "prompt"
         _check_text(body.messages if body.messages is not None else body.prompt, param)
         try:
@@ -574,9 +608,16 @@ async def tokenize(body: TokenizeRequest, request: Request):
                 ids = s.llm.tokenizer.encode(body.prompt, bos=None if body.add_special_tokens else False)
         except (HerdError, ValueError, TypeError) as e:
             raise APIError(400, f"{param}: {e}", param=param) from None
-        return JSONResponse({"count": len(ids), "max_model_len": s.context, "tokens": ids})
+        head = f'{{"count":{len(ids)},"max_model_len":{s.context},"tokens":['
+        return Response(head.encode() + _int_list(ids) + b"]}", media_type="application/json")
 
-    return await asyncio.to_thread(answer)
+    return await _prepare(s, len(await request.body()), answer)
+
+
+def _int_list(ids: list[int], piece: int = 8192) -> bytes:
+    """The ints as a JSON array's inside, written a piece at a time: json.dumps of two million ids holds the GIL
+    for 1.5 s in one call (the event loop, /health with it, waited that long); between pieces it is released."""
+    return b",".join(",".join(map(str, ids[i:i + piece])).encode() for i in range(0, len(ids), piece))
 
 
 @router.post("/detokenize")
@@ -586,7 +627,7 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     vocab = s.llm.config.vocab_size
     if any(t < 0 or t >= vocab for t in body.tokens):
         raise APIError(400, f"token ids must lie in 0..{vocab - 1}", param="tokens")
-    return {"prompt": await asyncio.to_thread(s.llm.tokenizer.decode, body.tokens)}
+    return {"prompt": await _prepare(s, len(await request.body()), s.llm.tokenizer.decode, body.tokens)}
 
 
 @router.get("/health")
