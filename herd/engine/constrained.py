@@ -429,7 +429,7 @@ class Grammar:
             best = total
             objects = [(node, count) for node, count in flat.values() if node.kind in ("obj", "dict")]
             if objects:
-                best = max(best, fixed["{"] + objects_parses(objects, depth))
+                best = max(best, fixed["{"] + objects_parses(objects, depth, True))
             arrays = [(node.a, count) for node, count in flat.values() if node.kind == "arr"]
             if arrays:
                 best = max(best, fixed["["] + max(sum(c for _, c in arrays), parses(arrays, depth + 1)))
@@ -443,8 +443,10 @@ class Grammar:
                 spend(len(first_chars[id(node)]))
             return first_chars[id(node)]
 
-        def objects_parses(objects, depth: int) -> int:
-            key = ("o", frozenset((id(node), count) for node, count in objects))
+        def objects_parses(objects, depth: int, first: bool) -> int:
+            """Objects read together from their opening brace (`first`: the next name is their first one, so
+            only names that may come first count) or from a property on (any of their names may follow)."""
+            key = ("o", first, frozenset((id(node), count) for node, count in objects))
             if key in memo:
                 return memo[key]
             if key in active:
@@ -455,16 +457,21 @@ class Grammar:
             spare = [(node.a, count) for node, count in objects if node.kind == "dict"]
             for node, count in objects:
                 if node.kind == "obj":
-                    for name, value, _ in node.a:
+                    props = node.a
+                    if first:  # up to and with the first required property
+                        props = props[:next((i + 1 for i, p in enumerate(props) if p[2]), len(props))]
+                    for name, value, _ in props:
                         names.setdefault(name, []).append((node, value, count))
             spend(len(names))
+            if spare:  # a name no object declares: only the dicts' values
+                best = max(best, parses(spare, depth + 1))
             for having in names.values():
                 values = [(value, count) for _, value, count in having] + spare
                 best = max(best, parses(values, depth + 1))
                 if best > MAX_PARSES:
                     break
                 if spare or any(v.kind not in ("lit", "lits") for _, v, _ in having):
-                    if len(having) + len(spare) == len(objects):
+                    if not first and len(having) + len(spare) == len(objects):
                         continue  # every object has the name and goes on: the same alternatives as now
                     survivors = [[(node, count) for node, _, count in having] + [(n, c) for n, c in objects
                                                                                    if n.kind == "dict"]]
@@ -475,7 +482,7 @@ class Grammar:
                             by_text.setdefault(t, []).append((node, count))
                     survivors = list(by_text.values())
                 for group in survivors:
-                    best = max(best, objects_parses(group, depth))
+                    best = max(best, objects_parses(group, depth, False))
             active.discard(key)
             memo[key] = best
             return best
