@@ -45,6 +45,7 @@ from typing import Generator
 import numpy as np
 import torch
 
+from herd.errors import HerdError
 from herd.tokenizer import Tokenizer
 
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "format", "deprecated",
@@ -59,17 +60,17 @@ MAX_SUBSCHEMAS = 10_000  # compiled schema pieces (each may multiply the automat
 MAX_NESTING = 64  # schema objects inside one another, $ref hops included
 MAX_LITERALS = (100_000, 2_000_000)  # enum / const values, and their characters, in one schema
 MAX_PARSES = 256  # most ways of reading one output a schema may keep alive at once (stacks in a state)
-MAX_ANALYSIS = 1_000_000  # work the ambiguity analysis may do before it gives up on a schema
+MAX_ANALYSIS = 300_000  # work the ambiguity analysis may do before it gives up on a schema
 MAX_MASK_STEPS = 20_000_000  # work one token mask may take (trie edges walked + stack-steps)
 STEP_CACHE_STACKS = 250_000  # stacks held by cached step results, over all grammars (a few hundred bytes each)
 MASK_CACHE_BYTES = 64 << 20  # cached masks, over all grammars and vocabularies
 
 
-class UnsupportedSchema(ValueError):
+class UnsupportedSchema(HerdError, ValueError):
     """The schema uses a keyword or construct constrained decoding cannot guarantee, or costs too much."""
 
 
-class ConstraintError(ValueError):
+class ConstraintError(HerdError, ValueError):
     """Decoding under the schema cannot go on (no token fits, or one step costs more than herd allows)."""
 
 
@@ -84,7 +85,7 @@ class Node:
 
 
 def _dump(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 class _Keys:
@@ -203,7 +204,7 @@ class Grammar:
         if s is True or s == {}:
             return _ANY[1]
         if not isinstance(s, dict):
-            raise UnsupportedSchema(f"{path} must be a JSON schema object, got {_dump(s)[:80]}")
+            raise UnsupportedSchema(f"{path} must be a JSON schema object, got {json.dumps(s)[:80]}")
         self._count += 1
         if self._count > MAX_SUBSCHEMAS:
             raise UnsupportedSchema(f"the schema has more than {MAX_SUBSCHEMAS:,} subschemas, more than herd's "
@@ -297,7 +298,11 @@ class Grammar:
 
     def _fixed(self, values: list, path: str) -> Node:
         """The alternatives of an enum or const: their JSON texts."""
-        texts = sorted({_dump(v) for v in values})
+        try:
+            texts = sorted({_dump(v) for v in values})
+        except ValueError:
+            raise UnsupportedSchema(f"{path}: an enum or const value is NaN or infinite, which JSON cannot "
+                                    "write") from None
         self._literals += len(texts)
         self._literal_chars += sum(len(t) for t in texts)
         if self._literals > MAX_LITERALS[0] or self._literal_chars > MAX_LITERALS[1]:
@@ -402,8 +407,8 @@ class Grammar:
                     todo.extend((c, count) for c in node.a)
                 elif node.kind == "ref":
                     todo.append((node.a, count))
-                elif node.kind == "any":
-                    todo.extend((p, count) for p in _any_parts(node.a))
+                elif node.kind == "any":  # as at depth 1, which allows the most (fewer states to explore)
+                    todo.extend((p, count) for p in _any_parts(1))
                 elif id(node) in out:
                     out[id(node)][1] += count
                 else:
@@ -645,6 +650,8 @@ class Grammar:
             nxt = "expsign"
         elif phase in ("exp", "expsign") and c in DIGITS:
             nxt = "expdig"
+        if nxt in ("minus", "dot", "exp", "expsign") and length + 2 > MAX_NUMBER:
+            nxt = None  # a digit must still fit after it, or the number could neither go on nor end
         return out + ([rest + (("N", nxt, integer, length + 1),)] if nxt else [])
 
     def _object(self, top, rest, c):
@@ -765,7 +772,7 @@ def _bounds(s: dict, low: str, high: str, path: str) -> tuple[int, int | None]:
     lo, hi = s.get(low, 0), s.get(high)
     for key, v in ((low, lo), (high, hi)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise UnsupportedSchema(f"{path}.{key} must be a non-negative integer, got {_dump(v)[:40]}")
+            raise UnsupportedSchema(f"{path}.{key} must be a non-negative integer, got {json.dumps(v)[:40]}")
     if hi is not None and lo > hi:
         raise UnsupportedSchema(f"{path}: {low} {lo} is greater than {high} {hi}, so no value can match it")
     return lo, hi
@@ -865,7 +872,11 @@ def _grammar(schema_json: str | None) -> Grammar:
 
 def grammar_for(schema: dict | None) -> Grammar:
     """A compiled Grammar (cached by schema text). Raises UnsupportedSchema."""
-    return _grammar(None if schema is None else json.dumps(schema))
+    try:
+        text = None if schema is None else json.dumps(schema)
+    except RecursionError:
+        raise UnsupportedSchema("the schema is nested too deeply") from None
+    return _grammar(text)
 
 
 class Constraint:
