@@ -1003,10 +1003,13 @@ class RenderProcesses:
         worker = self._acquire()
         reusable = False
         try:
-            text, reusable = worker.render(source, variables, limit, budget, timeout_s, self.grace_s)
-            return text
+            ok, text = worker.render(source, variables, limit, budget, timeout_s, self.grace_s)
+            reusable = True  # it answered: rendered, or refused the template with a TemplateError
         finally:
             self._release(worker, reusable)
+        if not ok:
+            raise TemplateError(text)
+        return text
 
     def close(self) -> None:
         with self._cond:
@@ -1075,8 +1078,9 @@ class _Worker:
                 pipe.close()
 
     def render(self, source: str, variables: dict, limit: int, budget: int, timeout_s: float,
-               grace_s: float) -> tuple[str, bool]:
-        """(text, whether the worker can be used again); raises TemplateError."""
+               grace_s: float) -> tuple[bool, str]:
+        """(True, the text) or (False, the TemplateError's message the worker sent). Raises TemplateError
+        when the worker does not answer in time (it is killed) or ends."""
         request = pickle.dumps((source, variables, limit, budget, timeout_s), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             if not self.ready:  # its start-up (imports, on a busy machine) does not count against the render
@@ -1095,10 +1099,7 @@ class _Worker:
             self.stop()
             raise TemplateError(f"the chat template's render process ended ({_ended(self.proc.returncode)}); "
                                 f"it may have needed more than its {budget / 2**20:,.0f} MiB") from None
-        text = reply[1:].decode("utf-8", "surrogatepass")
-        if reply[:1] == b"O":
-            return text, True
-        raise TemplateError(text)
+        return reply[:1] == b"O", reply[1:].decode("utf-8", "surrogatepass")
 
     def _read(self, n: int, deadline: float) -> bytes:
         fd, data = self.proc.stdout.fileno(), bytearray()
