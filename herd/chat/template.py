@@ -10,11 +10,23 @@ as JSON strings are handed to the template as objects (as vLLM does), since temp
 
 A template is untrusted input. The sandbox refuses attribute access to internals (`__class__`,
 `__globals__`, `_private`) with an error instead of an empty string; there is no loader, so include,
-import and extends cannot read files. Rendering is bounded in time (a deadline checked in every loop
-iteration and every call) and in size: output, string and list building (`*`, `+`, `%`, `~`, set blocks, join, indent,
-replace ...) may not exceed `max_chars` plus twice the size of the input, checked before the memory
-is allocated; str.format checks each field after its nested specs are resolved and before it is
-formatted (so `'{0:{1}}'.format('x', '1900000000')` is refused, not built and then measured). Any failure is a herd.errors.TemplateError.
+import and extends cannot read files. Rendering is bounded in time, in the size of each value and in
+the memory of all values together, and every bound is checked before the work it bounds:
+
+- time: a deadline checked in every loop iteration, operator and call (`timeout_s`);
+- size: no value the template builds (strings, bytes, lists, dicts; by `*`, `+`, `%`, `~`, str.format,
+  join, replace, translate, expandtabs, encode, split, center, indent, wordwrap, tojson, pprint, batch,
+  slice, set blocks, literals, slices ...) may exceed `max_chars` plus twice the size of the input. Where
+  an operation can multiply its input (a repetition, a replacement, a translation table, a width, a
+  separator, an escape), the size of its result is worked out from its arguments before it runs, so a
+  single C-level call never builds a giant value that the deadline could not interrupt;
+- memory: the values a render builds are counted as they are made (`max_bytes` plus 16 times the input's
+  size in all), and operations that make many small objects (split, list, batch, title ...) are counted
+  before they run. Since each C-level call works on values within these bounds, each takes milliseconds.
+
+`render_in_processes` renders a template's prompts in worker processes instead (herd serve does), each under
+an address-space limit and killed at the deadline, so nothing a template does can stall or grow the server.
+Any failure is a herd.errors.TemplateError.
 
 The rendered text is encoded with special=True and bos=False (templates write their own BOS; a doubled
 leading BOS is collapsed). Control-token text that came from messages, tools or documents is wrapped in
@@ -24,14 +36,23 @@ control token through a template either (the idea of transformers' `sanitize_con
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
 import re
+import select
+import signal
+import struct
+import subprocess
+import sys
 import threading
 import time
 import types
+from collections.abc import ItemsView, KeysView, ValuesView
 from datetime import datetime
 from functools import wraps
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jinja2
 import jinja2.ext
@@ -47,25 +68,37 @@ from herd.chat.formats import IMAGE_MARK, IMAGE_TOKEN, ChatFormat, Special, norm
 from herd.errors import TemplateError
 from herd.tokenizer.base import Tokenizer
 
-MAX_CHARS = 1_000_000  # output and intermediate-string budget on top of twice the input size
+MAX_CHARS = 1_000_000  # output and intermediate-value budget on top of twice the input size
+MAX_BYTES = 64 << 20  # memory of all the values one render builds, on top of BYTES_PER_INPUT x the input's
+BYTES_PER_INPUT = 16
 TIMEOUT_S = 5.0
 _START, _END = "\U000f0000", "\U000f0001"  # private-use markers around control-token text from user data
 _CANDIDATE = re.compile(r"<\|[^<>|\s]{1,100}\|>|</?[A-Za-z_][A-Za-z0-9_.:-]{0,40}>|\[/?[A-Z_]{2,30}\]")
-_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*\d*(?:\.\d*)?")
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?([-+ #0]*(?:\*|\d*)(?:\.(?:\*|\d*))?)[hlL]?([a-zA-Z%])?")
 _KNOWN_STOPS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|eot|>", "<|eom|>", "<|im_end|>",
                 "<|endoftext|>", "<end_of_turn>", "<|end|>", "<|return|>", "<|call|>")
+_DELETE_CONTROLS = dict.fromkeys(range(32))
+_CASE_MAPS = ("upper", "lower", "title", "capitalize", "swapcase", "casefold")
+_PLAIN_CODECS = {"utf-8", "utf8", "utf_8", "ascii", "us-ascii", "latin-1", "latin1", "iso-8859-1", "utf-16", "utf16",
+                 "utf_16", "utf-32", "utf32", "utf_32"}
+# filters that walk their input once into many small objects: bytes of transient memory per input character
+_TRANSIENT_PER_CHAR = {"title": 80, "wordwrap": 80, "urlize": 80, "striptags": 80, "wordcount": 40, "list": 96}
 
 
 class _Timeout(BaseException):
     """The render ran out of time; a BaseException so nothing on the way out can swallow it."""
 
 
+# -- measuring values ------------------------------------------------------------------------------------------
+# Every walk stops once past its budget, so measuring a value costs at most O(budget) whatever it shares.
+
 def _size(value: Any, budget: int) -> int:
-    """Approximate text size of a value, stopping early once it exceeds `budget`."""
+    """Approximate text size of a value, stopping early once it exceeds `budget`. Shared parts count once
+    per reference, so a value whose parts refer to each other many times is as large as written out."""
     total, stack = 0, [value]
     while stack:
         v = stack.pop()
-        if isinstance(v, str):
+        if isinstance(v, (str, bytes, bytearray)):
             total += len(v)
         elif isinstance(v, (list, tuple, set, frozenset)):
             total += 2 + len(v)
@@ -89,11 +122,175 @@ def _size(value: Any, budget: int) -> int:
     return total
 
 
+def _repr_str(s: str) -> int:
+    """Most characters repr(s) can take: printable ASCII escapes only quotes and backslashes, other ASCII
+    becomes \\xNN at worst, and a non-ASCII character \\UNNNNNNNN."""
+    if s.isascii():
+        return len(s) + s.count("\\") + s.count("'") + 2 if s.isprintable() else 4 * len(s) + 2
+    return 10 * len(s) + 2
+
+
+def _text_size(value: Any, budget: int, as_repr: bool = False) -> int:
+    """Most characters str(value) (or repr(value)) can take, stopping early past `budget`."""
+    if isinstance(value, str) and not as_repr:
+        return len(value)
+    if isinstance(value, Undefined):
+        return 0
+    total, stack = 0, [value]
+    while stack and total <= budget:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += _repr_str(v) + 8  # + "Markup()" around a Markup's repr
+        elif isinstance(v, (bytes, bytearray)):
+            total += 4 * len(v) + 14
+        elif isinstance(v, bool) or v is None:
+            total += 5
+        elif isinstance(v, int):
+            total += v.bit_length() // 3 + 2
+        elif isinstance(v, float):
+            total += 24
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            total += 12 + 2 * len(v)
+            stack.extend(v)
+        elif isinstance(v, dict):
+            total += 2 + 4 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, Namespace):
+            attrs = v._Namespace__attrs  # type: ignore[attr-defined]
+            total += 14 + 4 * len(attrs)
+            stack.extend(attrs.keys())
+            stack.extend(attrs.values())
+        elif isinstance(v, (KeysView, ValuesView, ItemsView)):
+            total += 14 + 4 * len(v)
+            stack.extend(v)
+        else:  # functions, macros, loops, ranges, undefined: a repr of bounded length
+            total += 200
+    return total
+
+
+def _mem(value: Any, budget: int, known: frozenset[int] | set[int] = frozenset()) -> int:
+    """Approximate bytes of memory a value takes, not counting objects in `known` (the render's input)."""
+    total, stack = 0, [value]
+    while stack and total <= budget:
+        v = stack.pop()
+        if id(v) in known:
+            continue
+        if isinstance(v, str):
+            total += 49 + len(v) * (1 if v.isascii() else 4)
+        elif isinstance(v, (bytes, bytearray)):
+            total += 33 + len(v)
+        elif isinstance(v, (list, tuple)):
+            total += 56 + 8 * len(v)
+            stack.extend(v)
+        elif isinstance(v, (set, frozenset)):
+            total += 216 + 40 * len(v)
+            stack.extend(v)
+        elif isinstance(v, dict):
+            total += 64 + 48 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, Namespace):
+            attrs = v._Namespace__attrs  # type: ignore[attr-defined]
+            total += 112 + 48 * len(attrs)
+            stack.extend(attrs.values())
+        elif isinstance(v, int):
+            total += 28 + v.bit_length() // 8
+        else:
+            total += 32
+    return total
+
+
+def _shallow_mem(value: Any) -> int:
+    """Bytes of a container made of references to values that already exist (a slice, a literal, a + of lists)."""
+    if isinstance(value, (list, tuple)):
+        return 56 + 8 * len(value)
+    if isinstance(value, dict):
+        return 64 + 48 * len(value)
+    return _mem(value, 1 << 62)
+
+
+def _json_str(s: str, ensure_ascii: bool) -> int:
+    if ensure_ascii and not s.isascii():
+        return 12 * len(s) + 2  # a non-BMP character is a surrogate pair of \\uXXXX
+    n = len(s) + s.count('"') + s.count("\\") + 2
+    if not s.isprintable():
+        n += 5 * (len(s) - len(s.translate(_DELETE_CONTROLS)))  # \\u00XX
+    return n
+
+
+def _json_size(value: Any, budget: int, ensure_ascii: bool, indent: str | None, separators: tuple[str, str]) -> int:
+    """Most characters json.dumps(value, ...) can take."""
+    item_sep, key_sep = separators
+    step = len(indent) if indent is not None else 0
+    total, stack = 0, [(value, 0)]
+    while stack and total <= budget:
+        v, depth = stack.pop()
+        if indent is not None:
+            total += 1 + step * depth  # a newline and the indentation before this value (and closing brackets)
+        if isinstance(v, str):
+            total += _json_str(v, ensure_ascii)
+        elif isinstance(v, bool) or v is None:
+            total += 5
+        elif isinstance(v, int):
+            total += v.bit_length() // 3 + 2
+        elif isinstance(v, float):
+            total += 24
+        elif isinstance(v, (list, tuple)):
+            total += 2 + len(v) * len(item_sep) + (1 + step * depth if indent is not None else 0)
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, dict):
+            total += 2 + len(v) * (len(item_sep) + len(key_sep)) + (1 + step * depth if indent is not None else 0)
+            for k, x in v.items():
+                total += _json_str(k, ensure_ascii) if isinstance(k, str) else 26
+                stack.append((x, depth + 1))
+        else:
+            total += 200  # json.dumps refuses it
+    return total
+
+
+def _pprint_size(value: Any, budget: int) -> int:
+    """Most characters pprint.pformat(value) can take: every item on a line of its own, indented by the
+    brackets and dict keys around it, and a long string cut into one piece per character at worst."""
+    total, stack = 0, [(value, 0)]
+    while stack and total <= budget:
+        v, indent = stack.pop()
+        if isinstance(v, (list, tuple, set, frozenset)):
+            total += indent + 4 + 2 * len(v)
+            stack.extend((x, indent + 1) for x in v)
+        elif isinstance(v, dict):
+            total += indent + 4 + 4 * len(v)
+            for k, x in v.items():
+                key = _text_size(k, budget, as_repr=True)
+                total += indent + key
+                stack.append((x, indent + key + 3))
+        elif isinstance(v, str):
+            total += _repr_str(v) * (indent + 6)
+        else:
+            total += indent + _text_size(v, budget, as_repr=True)
+    return total
+
+
+def _translation_longest(table: Any) -> int:
+    """The longest replacement a str.translate table can give one character."""
+    if isinstance(table, str):
+        return 1
+    if isinstance(table, dict):
+        values = table.values()
+    elif isinstance(table, (list, tuple)):
+        values = table
+    else:
+        raise SecurityError(f"str.translate takes a dict, list or str table in a chat template, not a "
+                            f"{type(table).__name__}")
+    return max((len(v) if isinstance(v, str) else 1 for v in values), default=1)
+
+
 class _GuardedCodeGenerator(CodeGenerator):
-    """Every for-loop iterates through environment.deadline_iter (a time check), and `a ~ b` goes
-    through environment.guarded_concat (a size check). With the time check in every sandboxed call
-    (macros, recursive loops), no template computation runs unchecked for long: Jinja has no other
-    way to repeat work."""
+    """Every for-loop iterates through environment.deadline_iter (a time check); `a ~ b` goes through
+    environment.guarded_concat, slices through environment.guarded_slice and list, tuple and dict
+    literals through environment.guarded_literal (size and memory checks). With the time check in every
+    sandboxed call (macros, recursive loops), no template computation runs unchecked for long: Jinja has
+    no other way to repeat work."""
 
     def visit_For(self, node: jinja2.nodes.For, frame: Any) -> None:
         if not getattr(node, "_herd_guarded", False):
@@ -108,6 +305,36 @@ class _GuardedCodeGenerator(CodeGenerator):
             self.visit(arg, frame)
             self.write(", ")
         self.write("))")
+
+    def visit_Getitem(self, node: jinja2.nodes.Getitem, frame: Any) -> None:
+        if not isinstance(node.arg, jinja2.nodes.Slice):
+            return super().visit_Getitem(node, frame)
+        self.write("environment.guarded_slice(")
+        self.visit(node.node, frame)
+        self.write(", slice(")
+        for i, part in enumerate((node.arg.start, node.arg.stop, node.arg.step)):
+            self.write(", " if i else "")
+            if part is None:
+                self.write("None")
+            else:
+                self.visit(part, frame)
+        self.write("))")
+
+    def _literal(self, visit: Callable, node: Any, frame: Any) -> None:
+        self.write("environment.guarded_literal(")
+        visit(node, frame)
+        self.write(")")
+
+    def visit_List(self, node: jinja2.nodes.List, frame: Any) -> None:
+        self._literal(super().visit_List, node, frame)
+
+    def visit_Dict(self, node: jinja2.nodes.Dict, frame: Any) -> None:
+        self._literal(super().visit_Dict, node, frame)
+
+    def visit_Tuple(self, node: jinja2.nodes.Tuple, frame: Any) -> None:
+        if node.ctx != "load":  # an assignment or loop target
+            return super().visit_Tuple(node, frame)
+        self._literal(super().visit_Tuple, node, frame)
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -165,13 +392,13 @@ class _TemplateDict:
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})
     code_generator_class = _GuardedCodeGenerator
 
     def __init__(self) -> None:
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag],
                          finalize=self._finalize)
-        self._local = threading.local()  # the per-render size limit, per thread
+        self._local = threading.local()  # the bounds of the render running on this thread
         self.concat = self._concat  # set blocks, macros and caller() join their output through this
         self.filters = {name: self._guard_filter(name, f) for name, f in self.filters.items()}
         self.filters["tojson"] = self._guard_filter("tojson", self._tojson)
@@ -187,10 +414,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     def limit(self, value: int) -> None:
         self._local.limit = value
 
-    def start(self, limit: int, seconds: float) -> None:
-        """Set this thread's size limit and deadline for the render about to run."""
-        self._local.limit = limit
-        self._local.deadline = time.monotonic() + seconds
+    def start(self, limit: int, seconds: float, budget: int | None = None, inputs: Any = None) -> None:
+        """Set this thread's bounds for the render about to run: the size limit of one value, the deadline,
+        and the memory budget of all the values it builds (the objects of `inputs` are not counted)."""
+        local = self._local
+        local.limit = limit
+        local.deadline = time.monotonic() + seconds
+        local.budget = budget
+        local.spent = 0
+        local.known = _ids(inputs) if inputs is not None else frozenset()
 
     def tick(self) -> None:
         if time.monotonic() > getattr(self._local, "deadline", float("inf")):
@@ -206,7 +438,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 raise _Timeout
             yield item
 
-    # -- size checks ---------------------------------------------------------------------------------------------
+    # -- size and memory checks ----------------------------------------------------------------------------------
 
     def _check(self, n: int, what: str) -> None:
         if n > self.limit:
@@ -216,18 +448,37 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self._check(_size(value, self.limit), what)
         return value
 
+    def _would_fit(self, nbytes: int, what: str) -> None:
+        """Refuse, before it runs, an operation that would take `nbytes` more than the render's memory budget."""
+        local = self._local
+        budget = getattr(local, "budget", None)
+        if budget is not None and local.spent + nbytes > budget:
+            raise SecurityError(f"{what} would take the values it builds past herd's memory limit of "
+                                f"{budget / 2**20:,.0f} MiB for this render")
+
+    def _charge(self, value: Any, what: str, shallow: bool = False) -> None:
+        local = self._local
+        budget = getattr(local, "budget", None)
+        if budget is None:
+            return
+        local.spent += _shallow_mem(value) if shallow else _mem(value, budget - local.spent, local.known)
+        if local.spent > budget:
+            raise SecurityError(f"{what} takes the values it builds past herd's memory limit of "
+                                f"{budget / 2**20:,.0f} MiB for this render")
+
+    def _produced(self, value: Any, what: str, shallow: bool = False) -> Any:
+        """A value an operation built: within the size limit, and counted against the memory budget."""
+        if isinstance(value, (str, bytes, bytearray, list, tuple, dict, set, frozenset, Namespace)):
+            self._check(_size(value, self.limit), what)
+            self._charge(value, what, shallow)
+        elif isinstance(value, int) and value.bit_length() > 64:
+            self._charge(value, what)
+        return value
+
     def _check_ints(self, args: Sequence[Any], kwargs: dict, what: str) -> None:
         for a in list(args) + list(kwargs.values()):
             if isinstance(a, int) and not isinstance(a, bool) and abs(a) > self.limit:
                 raise SecurityError(f"{what}: argument {a} is larger than the {self.limit:,} limit")
-
-    def _check_format(self, fmt: str, args: Sequence[Any], what: str) -> None:
-        """%-style formatting: widths and precisions in the specs, and the total size of the result.
-        (`*` widths come from the arguments, which _check_ints has bounded.)"""
-        for spec in _PERCENT_SPEC.findall(fmt):
-            self._check_spec(spec, what)
-        biggest = max((_size(a, self.limit) for a in args), default=0)
-        self._check(len(fmt) + fmt.count("%") * biggest, what)
 
     def _check_spec(self, spec: str, what: str) -> int:
         """Bounds a format spec's width and precision; returns their sum. Every run of digits is taken
@@ -241,8 +492,39 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             total += int(number)
         return total
 
+    def _check_percent(self, fmt: str | bytes, right: Any, what: str) -> None:
+        """printf-style formatting (`%` and the format filter): every spec's width and precision, and the
+        size of the result from the arguments it can take, before it is formatted."""
+        text = fmt.decode("latin-1") if isinstance(fmt, (bytes, bytearray)) else fmt
+        specs = [(m.group(1), m.group(2)) for m in _PERCENT_SPEC.finditer(text)]
+        as_repr = any(kind in ("r", "a") for _, kind in specs)
+        width = max((self._check_spec(spec, what) for spec, _ in specs), default=0)
+        if isinstance(right, dict) and "%(" in text:  # named: one value may be used many times
+            values = list(right.values())
+            biggest = max((_text_size(v, self.limit, as_repr) for v in values), default=0)
+            args_size = len(specs) * biggest
+        else:
+            values = list(right) if isinstance(right, tuple) else [right]
+            args_size = sum(_text_size(v, self.limit, as_repr) for v in values)
+        if "*" in text:  # widths taken from the arguments
+            width = max([width] + [abs(v) for v in values if isinstance(v, int) and not isinstance(v, bool)])
+        bound = len(text) + args_size + len(specs) * width
+        if isinstance(fmt, Markup):
+            bound *= 5  # arguments are HTML-escaped
+        self._check(bound, what)
+
+    def _estimate_replace(self, s: Any, old: Any, new: Any, count: Any, what: str = "replace") -> None:
+        if not (isinstance(s, (str, bytes)) and type(old) is type(new) and isinstance(old, (str, bytes))):
+            return
+        hits = len(s) + 1 if not old else s.count(old)
+        if isinstance(count, int) and count >= 0:
+            hits = min(hits, count)
+        growth = max(len(new) - len(old), 0) * (5 if isinstance(s, Markup) else 1)
+        self._check(len(s) + hits * growth, what)
+
     def _finalize(self, value: Any) -> Any:
-        return self._check_value(value, "an output value")
+        self._check(_text_size(value, self.limit), "an output value")
+        return value
 
     def _concat(self, parts: Any) -> str:
         out, total = [], 0
@@ -250,62 +532,104 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             total += len(p)
             self._check(total, "a captured block")
             out.append(p)
-        return "".join(out)
+        return self._produced("".join(out), "a captured block")
 
     def guarded_concat(self, values: Sequence[Any]) -> str:
-        self._check(sum(_size(v, self.limit) for v in values), "a ~ concatenation")
-        if any(hasattr(v, "__html__") for v in values):
-            return markup_join(values)
-        return str_join(values)
+        markup = any(hasattr(v, "__html__") for v in values)
+        self._check(sum(_text_size(v, self.limit) * (5 if markup and not hasattr(v, "__html__") else 1)
+                        for v in values), "a ~ concatenation")
+        return self._produced(markup_join(values) if markup else str_join(values), "a ~ concatenation")
+
+    def guarded_slice(self, obj: Any, part: slice) -> Any:
+        return self._produced(obj[part], "a slice", shallow=isinstance(obj, (list, tuple)))
+
+    def guarded_literal(self, value: Any) -> Any:
+        """A list, tuple or dict written in the template: bounded like any other value, since its items may
+        refer to large values many times over."""
+        self._check(_size(value, self.limit), "a literal")
+        self._charge(value, "a literal", shallow=True)
+        return value
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         """Jinja returns an Undefined that prints as ""; a hostile template gets an error instead."""
         raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is not allowed")
 
+    # -- operators and calls -------------------------------------------------------------------------------------
+
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         self.tick()
-        seqs = (str, list, tuple)
+        seqs = (str, bytes, list, tuple)
         if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
             if right * abs(left).bit_length() > 100_000:
                 raise SecurityError("** would build an integer too large for a chat template")
         elif operator == "*":
-            if isinstance(left, int) and isinstance(right, seqs):
-                left, right = right, left
-                swapped = True
-            else:
-                swapped = False
-            if isinstance(left, seqs) and isinstance(right, int):
-                self._check(_size(left, self.limit) * max(right, 0), "a * repetition")
-                return right * left if swapped else left * right
-            if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > 100_000:
+            repeated, times = (right, left) if isinstance(left, int) and isinstance(right, seqs) else (left, right)
+            if isinstance(repeated, seqs) and isinstance(times, int):
+                self._check(_size(repeated, self.limit) * max(times, 0), "a * repetition")
+                self._would_fit(_shallow_mem(repeated) * max(times, 0) if isinstance(repeated, (list, tuple))
+                                else len(repeated) * (1 if isinstance(repeated, bytes) or repeated.isascii() else 4)
+                                * max(times, 0), "a * repetition")
+            elif isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > 100_000:
                 raise SecurityError("* would build an integer too large for a chat template")
         elif operator == "+" and isinstance(left, seqs) and isinstance(right, seqs):
-            self._check(_size(left, self.limit) + _size(right, self.limit), "a + concatenation")
-        elif operator == "%" and isinstance(left, str):
-            args = right if isinstance(right, tuple) else tuple(right.values()) if isinstance(right, dict) else (right,)
-            self._check_ints(args, {}, "% formatting")
-            self._check_format(left, args, "% formatting")
-        return super().call_binop(context, operator, left, right)
+            escaped = 5 if isinstance(left, Markup) != isinstance(right, Markup) else 1  # Markup escapes the other
+            self._check((_size(left, self.limit) + _size(right, self.limit)) * escaped, "a + concatenation")
+        elif operator == "%" and isinstance(left, (str, bytes)):
+            self._check_percent(left, right, "% formatting")
+        result = super().call_binop(context, operator, left, right)
+        return self._produced(result, f"the result of {operator}", shallow=isinstance(result, (list, tuple)))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         __self.tick()
         __self._check_ints(args, kwargs, "a call")
         owner = getattr(__obj, "__self__", None)
-        name = getattr(__obj, "__name__", "")
-        if isinstance(owner, str):
-            if name == "join" and args:
-                items = list(args[0])
-                __self._check(_size(items, __self.limit) + len(owner) * len(items), "str.join")
-                args = (items,) + args[1:]
-            elif name == "replace" and len(args) >= 2:
-                __self._estimate_replace(owner, args[0], args[1], args[2] if len(args) > 2 else -1)
-            elif name == "expandtabs":
-                width = args[0] if args else kwargs.get("tabsize", 8)
-                __self._check(len(owner) + owner.count("\t") * max(int(width), 0), "str.expandtabs")
+        if isinstance(owner, (str, bytes)):
+            args = __self._check_text_method(owner, getattr(__obj, "__name__", ""), args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
-        if isinstance(result, (str, list, tuple)):
-            __self._check_value(result, "a call result")
-        return result
+        return __self._produced(result, "a call result")
+
+    def _check_text_method(self, s: str | bytes, name: str, args: tuple, kwargs: dict) -> tuple:
+        """Bounds the result of a str or bytes method from its arguments, before it runs."""
+        what = f"{type(s).__name__}.{name}"
+        n = len(s)
+
+        def arg(i: int, key: str, default: Any = None) -> Any:
+            return args[i] if len(args) > i else kwargs.get(key, default)
+
+        if name == "join" and args:
+            items = list(args[0])  # a generator's items are built (and counted) here
+            escaped = 5 if isinstance(s, Markup) else 1
+            self._check(_size(items, self.limit) * escaped + n * len(items), what)
+            args = (items,) + args[1:]
+        elif name == "replace" and len(args) >= 2:
+            self._estimate_replace(s, args[0], args[1], arg(2, "count", -1), what)
+        elif name == "expandtabs":
+            width = arg(0, "tabsize", 8)
+            tab = "\t" if isinstance(s, str) else b"\t"
+            self._check(n + s.count(tab) * max(int(width), 0), what)
+        elif name == "translate" and isinstance(s, str) and args:
+            self._check(n * _translation_longest(args[0]), what)
+        elif name in ("split", "rsplit", "splitlines"):
+            sep = arg(0, "sep") if name != "splitlines" else None
+            pieces = s.count(sep) + 1 if isinstance(sep, (str, bytes)) and sep else n // 2 + 1
+            if name == "splitlines":
+                pieces = n + 1
+            maxsplit = arg(1, "maxsplit", -1) if name != "splitlines" else -1
+            if isinstance(maxsplit, int) and maxsplit >= 0:
+                pieces = min(pieces, maxsplit + 1)
+            self._check(n + 2 + pieces, what)
+            self._would_fit(n + 64 * pieces, what)
+        elif name == "encode" and isinstance(s, str):
+            encoding, errors = arg(0, "encoding", "utf-8"), arg(1, "errors", "strict")
+            plain = str(encoding).lower() in _PLAIN_CODECS and errors in ("strict", "ignore", "replace")
+            self._check((4 if plain else 100) * n + 4, what)  # namereplace spells each character's name
+        elif name == "decode" and isinstance(s, bytes):
+            self._check(4 * n + 4, what)
+        elif name == "hex":
+            self._check(3 * n, what)
+        elif name in _CASE_MAPS:
+            self._check(n if s.isascii() else 3 * n, what)  # 'ß'.upper() == 'SS'
+        return args
 
     def wrap_str_format(self, value: Any) -> Any:
         """str.format / str.format_map through _BoundedFormatter: each field is checked after its nested
@@ -326,13 +650,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
         return bounded
 
-    def _estimate_replace(self, s: str, old: Any, new: Any, count: Any) -> None:
-        if not (isinstance(s, str) and isinstance(old, str) and isinstance(new, str)):
-            return
-        hits = len(s) + 1 if old == "" else s.count(old)
-        if isinstance(count, int) and count >= 0:
-            hits = min(hits, count)
-        self._check(len(s) + hits * max(len(new) - len(old), 0), "replace")
+    # -- filters -------------------------------------------------------------------------------------------------
 
     def _guard_filter(self, name: str, fn: Callable) -> Callable:
         passes_arg = getattr(fn, "jinja_pass_arg", None) is not None
@@ -341,33 +659,92 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         @wraps(fn)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             env.tick()
-            user = list(args[1:] if passes_arg else args)
+            head, user = (args[:1], list(args[1:])) if passes_arg else ((), list(args))
             env._check_ints(user[1:], kwargs, f"the {name} filter")
             if user:
-                value = user[0]
-                env._check_value(value, f"the input of the {name} filter")
-                extra = user[1:]
-                if name == "join" and not isinstance(value, (str, list, tuple)):
-                    value = list(value)
-                    args = (args[0], value, *args[2:]) if passes_arg else (value, *args[1:])
-                if name == "join":
-                    sep = extra[0] if extra else kwargs.get("d", "")
-                    env._check(_size(value, env.limit) + len(str(sep)) * len(value), "the join filter")
-                elif name == "indent" and isinstance(value, str):
-                    width = extra[0] if extra else kwargs.get("width", 4)
-                    width = len(width) if isinstance(width, str) else int(width)
-                    env._check(len(value) + width * (value.count("\n") + 1), "the indent filter")
-                elif name == "replace" and len(extra) >= 2:
-                    count = extra[2] if len(extra) > 2 else kwargs.get("count", -1)
-                    env._estimate_replace(value, extra[0], extra[1], count)
-                elif name == "format" and isinstance(value, str):
-                    env._check_format(value, extra + list(kwargs.values()), "the format filter")
+                env._check_value(user[0], f"the input of the {name} filter")
+                user[0] = env._check_filter(name, user[0], user[1:], kwargs)
+                args = (*head, *user)
             result = fn(*args, **kwargs)
-            if isinstance(result, (str, list, tuple)):
-                env._check_value(result, f"the output of the {name} filter")
-            return result
+            return env._produced(result, f"the output of the {name} filter")
 
         return guarded
+
+    def _check_filter(self, name: str, value: Any, extra: list, kwargs: dict) -> Any:
+        """Bounds a filter's result from its input and arguments, before it runs; returns the input (a
+        generator is read into a list first where the bound needs its length)."""
+        what = f"the {name} filter"
+
+        def arg(i: int, key: str, default: Any = None) -> Any:
+            return extra[i] if len(extra) > i else kwargs.get(key, default)
+
+        if name in ("join", "batch", "slice") and not isinstance(value, (str, bytes, list, tuple, dict, Undefined)):
+            value = self._produced(list(value), f"the input of {what}", shallow=True)
+        text = value if isinstance(value, str) else None
+        n = len(text) if text is not None else 0
+        if text is not None and name in _TRANSIENT_PER_CHAR:
+            self._would_fit(_TRANSIENT_PER_CHAR[name] * n, what)
+        if name == "join":
+            sep = arg(0, "d", "")
+            self._check(sum(_text_size(v, self.limit) for v in value) + len(str(sep)) * len(value), what)
+        elif name == "indent" and text is not None:
+            width = arg(0, "width", 4)
+            width = len(width) if isinstance(width, str) else int(width)
+            self._check(n + width * (text.count("\n") + 1), what)
+            self._would_fit(n + 64 * (text.count("\n") + 1), what)
+        elif name == "replace" and len(extra) >= 2:
+            self._estimate_replace(value, extra[0], extra[1], arg(2, "count", -1), what)
+        elif name == "format" and isinstance(value, str):
+            self._check_percent(value, dict(kwargs) if kwargs else tuple(extra), what)
+        elif name == "center" and text is not None:
+            self._check(max(n, int(arg(0, "width", 80))), what)
+        elif name == "wordwrap" and text is not None:
+            width = max(int(arg(0, "width", 79)), 1)
+            wrap = arg(2, "wrapstring") or "\n"
+            self._check(n + (2 * n // width + text.count("\n") + 2) * len(str(wrap)), what)
+        elif name == "urlize" and text is not None:
+            extras = sum(len(str(kwargs.get(k) or "")) for k in ("rel", "target", "extra_schemes"))
+            self._check(5 * n + (n // 4 + 1) * (60 + extras), what)
+        elif name in ("e", "escape", "forceescape"):
+            self._check(5 * _text_size(value, self.limit), what)
+        elif name == "urlencode":
+            self._check(12 * _text_size(value, self.limit), what)
+        elif name == "xmlattr":
+            self._check(5 * _text_size(value, self.limit), what)
+        elif name == "string":
+            self._check(_text_size(value, self.limit), what)
+        elif name == "pprint":
+            self._check(_pprint_size(value, self.limit), what)
+        elif name in _CASE_MAPS and text is not None:
+            self._check(n if text.isascii() else 3 * n, what)
+        elif name == "batch":
+            count = max(int(arg(0, "linecount", 1)), 1)
+            rows = len(value) // count + 1
+            self._check(_size(value, self.limit) + 3 * rows + count, what)
+            self._would_fit(rows * 64 + 8 * (len(value) + count), what)
+        elif name == "slice":
+            count = max(int(arg(0, "slices", 1)), 1)
+            self._check(_size(value, self.limit) + 3 * count + count, what)
+            self._would_fit(count * 64 + 16 * len(value), what)
+        elif name == "list" and text is not None:
+            self._check(2 * n + 2, what)
+        elif name == "sum":
+            start = arg(1, "start", 0)
+            if not isinstance(start, (int, float)):
+                raise SecurityError(f"{what} adds numbers in a chat template; start={type(start).__name__} is not one")
+        elif name == "tojson":
+            indent = arg(1, "indent")
+            separators = arg(2, "separators")
+            if isinstance(indent, int) and not isinstance(indent, bool):
+                indent = " " * max(indent, 0)
+            if separators is None:
+                separators = (",", ": ") if indent is not None else (", ", ": ")
+            if not (isinstance(separators, (list, tuple)) and len(separators) == 2
+                    and all(isinstance(s, str) for s in separators)):
+                raise SecurityError("tojson separators must be two strings")
+            self._check(_json_size(value, self.limit, bool(arg(0, "ensure_ascii", False)),
+                                   indent if isinstance(indent, str) else None, tuple(separators)), what)
+        return value
 
     @staticmethod
     def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
@@ -377,19 +754,45 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _ids(value: Any) -> frozenset[int]:
+    """The ids of every container and string in `value` (a render's input, alive while it renders)."""
+    found, stack = set(), [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (str, bytes)):
+            found.add(id(v))
+        elif isinstance(v, (list, tuple)):
+            found.add(id(v))
+            stack.extend(v)
+        elif isinstance(v, dict):
+            found.add(id(v))
+            stack.extend(v.keys())
+            stack.extend(v.values())
+    return frozenset(found)
+
+
 class _BoundedFormatter(SandboxedFormatter):
     """Jinja's sandboxed str.format with a budget: each field's width, precision and input are checked
-    before it is formatted, and the running size of the result as it grows (a per-call budget: the
-    result then passes the environment's ordinary checks like any other value)."""
+    before it is formatted (a !r or !a conversion before it is converted), and the running size of the
+    result as it grows (a per-call budget: the result then passes the environment's ordinary checks like
+    any other value)."""
+
+    escaped = 1
 
     def __init__(self, env: _Sandbox, **kwargs: Any):
         super().__init__(env, **kwargs)
         self._used = 0
 
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        env: _Sandbox = self._env  # type: ignore[assignment]
+        if conversion in ("r", "a"):
+            env._check(self._used + _text_size(value, env.limit, as_repr=True), "str.format")
+        return super().convert_field(value, conversion)
+
     def format_field(self, value: Any, format_spec: str) -> Any:
         env: _Sandbox = self._env  # type: ignore[assignment]
         env.tick()
-        bound = env._check_spec(format_spec, "str.format") + _size(value, env.limit)
+        bound = env._check_spec(format_spec, "str.format") + _text_size(value, env.limit) * self.escaped
         env._check(self._used + bound, "str.format")
         result = super().format_field(value, format_spec)
         self._used += len(result)
@@ -398,6 +801,8 @@ class _BoundedFormatter(SandboxedFormatter):
 
 class _BoundedEscapeFormatter(_BoundedFormatter, EscapeFormatter):
     """The same for Markup format strings (escaping their arguments, as Jinja's own formatter does)."""
+
+    escaped = 5
 
 
 def _plain(value: Any, mark: Callable[[str], str] | None, depth: int = 0) -> Any:
@@ -452,13 +857,15 @@ class TemplateFormat(ChatFormat):
     name = "template"
 
     def __init__(self, template: str, generation: str | None = None, *, max_chars: int = MAX_CHARS,
-                 timeout_s: float = TIMEOUT_S):
+                 max_bytes: int = MAX_BYTES, timeout_s: float = TIMEOUT_S):
         if not isinstance(template, str) or not template.strip():
             raise TemplateError("the chat template is empty")
         self.source = template
         self.generation = normalize_generation(generation)
         self.max_chars = max_chars
+        self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.processes: RenderProcesses | None = None  # render in worker processes (render_in_processes)
         self._env = _Sandbox()
         try:
             self._template = self._env.from_string(template)
@@ -466,6 +873,8 @@ class TemplateFormat(ChatFormat):
             raise TemplateError(f"the chat template has a syntax error at line {e.lineno}: {e.message}") from None
         except (RecursionError, MemoryError) as e:
             raise TemplateError(f"the chat template could not be compiled: {type(e).__name__}") from None
+        except Exception as e:  # noqa: BLE001 - e.g. Python's own compiler refusing what Jinja generated
+            raise TemplateError(f"the chat template could not be compiled: {type(e).__name__}: {e}") from None
         self.stop_texts = tuple(s for s in _KNOWN_STOPS if s in template)
 
     def render_text(self, messages: Sequence[dict], tools: list[dict] | None = None,
@@ -523,8 +932,17 @@ class TemplateFormat(ChatFormat):
         }
         variables = {"bos_token": bos_token, "eos_token": eos_token, **data,
                      "add_generation_prompt": bool(add_generation_prompt)}
+        limit = self.max_chars + 2 * _size(data, 1 << 62)
+        budget = self.max_bytes + BYTES_PER_INPUT * _mem(data, 1 << 62)
+        if self.processes is not None:
+            return self.processes.render(self.source, variables, limit, budget, self.timeout_s)
+        return self.render_variables(variables, limit, budget)
+
+    def render_variables(self, variables: dict, limit: int, budget: int) -> str:
+        """The text for the template's variables in this process, no value over `limit` characters and the
+        values built taking at most `budget` bytes in all."""
         env = self._env
-        env.start(self.max_chars + 2 * _size(data, 1 << 62), self.timeout_s)
+        env.start(limit, self.timeout_s, budget, variables)
 
         def run() -> str:
             out, total = [], 0
@@ -543,9 +961,178 @@ class TemplateFormat(ChatFormat):
             raise TemplateError(f"the chat template tried something the sandbox forbids: {e}") from None
         except jinja2.TemplateError as e:
             raise TemplateError(f"the chat template raised an error: {e}") from None
-        except (RecursionError, MemoryError) as e:
-            raise TemplateError(f"the chat template failed to render: {type(e).__name__}") from None
+        except MemoryError:
+            raise TemplateError("the chat template needs more memory than a render may have") from None
+        except RecursionError:
+            raise TemplateError("the chat template failed to render: RecursionError (it nests too deeply)") from None
         except TemplateError:
             raise
         except Exception as e:  # noqa: BLE001 - anything a template does wrong is a TemplateError
             raise TemplateError(f"the chat template failed to render: {type(e).__name__}: {e}") from None
+        finally:
+            env.start(MAX_CHARS, float("inf"))  # drop this render's references to its input
+
+
+# -- rendering in worker processes -----------------------------------------------------------------------------
+
+WORKER_OVERHEAD = 64 << 20  # address space a render may add beyond 3x its memory budget (the allocator's slack)
+STARTUP_S = 60.0  # most seconds a worker process may take to start
+
+
+class RenderProcesses:
+    """Renders chat templates in worker processes, at most `workers` at once: each render runs under an
+    address-space limit (its memory budget, three times over, on top of what the worker already takes) and
+    is killed once `grace_s` past its deadline, so a template that runs away costs its caller an error and
+    nothing else: no memory, no held interpreter lock, no stalled thread. Workers are reused; one that
+    failed is replaced. Requests and replies are length-prefixed: a pickle to the worker, and from it one
+    status byte and UTF-8 text (nothing the worker sends back is unpickled)."""
+
+    def __init__(self, workers: int = 2, grace_s: float = 2.0):
+        self.max_workers = max(1, workers)
+        self.grace_s = grace_s
+        self._idle: list[_Worker] = []
+        self._count = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def start(self) -> None:
+        """Start one worker now, so the first render does not wait for it."""
+        self._release(self._acquire(), True)
+
+    def render(self, source: str, variables: dict, limit: int, budget: int, timeout_s: float) -> str:
+        worker = self._acquire()
+        reusable = False
+        try:
+            ok, text = worker.render(source, variables, limit, budget, timeout_s, self.grace_s)
+            reusable = True  # it answered: rendered, or refused the template with a TemplateError
+        finally:
+            self._release(worker, reusable)
+        if not ok:
+            raise TemplateError(text)
+        return text
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+            self._cond.notify_all()
+        for worker in idle:
+            worker.stop()
+
+    def _acquire(self) -> _Worker:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise TemplateError("the chat template's render processes have been shut down")
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.alive():
+                        return worker
+                    self._count -= 1
+                if self._count < self.max_workers:
+                    self._count += 1
+                    break
+                self._cond.wait()
+        try:
+            return _Worker()
+        except BaseException:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify()
+            raise
+
+    def _release(self, worker: _Worker, reusable: bool) -> None:
+        with self._cond:
+            if reusable and not self._closed and worker.alive():
+                self._idle.append(worker)
+                self._cond.notify()
+                return
+            self._count -= 1
+            self._cond.notify()
+        worker.stop()
+
+
+class _Worker:
+    """One `python -m herd.chat.render_worker` process."""
+
+    def __init__(self):
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "herd.chat.render_worker"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True)
+        except OSError as e:
+            raise TemplateError(f"could not start a process to render the chat template: {e}") from None
+        self.ready = False  # the worker writes one frame once its imports are done
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+    def render(self, source: str, variables: dict, limit: int, budget: int, timeout_s: float,
+               grace_s: float) -> tuple[bool, str]:
+        """(True, the text) or (False, the TemplateError's message the worker sent). Raises TemplateError
+        when the worker does not answer in time (it is killed) or ends."""
+        request = pickle.dumps((source, variables, limit, budget, timeout_s), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            if not self.ready:  # its start-up (imports, on a busy machine) does not count against the render
+                (n,) = struct.unpack("<Q", self._read(8, time.monotonic() + STARTUP_S))
+                self._read(n, time.monotonic() + STARTUP_S)
+                self.ready = True
+            deadline = time.monotonic() + timeout_s + grace_s
+            self.proc.stdin.write(struct.pack("<Q", len(request)) + request)
+            self.proc.stdin.flush()
+            (n,) = struct.unpack("<Q", self._read(8, deadline))
+            reply = self._read(n, deadline)
+        except TimeoutError:
+            self.stop()
+            raise TemplateError(f"the chat template took longer than {timeout_s:g} s to render") from None
+        except (OSError, EOFError):
+            self.stop()
+            raise TemplateError(f"the chat template's render process ended ({_ended(self.proc.returncode)}); "
+                                f"it may have needed more than its {budget / 2**20:,.0f} MiB") from None
+        return reply[:1] == b"O", reply[1:].decode("utf-8", "surrogatepass")
+
+    def _read(self, n: int, deadline: float) -> bytes:
+        fd, data = self.proc.stdout.fileno(), bytearray()
+        while len(data) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, min(n - len(data), 1 << 20))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return bytes(data)
+
+
+def _ended(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"
+
+
+@contextlib.contextmanager
+def render_in_processes(fmt: ChatFormat, workers: int = 2) -> Iterator[None]:
+    """Within the block a TemplateFormat renders in worker processes (RenderProcesses); herd's built-in
+    formats are herd's own code and render in this process as before."""
+    if not isinstance(fmt, TemplateFormat):
+        yield
+        return
+    processes = RenderProcesses(workers)
+    previous, fmt.processes = fmt.processes, processes
+    try:
+        processes.start()
+        yield
+    finally:
+        fmt.processes = previous
+        processes.close()

@@ -8,6 +8,13 @@
 Outputs are RequestOutput deltas. Text is cut by herd.decoding.TextStream (the generator's own stop and
 detokenization rules), tokens are drawn by herd.sampling, so a request gives the same tokens here as
 through LLM.generate up to floating-point differences between batched and single forwards.
+
+A request constrained by a JSON schema needs a token mask before each draw, and a mask can take long to
+compute (herd.engine.constrained bounds how long). Masks are computed a slice at a time, MASK_STEPS of
+automaton work per engine step shared by the sequences waiting for one, and a sequence samples only once
+its mask is ready (it sits out of the decode batch, or its prompt's last token waits): the step never
+waits on a mask, so one costly schema slows its own request and adds about MASK_STEPS of work (at least
+500 steps per waiting sequence) to the steps of the others.
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ from herd.engine.blocks import BlockManager
 from herd.engine.metrics import Metrics
 from herd.engine.request import Request, RequestOutput
 from herd.engine.runner import Runner
-from herd.engine.scheduler import Scheduler, Sequence
+from herd.engine.scheduler import PrefillChunk, Scheduler, SchedulerOutput, Sequence
 from herd.decoding import TextStream, check_context
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer
+
+
+MASK_STEPS = 5_000  # automaton work per engine step for pending token masks (about 10 ms of CPU)
 
 
 class Engine:
@@ -102,16 +112,17 @@ class Engine:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
+        failed = self._prepare_masks()
+        plan = self._hold_unmasked(self.scheduler.schedule())
         if plan.empty:
-            return []
+            return failed
         try:
             ready = self.runner.execute(plan)
             sampled = self.runner.sample(ready)
         except Exception as e:  # the step's sequences fail; the engine and the other requests go on
             seqs = [c.seq for c in plan.prefill] + plan.decode
-            return [self._fail(s, f"{type(e).__name__}: {e}") for s in seqs]
-        outputs = []
+            return failed + [self._fail(s, f"{type(e).__name__}: {e}") for s in seqs]
+        outputs = failed
         for chunk in plan.prefill:
             self.metrics.inc("herd_prompt_tokens_total", chunk.end - chunk.start)
             if chunk.completes_prompt and chunk.seq.request.max_tokens == 0:
@@ -123,6 +134,35 @@ class Engine:
         self.metrics.generated(len(sampled))
         self.metrics.inc("herd_generation_tokens_total", len(sampled))
         return outputs
+
+    def _prepare_masks(self) -> list[RequestOutput]:
+        """Work on the token masks running sequences wait for, MASK_STEPS shared evenly; a mask that cannot
+        be computed (herd.engine.constrained.ConstraintError) ends its request."""
+        pending = [s for s in self.scheduler.running if s.constraint is not None and not s.constraint.ready]
+        failed = []
+        for seq in pending:
+            try:
+                seq.constraint.prepare(max(MASK_STEPS // len(pending), 500))
+            except ValueError as e:
+                failed.append(self._fail(seq, str(e)))
+        return failed
+
+    @staticmethod
+    def _hold_unmasked(plan: SchedulerOutput) -> SchedulerOutput:
+        """The plan without the draws of sequences whose mask is not ready: they leave the decode batch, and a
+        prompt's last chunk stops one token short (its forward runs once the mask is there)."""
+        def waiting(seq: Sequence) -> bool:
+            return seq.constraint is not None and not seq.constraint.ready
+
+        decode = [s for s in plan.decode if not waiting(s)]
+        prefill = []
+        for c in plan.prefill:
+            if c.completes_prompt and waiting(c.seq):
+                if c.end - 1 > c.start:
+                    prefill.append(PrefillChunk(c.seq, c.start, c.end - 1))
+            else:
+                prefill.append(c)
+        return SchedulerOutput(prefill, decode)
 
     def _advance(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
         seq.token_ids.append(token)

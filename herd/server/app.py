@@ -26,7 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from herd.chat.template import render_in_processes
 from herd.engine import AsyncEngine, Engine, Metrics
+from herd.errors import HerdError
 from herd.images import MAX_BYTES, MAX_PIXELS
 from herd.server.budget import InputBudget
 from herd.server.images import ImageFetch, ImageSources
@@ -48,6 +50,14 @@ class Limits:
     max_body_bytes: int = MAX_BODY_BYTES
     header_timeout: float = 10.0  # seconds from a connection's first byte (or last response) to complete headers
     body_timeout: float = 60.0  # seconds for the whole body once the headers are in
+
+
+def _chat_format(llm):
+    """The model's chat format, or None for a template that does not compile (chat requests then get its 400)."""
+    try:
+        return llm.chat_format
+    except HerdError:
+        return None
 
 
 def create_app(llm, *, max_batch: int = 8, context: int | None = None, max_queue: int | None = None,
@@ -77,8 +87,9 @@ def create_app(llm, *, max_batch: int = 8, context: int | None = None, max_queue
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async_engine.start()
-        try:
-            yield
+        try:  # the model's own Jinja template renders in worker processes: a runaway cannot stall the server
+            with render_in_processes(_chat_format(llm)):
+                yield
         finally:
             async_engine.stop(drain=True)
 
