@@ -258,16 +258,42 @@ class LLM:
         ids = set(kwargs.pop("stop_token_ids", None) or ()) | eot.token_ids
         return dict(kwargs, stop=stops, stop_token_ids=ids)
 
+    @cached_property
+    def sampling_defaults(self) -> tuple[dict, str]:
+        """(sampling keywords, where they come from): the settings the checkpoint ships (GGUF general.sampling.*,
+        HF generation_config.json: herd.formats.generation_config), else its model card's for a model herd
+        knows by name (herd.models); ({}, "") for none. `chat` and `chat_stream` use them for every keyword the
+        caller leaves out. A value herd.sampling refuses (top_p 5 in a file) is left out."""
+        from herd.formats.generation_config import shipped_sampling
+        from herd.models import recommended_sampling
+
+        values, source = shipped_sampling(self.checkpoint)
+        if not values:
+            values, source = recommended_sampling(self.checkpoint.path)
+        usable = {}
+        for key, value in values.items():
+            try:
+                SamplingParams(**{key: value})
+            except ValueError:
+                continue
+            usable[key] = value
+        return (usable, source) if usable else ({}, "")
+
+    def _with_defaults(self, kwargs: dict) -> dict:
+        return {**self.sampling_defaults[0], **kwargs}
+
     def chat_stream(self, messages: list[dict], tools: list[dict] | None = None, **kwargs) -> Iterator[GenerationStep]:
-        """Stream the assistant's reply to a conversation. Same options as `stream`."""
+        """Stream the assistant's reply to a conversation. Same options as `stream`; sampling keywords left out
+        take the model's own settings (`sampling_defaults`)."""
         ids, images = self.chat_inputs(messages, tools)
-        return self.stream(ids, images=images, **self._chat_stops(kwargs))
+        return self.stream(ids, images=images, **self._chat_stops(self._with_defaults(kwargs)))
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, **kwargs) -> Completion:
-        """Answer a conversation (OpenAI message shape). Same options as `generate`; max_tokens defaults to 512."""
+        """Answer a conversation (OpenAI message shape). Same options as `generate`; max_tokens defaults to 512,
+        and sampling keywords left out take the model's own settings (`sampling_defaults`)."""
         kwargs.setdefault("max_tokens", 512)
         ids, images = self.chat_inputs(messages, tools)
-        return self.generate(ids, images=images, **self._chat_stops(kwargs))
+        return self.generate(ids, images=images, **self._chat_stops(self._with_defaults(kwargs)))
 
     def follow(self) -> None:
         """On a rank other than 0 of a tensor-parallel job (herd.load(tp=N)): run the forwards rank 0

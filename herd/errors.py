@@ -37,6 +37,19 @@ class UnsupportedArchitecture(HerdError):
     """The config names an architecture, or a setting that changes the maths, herd does not implement."""
 
 
+class SamplingError(HerdError, ValueError):
+    """A sampling parameter out of its range (temperature, top_p, seed, ...). `field` names it. A ValueError
+    too, so callers that caught ValueError before keep working."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}{'' if problem.startswith('[') else ' '}{problem}")
+        self.field, self.problem = field, problem
+
+
+class TrainingDiverged(HerdError):
+    """A fine-tuning step produced a non-finite loss or gradient: the run stops there, nothing is written."""
+
+
 class ConfigError(HerdError):
     """A config is missing a field or holds an impossible value."""
 

@@ -19,6 +19,10 @@ def json_objects(path: str | Path, lines: Iterable[str]) -> Iterator[tuple[int, 
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{n}: JSON nested too deeply for herd to read") from None
+        except ValueError as e:  # a number Python will not convert (an integer of over 4300 digits)
+            raise DataError(f"{path}:{n}: JSON herd cannot read ({e})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
         yield n, record

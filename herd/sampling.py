@@ -21,6 +21,9 @@ from typing import Sequence, Union
 
 import torch
 
+from herd.errors import SamplingError
+
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -38,34 +41,38 @@ class SamplingParams:
         def number(name: str) -> float:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
+                raise SamplingError(name, f"must be a finite number, got {v!r}")
             return float(v)
 
         if number("temperature") < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise SamplingError("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise SamplingError("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < number("top_p") <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+            raise SamplingError("top_p", f"must be in (0, 1] (1 = off), got {self.top_p}")
         if not 0 <= number("min_p") <= 1:
-            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+            raise SamplingError("min_p", f"must be in [0, 1] (0 = off), got {self.min_p}")
         if number("repetition_penalty") <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            raise SamplingError("repetition_penalty", f"must be > 0 (1 = off), got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= number(name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+                raise SamplingError(name, f"must be in [-2, 2] (0 = off), got {getattr(self, name)}")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                raise SamplingError("seed", f"must be an integer or None, got {self.seed!r}")
+            if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:  # what torch.Generator.manual_seed takes
+                raise SamplingError("seed", f"must lie in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
-                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+                raise SamplingError("logit_bias", "must be a dict of token id -> bias, got "
+                                                  f"{type(self.logit_bias).__name__}")
             for k, v in self.logit_bias.items():
                 try:
                     token = int(k)  # JSON gives string keys
                 except (TypeError, ValueError):
-                    raise ValueError(f"logit_bias keys must be token ids, got {k!r}") from None
+                    raise SamplingError("logit_bias", f"keys must be token ids, got {k!r}") from None
                 if token < 0 or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-                    raise ValueError(f"logit_bias[{k!r}] = {v!r}: ids must be >= 0 and biases in [-100, 100]")
+                    raise SamplingError("logit_bias", f"[{k!r}] = {v!r}: ids must be >= 0 and biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -147,9 +154,18 @@ def apply_penalties(logits: torch.Tensor, prev_tokens: TokensArg | None, params:
         return out
     seen, counts = _counts(prev_tokens, batch, vocab, out.device, n_prompt)
     if any(r != 1 for r in rep):
-        r = torch.tensor(rep, dtype=out.dtype, device=out.device)[:, None]
-        penalized = torch.where(out > 0, out / r, out * r)
-        out = torch.where(seen, penalized, out)
+        # In float64, so that an extreme penalty (1e-300, 1e300) is not rounded to 0 or inf first. A penalty that
+        # float32 holds is used at its float32 value (as before, and as HF's float32 arithmetic): the float64
+        # quotient and product of float32 values round back to the float32 result bit for bit. A row whose best
+        # logit leaves float32's range moves down as a whole (softmax does not change), so the likeliest boosted
+        # token stays the likeliest and finite; a logit pushed below float32's range becomes -inf, banned.
+        r64 = torch.tensor(rep, dtype=torch.float64, device=out.device)[:, None]
+        r32 = r64.float()
+        r = torch.where((r32 > 0) & torch.isfinite(r32), r32.double(), r64)
+        wide = out.double()
+        wide = torch.where(seen, torch.where(wide > 0, wide / r, wide * r), wide)
+        over = (wide.max(dim=-1, keepdim=True).values - torch.finfo(out.dtype).max).clamp(min=0).nan_to_num(0.0)
+        out = (wide - over).to(out.dtype)
     if any(pres) or any(freq):
         f = torch.tensor(freq, dtype=out.dtype, device=out.device)[:, None]
         pr = torch.tensor(pres, dtype=out.dtype, device=out.device)[:, None]
@@ -158,8 +174,8 @@ def apply_penalties(logits: torch.Tensor, prev_tokens: TokensArg | None, params:
 
 
 def filter_logits(logits: torch.Tensor, params: ParamsArg) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p on logits [B, V]: a float32 tensor of scaled logits with
-    -inf outside each row's allowed set (a greedy row keeps only its argmax). The argmax always stays."""
+    """Temperature, then top-k, top-p and min-p on logits [B, V]: a float32 tensor of scaled logits (shifted
+    so that each row's best is 0: the same distribution) with -inf outside each row's allowed set (a greedy row keeps only its argmax). The argmax always stays."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
     batch, vocab = logits.shape
@@ -167,8 +183,15 @@ def filter_logits(logits: torch.Tensor, params: ParamsArg) -> torch.Tensor:
     x = logits.to(torch.float32)
     best = x.argmax(dim=-1, keepdim=True)
     dev = x.device
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in rows], dtype=x.dtype, device=dev)
-    x = x / temps[:, None]
+    # Scaled relative to the row's best logit, and by at least float32's smallest normal number: the best
+    # token's scaled logit is 0 and every other one is <= 0, so a tiny temperature (1e-45, below float32's
+    # range) gives the limit it tends to, the argmax (ties share), instead of inf / inf = NaN. top-k/top-p/
+    # min-p and the draw see only differences, which the shift leaves as they were.
+    tiny = torch.finfo(torch.float32).tiny
+    temps = torch.tensor([max(p.temperature, tiny) if p.temperature > 0 else 1.0 for p in rows], dtype=x.dtype,
+                         device=dev)
+    top = x.gather(1, best)
+    x = (x - torch.where(torch.isfinite(top), top, torch.zeros_like(top))) / temps[:, None]
     neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=dev)
 
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in rows]

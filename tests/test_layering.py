@@ -21,7 +21,7 @@ ALLOWED = {
     "chat": {"tokenizer", "errors"},
     "model": {"config"},
     "transforms": {"model", "quant", "kernels", "errors"},
-    "sampling": set(),
+    "sampling": {"errors"},
     "fingerprint": {"formats", "quant"},
     "models": {"errors"},
     "runtime": {"errors", "kernels", "model"},

@@ -83,9 +83,10 @@ def test_first_command_chats_in_a_fresh_copy(tmp_path, smollm2_q):
 
 
 def assert_sampled_by_the_model(llm, question: str, answer: str) -> None:
-    """`herd chat` samples (temperature 0.7, top-p 0.9), so its words cannot be predicted; but each token of
-    a reply the model really wrote lies in the model's own nucleus at those settings, which text from a
-    broken model, a wrong chat format or a leaked control token does not."""
+    """`herd chat` samples (SmolLM2's model card settings, temperature 0.2 and top-p 0.9), so its words cannot be
+    predicted; but each token of a reply the model really wrote lies in the model's own nucleus at temperature
+    0.7 and top-p 0.9 (a wider one than it sampled from), which text from a broken model, a wrong chat format or
+    a leaked control token does not."""
     assert answer and "<|" not in answer
     prompt = llm.chat_prompt([{"role": "user", "content": question}])
     reply = llm.tokenizer.encode(answer, bos=False, eos=False)

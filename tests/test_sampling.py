@@ -151,3 +151,92 @@ def test_per_row_params_match_single_rows():
         alone = torch.stack([sample(shaped[i : i + 1], p, g)[0] for _ in range(10)])
         assert torch.equal(batched[i], alone)
     assert (batched[0] == logits[0].argmax()).all()
+
+
+def test_invalid_params_are_herd_errors_naming_the_field():
+    """The library, the server (400) and the CLI (one line naming the flag) all read SamplingError's field."""
+    from herd.errors import HerdError, SamplingError
+
+    with pytest.raises(SamplingError) as e:
+        SamplingParams(top_p=5.0)
+    assert isinstance(e.value, HerdError) and isinstance(e.value, ValueError)
+    assert e.value.field == "top_p" and "(0, 1]" in e.value.problem
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (2**64 - 1, True), (-(2**63), True), (2**64, False), (2**70, False),
+                                      (-(2**63) - 1, False)])
+def test_seed_range_is_what_torch_generators_take(seed, ok):
+    """The reference is torch.Generator.manual_seed itself: a seed SamplingParams accepts must seed a generator,
+    one it refuses must be one torch cannot take (before, 2^70 passed and failed inside generation)."""
+    try:
+        torch.Generator().manual_seed(seed)
+        torch_takes = True
+    except (RuntimeError, ValueError, OverflowError):
+        torch_takes = False
+    assert torch_takes == ok
+    if ok:
+        assert make_generator(SamplingParams(seed=seed)) is not None
+    else:
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=seed)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-50, 1e-38, 1e-12])
+def test_a_tiny_positive_temperature_samples_the_argmax(temperature):
+    """Temperature T -> 0 tends to the argmax (greedy); 1e-45 is below float32's range, where x / T used to give
+    inf / inf = NaN probabilities and the draw token 0 (an empty reply, finish "stop")."""
+    logits = torch.stack([peaked_logits(seed=s) for s in range(16)])
+    params = SamplingParams(temperature=temperature, top_p=0.9)
+    shaped = filter_logits(logits, params)
+    assert not torch.isnan(shaped).any()
+    for draw in range(5):
+        assert torch.equal(sample(logits, params, torch.Generator().manual_seed(draw)), logits.argmax(-1))
+    # exact ties share the draw, as the limit says
+    tied = torch.tensor([[1.0, 5.0, 5.0, 2.0]]).expand(400, -1)
+    got = sample(tied, SamplingParams(temperature=1e-45), torch.Generator().manual_seed(0))
+    assert set(got.tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-45, 1e300])
+def test_extreme_repetition_penalties_follow_their_limit(penalty):
+    """Penalty r: a seen token's positive logit / r, negative one * r (HF). Computed exactly (float64, numpy), the
+    likeliest token of the penalized row must be what herd samples greedily and at a low temperature, with no
+    NaN and no empty draw (before, 1e-300 turned into a float32 0: division by zero, inf logits, NaN)."""
+    logits = torch.stack([peaked_logits(seed=s) for s in range(8)])
+    history = [[int(t) for t in torch.randperm(256, generator=torch.Generator().manual_seed(s))[:40]] for s in range(8)]
+    x = logits.double().numpy().copy()
+    for i, seen in enumerate(history):
+        for t in set(seen):
+            x[i, t] = x[i, t] / penalty if x[i, t] > 0 else x[i, t] * penalty
+    want = x.argmax(-1)
+    for params in (SamplingParams(repetition_penalty=penalty, temperature=0),
+                   SamplingParams(repetition_penalty=penalty, temperature=0.05, seed=1)):
+        shaped = apply_penalties(logits, history, params)
+        assert not torch.isnan(shaped).any() and not torch.isposinf(shaped).any()
+        assert not torch.isnan(filter_logits(shaped, params)).any()
+        assert sample(shaped, params, make_generator(params)).tolist() == want.tolist()
+
+
+def test_ordinary_repetition_penalties_are_unchanged_float32_arithmetic():
+    """The float64 path must not move an ordinary penalty's result by one bit: the reference is the float32
+    formula HF's RepetitionPenaltyLogitsProcessor applies (torch.where(score < 0, score * r, score / r))."""
+    logits = torch.stack([peaked_logits(seed=s) for s in range(4)]) * 3
+    history = [[1, 2, 3, 200], [4, 5], [9] * 3, list(range(0, 256, 3))]
+    for r in (1.1, 1.3, 0.7, 2.0, 1.05):
+        want = logits.clone()
+        for i, seen in enumerate(history):
+            idx = torch.tensor(sorted(set(seen)))
+            score = want[i, idx]
+            want[i, idx] = torch.where(score < 0, score * r, score / r)
+        assert torch.equal(apply_penalties(logits, history, SamplingParams(repetition_penalty=r)), want), r
+
+
+def test_smollm2_replies_at_extreme_settings(smollm2_q):
+    """Through the library on the real model: temperature 1e-45 answers as greedy does; repetition_penalty 1e-300
+    still answers (before, both gave an empty reply with finish "stop")."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    greedy = smollm2_q.chat(messages, temperature=0, max_tokens=8)
+    tiny = smollm2_q.chat(messages, temperature=1e-45, max_tokens=8, seed=3)
+    assert tiny.text == greedy.text and tiny.token_ids == greedy.token_ids and tiny.text.strip()
+    boosted = smollm2_q.chat(messages, repetition_penalty=1e-300, temperature=0, max_tokens=8)
+    assert boosted.text.strip()

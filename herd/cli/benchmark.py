@@ -138,13 +138,29 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(parser.parse_args(argv))
 
 
+ENGINES = ("herd", "llama.cpp", "hf")
+
+
+def engine_list(text: str) -> list[str]:
+    """argparse type for --engines: a comma-separated subset of ENGINES, checked before anything installs."""
+    import argparse
+
+    engines = [e.strip() for e in text.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(ENGINES)} (comma-separated)")
+    return list(dict.fromkeys(engines))
+
+
 def add_arguments(parser) -> None:
+    from herd.cli import positive_int, thread_count
+
     parser.add_argument("source", nargs="?", default=None, help="GGUF file or alias (default smollm2-135m)")
-    parser.add_argument("--engines", default="herd,llama.cpp,hf", help="comma-separated: herd, llama.cpp, hf")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
-    parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--engines", type=engine_list, default=list(ENGINES), help="comma-separated: herd, llama.cpp, hf")
+    parser.add_argument("--runs", type=positive_int, default=3)
+    parser.add_argument("--threads", type=thread_count, default=None, help="default: physical cores")
+    parser.add_argument("--decode-tokens", type=positive_int, default=128)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=512)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="herd's decode-step compile")
     parser.add_argument("--json", default=None, help="also write every measurement to this file")
 
@@ -152,7 +168,7 @@ def add_arguments(parser) -> None:
 def run_cli(args) -> int:
     compile_ = {"auto": None, "on": True, "off": False}[args.compile]
     options = {} if compile_ is None else {"compile": compile_}
-    report = run(args.source, [e.strip() for e in args.engines.split(",") if e.strip()], args.runs, args.threads,
+    report = run(args.source, args.engines, args.runs, args.threads,
                  args.decode_tokens, args.prompt_tokens, options, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(table(report))
     if args.json:

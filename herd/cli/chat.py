@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import sys
 
-from herd.cli import add_model_options, add_sampling_options, load_with_progress, model_options, sampling_kwargs
+from herd.cli import (add_model_options, add_sampling_options, given_sampling, load_with_progress, model_options,
+                      sampling_settings)
 
+REPLY_TOKENS = 256  # a reply a person reads at the terminal (about 200 words); --max-tokens for more
 HELP = ("Type a message. /image PATH attaches a picture to the next one, /reset starts over, /exit leaves "
         "(Ctrl-D too); Ctrl-C stops an answer.")
 
@@ -27,12 +29,15 @@ def main(args):
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    given = given_sampling(args)  # checked before the model loads
     llm = load_with_progress(args.source, args.device, args.dtype, **model_options(args))
-    options = dict(sampling_kwargs(args), max_tokens=1024 if args.max_tokens is None else args.max_tokens)
+    settings, described = sampling_settings(llm, given)
+    options = dict(settings, max_tokens=REPLY_TOKENS if args.max_tokens is None else args.max_tokens)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     images: list[str] = []  # /image paths waiting for the next message
-    print(f"herd chat: {llm.checkpoint.path.name}. {HELP}")
+    print(f"herd chat: {llm.checkpoint.path.name}; sampling {described}; replies up to {options['max_tokens']} "
+          f"tokens (--max-tokens). {HELP}")
     while True:
         try:
             line = input(">>> ")

@@ -17,8 +17,12 @@ def main(args):
     import torch
 
     import herd
-    from herd.finetune.export import export_model, source_lineage
+    from herd.cli import require
+    from herd.finetune.export import check_export_target, export_model, source_lineage
 
+    check_export_target(args.to, args.out)  # before the weights load: never after minutes of work
+    if args.to == "gguf":
+        require("gguf", "--to gguf writes with gguf-py")
     llm = herd.load(args.source, device="cpu", dtype="float32", quantized=False, adapter=args.adapter)
     lineage = source_lineage(llm, args.adapter)
     path, fp = export_model(llm, args.to, args.out, lineage, gguf_type=args.gguf_type,

@@ -6,7 +6,7 @@ through torchrun's rendezvous (`--nnodes M --rdzv-backend c10d --rdzv-endpoint H
 
 from __future__ import annotations
 
-from herd.cli import non_negative_int, positive_int
+from herd.cli import device_option, non_negative_int, positive_int, thread_count
 
 
 def add_arguments(parser, name):
@@ -18,6 +18,8 @@ def add_arguments(parser, name):
     parser.add_argument("--eval-data", default=None, help="held-out data of the same kind: eval loss")
     parser.add_argument("--method", default="lora", choices=METHODS)
     parser.add_argument("--out", required=True, help="directory for adapter/ or model/, checkpoints, log and loss.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous run's results in --out (refused without it)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, default=None, help="optimizer steps")
     length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
@@ -46,13 +48,27 @@ def add_arguments(parser, name):
     parser.add_argument("--save-every", type=non_negative_int, default=0, help="steps between resumable checkpoints")
     parser.add_argument("--resume", nargs="?", const=True, default=False,
                         help="continue from the latest checkpoint in --out (or from the checkpoint given)")
-    parser.add_argument("--threads", type=positive_int, default=None)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=thread_count, default=None)
+    parser.add_argument("--device", type=device_option, default=None)
 
 
 def main(args):
+    import importlib.util
+    import os
+    import sys
+
+    from herd.cli import install_hint, require
     from herd.finetune import finetune
 
+    if args.method == "full" or args.method == "dpo" and args.dpo_base == "full":
+        from herd.models import resolve
+
+        path = resolve(args.source)
+        if path.is_file():  # a GGUF file's fine-tuned model is written as GGUF: gguf-py, checked before loading
+            require("gguf", "full fine-tuning of a GGUF model writes GGUF")
+    curve = importlib.util.find_spec("matplotlib") is not None
+    if not curve and int(os.environ.get("RANK", "0")) == 0:
+        print(f"herd finetune: no loss.png: {install_hint('matplotlib', 'finetune')}", file=sys.stderr)
     lr = args.lr if args.lr is not None else (1e-5 if args.method == "full" or args.dpo_base == "full" and
                                               args.method == "dpo" else 2e-4)
     result = finetune(
@@ -64,11 +80,10 @@ def main(args):
         lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, dpo_beta=args.dpo_beta,
         dpo_base=args.dpo_base, dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
         seed=args.seed, eval_every=args.eval_every, save_every=args.save_every, threads=args.threads,
+        overwrite=args.overwrite,
     )
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         made = result.adapter or result.model
         ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
-        print(f"herd finetune: {result.steps} steps, train loss {result.train_loss:.4f}{ev}; wrote {made} "
-              f"and {result.out / 'loss.png'}")
+        curve_text = f" and {result.out / 'loss.png'}" if curve else ""
+        print(f"herd finetune: {result.steps} steps, train loss {result.train_loss:.4f}{ev}; wrote {made}{curve_text}")

@@ -109,13 +109,27 @@ def show_info(source, mmproj=None):
         ("chat format", "template from the file" if ck.chat_template else f"built-in (Llama {ck.generation})"),
         ("fingerprint", fingerprint(ck.tensors)),
     ]
+    rows.insert(-1, ("sampling", sampling_row(ck)))
     images = image_row(ck)
     if images:
-        rows.insert(-3, ("images", images))
+        rows.insert(-4, ("images", images))
     rows += lineage_rows(path, ck)
     console = Console(soft_wrap=True)  # never cut a path or the fingerprint to the terminal's width
     for key, value in rows:
         console.print(f"[bold]{key:<15}[/bold] {value}", highlight=False)
+
+
+def sampling_row(ck) -> str:
+    """The sampling settings `herd chat` starts from: the file's, else the model card's (herd.models)."""
+    from herd.formats.generation_config import shipped_sampling
+    from herd.models import recommended_sampling
+
+    values, source = shipped_sampling(ck)
+    if not values:
+        values, source = recommended_sampling(ck.path)
+    if not values:
+        return "none shipped (herd chat and run use temperature 0.7, top-p 0.9)"
+    return ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in values.items()) + f" ({source})"
 
 
 def image_row(ck) -> str | None:

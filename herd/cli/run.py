@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from herd.cli import add_model_options, add_sampling_options, load_with_progress, model_options, sampling_kwargs
+from herd.cli import (add_model_options, add_sampling_options, given_sampling, load_with_progress, model_options,
+                      sampling_settings)
 
 
 def add_arguments(parser, name):
@@ -23,16 +24,24 @@ def main(args):
     import time
 
     from herd.errors import HerdError
+    from herd.images import load_image
 
+    given = given_sampling(args)  # every check that needs no model comes before loading it
     source, prompt = (None, args.words[0]) if len(args.words) == 1 else (args.words[0], " ".join(args.words[1:]))
     if prompt == "-":
         prompt = sys.stdin.read()
-    llm = load_with_progress(source, args.device, args.dtype, **model_options(args))
-    options = dict(sampling_kwargs(args), max_tokens=512 if args.max_tokens is None else args.max_tokens)
-    started = time.perf_counter()
+    if not prompt:
+        raise HerdError("the prompt is empty: give the text to answer or complete ('-' reads it from stdin)")
     if args.raw and args.image:
-        print("herd run: --image needs the chat format (drop --raw)", file=sys.stderr)
-        return 2
+        raise HerdError("--image needs the chat format (drop --raw)")
+    for path in args.image:
+        load_image(path)  # read and decoded now: a bad picture is named before the model loads
+    llm = load_with_progress(source, args.device, args.dtype, **model_options(args))
+    settings, described = sampling_settings(llm, given)
+    options = dict(settings, max_tokens=512 if args.max_tokens is None else args.max_tokens)
+    if args.verbose:
+        print(f"sampling: {described}; up to {options['max_tokens']} tokens", file=sys.stderr)
+    started = time.perf_counter()
     if args.raw:
         steps = llm.stream(prompt, **options)
     else:
@@ -40,11 +49,7 @@ def main(args):
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": content if args.image else prompt}
         ]
-        try:
-            steps = llm.chat_stream(messages, **options)
-        except HerdError as e:
-            print(f"herd run: {e}", file=sys.stderr)
-            return 2
+        steps = llm.chat_stream(messages, **options)
     count = 0
     for step in steps:
         count += 1

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from herd.errors import HerdError
+from herd.errors import ConfigError, DataError, HerdError
 from herd.finetune.config import DEFAULT_TARGETS, METHODS, TrainConfig
 
 
@@ -72,6 +72,8 @@ def prepare_model(llm, config: TrainConfig) -> None:
 
     model = llm.model
     if config.uses_lora:
+        if config.lora_rank > llm.config.dim:  # a rank past the width adds nothing but memory (and a huge one fails)
+            raise ConfigError(f"lora_rank (--lora-rank) {config.lora_rank} exceeds the model's width {llm.config.dim}")
         add_lora(model, list(config.lora_targets), config.lora_rank, config.lora_alpha, config.lora_dropout)
         return
     with torch.no_grad():
@@ -85,27 +87,71 @@ def _dataset_info(ds) -> dict:
             "examples": len(ds.examples), "tokens": ds.tokens, "truncated": ds.truncated}
 
 
+RESULTS = ("adapter", "model", "checkpoints", "log.jsonl", "loss.png")  # what a run writes into `out`
+
+
+def check_out(out: Path, resume: bool | str | Path, overwrite: bool) -> Path | None:
+    """Before anything loads: `out` must be a directory a run can write; a previous run's results there are
+    kept unless `overwrite` (or continued with `resume`). Returns the checkpoint to resume from, if any."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a directory (--out names the directory the run writes into)")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{out}: {above} is a file, so the directory cannot be made")
+    if resume:
+        where = latest_checkpoint(out) if resume is True else Path(resume)
+        if where is None:
+            raise ConfigError(f"{out}: no checkpoint to resume from (out/checkpoints/step-N)")
+        if not (where / "trainer.pt").is_file():
+            raise ConfigError(f"--resume {where}: not a fine-tuning checkpoint (a step-N directory with trainer.pt)")
+        return where
+    previous = [name for name in RESULTS if (out / name).exists()]
+    if previous and not overwrite:
+        raise ConfigError(f"{out}: holds a previous run ({', '.join(previous)}); pass --overwrite to replace it, "
+                          "--resume to continue it, or choose another --out")
+    return None
+
+
 def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bool | str | Path = False,
-             progress: bool = True, device=None, stop_at: int | None = None, **options) -> FinetuneResult:
+             progress: bool = True, device=None, stop_at: int | None = None, overwrite: bool = False,
+             **options) -> FinetuneResult:
     """Fine-tune `source` (anything herd.load takes) on `data` and write the result into `out` (see the module
     doc). `options` are TrainConfig fields (steps, epochs, batch_size, grad_accum, lr, warmup_steps, max_len,
     lora_rank, lora_alpha, lora_dropout, lora_targets, dtype, activation_checkpointing, seed, eval_every,
     save_every, ...). `resume`: True continues from the latest checkpoint under out/checkpoints, a path from
     that checkpoint. `stop_at`: end after that step with a checkpoint, as an interrupted run would (the
-    schedule stays that of the whole run); the adapter or model written is the one of that step."""
+    schedule stays that of the whole run); the adapter or model written is the one of that step. A previous
+    run's results in `out` are refused unless `overwrite` (they are removed when training starts) or `resume`.
+    Everything that can be checked without the model (settings, `out`, the data files) is, before it loads;
+    a step whose loss or gradient is not finite stops the run (TrainingDiverged) with nothing written."""
     import torch
 
-    from herd.finetune.data import check_fits, file_sha256, load_dataset, pack
+    from herd.finetune.data import check_fits, load_dataset, pack, read_data
     from herd.finetune.lineage import make_lineage
     from herd.finetune.train import Trainer
 
     config = TrainConfig(method=method, **options)
+    out = Path(out)
+    resume_from = check_out(out, resume, overwrite)
+    train_file = read_data(data)  # read and checked before the model loads: a bad line costs no loading
+    eval_file = read_data(eval_data) if eval_data else None
+    for file in (train_file, eval_file):
+        if file is not None and (file.kind == "preference") != (config.method == "dpo"):
+            raise DataError(f"{file.path}: {file.kind} records, but --method {config.method} trains on "
+                            + ("prompt/chosen/rejected records" if config.method == "dpo" else
+                               "chat, prompt/completion or text records (prompt/chosen/rejected are for dpo)"))
     dist = _init_distributed()
     rank = dist.get_rank() if dist else 0
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     llm = load_base(source, config, device)
+    if not config.uses_lora and llm.checkpoint.tokenizer is not None and llm.checkpoint.tokenizer.kind == "gguf":
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:  # the model is written as GGUF: say so before training
+            raise HerdError("full fine-tuning of a GGUF model writes GGUF, which needs the gguf package (a "
+                            "dependency of herd this environment lacks): pip install gguf")
     device = llm.device
     tokenizer = llm.tokenizer
     chat_format = None
@@ -119,17 +165,17 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
     if config.method == "dpo":
         from herd.finetune.dpo import DPOTrainer, load_preferences
 
-        items, cut = load_preferences(data, tokenizer, chat_format, config.max_len, config.truncate)
-        eval_items = load_preferences(eval_data, tokenizer, chat_format, config.max_len, config.truncate)[0] \
-            if eval_data else None
-        train_info = {"path": Path(data).resolve(), "sha256": file_sha256(Path(data)), "kind": "preference",
+        items, cut = load_preferences(train_file, tokenizer, chat_format, config.max_len, config.truncate)
+        eval_items = load_preferences(eval_file, tokenizer, chat_format, config.max_len, config.truncate)[0] \
+            if eval_file else None
+        train_info = {"path": train_file.path.resolve(), "sha256": train_file.sha256, "kind": "preference",
                       "records": len(items), "examples": len(items), "truncated": cut}
-        eval_info = ({"path": Path(eval_data).resolve(), "sha256": file_sha256(Path(eval_data)), "kind": "preference",
-                      "records": len(eval_items)} if eval_data else None)
+        eval_info = ({"path": eval_file.path.resolve(), "sha256": eval_file.sha256, "kind": "preference",
+                      "records": len(eval_items)} if eval_file else None)
         trainer = DPOTrainer(llm.model, config, items, eval_items, pad_id, device, shard=not config.uses_lora)
     else:
-        train_ds = load_dataset(data, tokenizer, chat_format, config.max_len, config.truncate)
-        eval_ds = load_dataset(eval_data, tokenizer, chat_format, config.max_len, config.truncate) if eval_data else None
+        train_ds = load_dataset(train_file, tokenizer, chat_format, config.max_len, config.truncate)
+        eval_ds = load_dataset(eval_file, tokenizer, chat_format, config.max_len, config.truncate) if eval_file else None
         rows = pack(train_ds.examples, config.max_len, config.packing)
         eval_rows = pack(eval_ds.examples, config.max_len, config.packing) if eval_ds else None
         check_fits(rows, data, llm.config.max_seq_len)
@@ -138,11 +184,21 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
     if train_info.get("truncated") and rank == 0:
         print(f"herd finetune: {train_info['truncated']} example(s) cut to --max-len {config.max_len} (--truncate)")
 
-    if resume:
-        where = latest_checkpoint(out) if resume is True else Path(resume)
-        if where is None:
-            raise HerdError(f"{out}: no checkpoint to resume from (out/checkpoints/step-N)")
-        trainer.load(where)
+    if resume_from is not None:
+        trainer.load(resume_from)
+    if rank == 0:
+        if overwrite:  # the previous run goes only now, when this one is sure to start
+            import shutil
+
+            for name in RESULTS:
+                target = out / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    if dist:
+        dist.barrier()
     log_path = out / "log.jsonl"
     log = open(log_path, "a" if resume else "w") if rank == 0 else None
 
@@ -210,33 +266,48 @@ def finetune(source, data, out, method: str = "lora", eval_data=None, resume: bo
 
 
 class _progress:
-    """A rich progress bar on stderr: step, loss, learning rate, tokens/s (a no-op when not wanted)."""
+    """A rich progress bar on stderr: step, loss, learning rate, tokens/s and the time left (a no-op when not
+    wanted). The time left is herd's own estimate, the mean time of this run's steps so far times the steps to
+    go: rich's estimate looks at the last 30 s only, so with steps slower than that it never shows one."""
 
-    def __init__(self, enabled: bool, trainer):
-        self.enabled, self.trainer, self.bar = enabled, trainer, None
+    def __init__(self, enabled: bool, trainer, console=None, clock=None):
+        import time
+
+        self.enabled, self.trainer, self.bar, self.console = enabled, trainer, None, console
+        self.clock = clock or time.monotonic
 
     def __enter__(self):
         if not self.enabled:
             return lambda record: None
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.bar = Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                            TimeRemainingColumn(), console=Console(stderr=True))
+                            TextColumn("{task.fields[left]}"), console=self.console or Console(stderr=True))
         self.bar.__enter__()
-        task = self.bar.add_task("train", total=self.trainer.total_steps, completed=self.trainer.step, info="")
+        first_step, started = self.trainer.step, self.clock()
+        task = self.bar.add_task("train", total=self.trainer.total_steps, completed=first_step, info="",
+                                 left="time left: after the first step")
 
         def report(record):
             info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record.get('tokens_per_s', 0):,.0f} tok/s"
             if record.get("eval_loss") is not None:
                 info += f"  eval {record['eval_loss']:.4f}"
-            self.bar.update(task, completed=record["step"], info=info)
+            done = record["step"] - first_step
+            per_step = (self.clock() - started) / max(done, 1)
+            left = f"time left {_duration(per_step * (self.trainer.total_steps - record['step']))}"
+            self.bar.update(task, completed=record["step"], info=info, left=left)
 
         return report
 
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.__exit__(*exc)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def write_loss_curve(history: dict, path: Path) -> Path | None:
@@ -276,4 +347,4 @@ import sys  # noqa: E402
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["finetune", "FinetuneResult", "TrainConfig", "METHODS", "DEFAULT_TARGETS", "latest_checkpoint"]
+__all__ = ["finetune", "check_out", "FinetuneResult", "TrainConfig", "METHODS", "DEFAULT_TARGETS", "latest_checkpoint"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from herd.errors import HerdError
+import math
+
+from herd.errors import ConfigError
 
 METHODS = ("lora", "qlora", "full", "dpo")
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -44,22 +46,46 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise HerdError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
         if self.dtype not in ("float32", "bfloat16"):
-            raise HerdError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.schedule not in ("cosine", "constant"):
-            raise HerdError(f"schedule must be cosine or constant, got {self.schedule!r}")
-        for name in ("batch_size", "grad_accum", "max_len", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise HerdError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise HerdError(f"steps must be at least 1, got {self.steps}")
+            raise ConfigError(f"schedule must be cosine or constant, got {self.schedule!r}")
         if self.dpo_base not in ("lora", "full"):
-            raise HerdError(f"dpo_base must be lora or full, got {self.dpo_base!r}")
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-        self.lora_targets = tuple(self.lora_targets)
-        self.betas = tuple(self.betas)
+            raise ConfigError(f"dpo_base must be lora or full, got {self.dpo_base!r}")
+        for name in ("batch_size", "grad_accum", "max_len", "lora_rank", "log_every"):
+            _whole(self, name, least=1)
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            _whole(self, name, least=0)
+        for name in ("steps", "threads"):
+            if getattr(self, name) is not None:
+                _whole(self, name, least=1)
+        _whole(self, "seed", least=0, most=2**64 - 1)  # what torch.manual_seed takes
+        # every float finite: a nan or inf hyperparameter trains to NaN weights without a word
+        _number(self, "lr", above=0)
+        _number(self, "lora_alpha", above=0)
+        _number(self, "dpo_beta", above=0)
+        _number(self, "adam_eps", above=0)
+        _number(self, "weight_decay", least=0)
+        _number(self, "lora_dropout", least=0, below=1)
+        if self.epochs is not None:
+            _number(self, "epochs", above=0)  # 0 epochs is no training, not one step
+        if self.max_grad_norm is not None:
+            _number(self, "max_grad_norm", least=0)
+        try:
+            b1, b2 = self.betas
+        except (TypeError, ValueError):
+            raise ConfigError(f"betas must be two numbers, got {self.betas!r}") from None
+        self.betas = (b1, b2)
+        for i, b in enumerate(self.betas):
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
+                raise ConfigError(f"betas[{i}] must be a number in [0, 1), got {b!r}")
+        from herd.transforms.lora import parse_targets  # (torch: not imported for `herd --help`)
+
+        try:
+            self.lora_targets = tuple(parse_targets(self.lora_targets))
+        except ValueError as e:
+            raise ConfigError(f"lora_targets (--lora-targets): {e}") from None
 
     @property
     def uses_lora(self) -> bool:
@@ -72,6 +98,30 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _flag(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def _whole(config, name: str, least: int, most: int | None = None) -> None:
+    v = getattr(config, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < least or (most is not None and v > most):
+        bound = f"from {least} to {most}" if most is not None else f"at least {least}"
+        raise ConfigError(f"{_flag(name)} must be a whole number {bound}, got {v!r}")
+
+
+def _number(config, name: str, least: float | None = None, above: float | None = None,
+            below: float | None = None) -> None:
+    v = getattr(config, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{_flag(name)} must be a finite number, got {v!r}")
+    if least is not None and v < least:
+        raise ConfigError(f"{_flag(name)} must be >= {least:g}, got {v!r}")
+    if above is not None and v <= above:
+        raise ConfigError(f"{_flag(name)} must be > {above:g}, got {v!r}")
+    if below is not None and v >= below:
+        raise ConfigError(f"{_flag(name)} must be < {below:g}, got {v!r}")
 
 
 __all__ = ["TrainConfig", "METHODS", "DEFAULT_TARGETS"]

@@ -17,9 +17,11 @@ segment (herd.finetune.forward), so nothing attends across an example boundary.
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -50,6 +52,10 @@ class Dataset:
         return sum(len(e.ids) for e in self.examples)
 
 
+MAX_RECORD_BYTES = 1 << 20  # one JSONL record (one line), or one line of a .txt file: 1 MiB
+PIECE_CHARS = 1 << 16  # long texts are tokenized in pieces of about this many characters (encode_text)
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -75,18 +81,106 @@ def record_kind(record: dict) -> str | None:
     return None
 
 
-def read_records(path: str | Path) -> tuple[list[tuple[str, dict]], str]:
-    """[(file:line, record)] of a JSONL file, all of one kind, and the kind. Blank lines are skipped."""
+@dataclass
+class DataFile:
+    """A data file read and checked before any model is loaded: every record is JSON of the file's one kind, with
+    fields of the right types, valid Unicode and at most MAX_RECORD_BYTES long. A .txt file is one text record."""
+
+    path: Path
+    sha256: str
+    kind: str
+    records: list[tuple[str, dict]]  # (file:line, record)
+
+
+def _lines(path: Path, h) -> Iterator[str]:
+    """The file's lines as text, each checked against MAX_RECORD_BYTES before it is decoded (a 20 MB line is
+    refused after reading 1 MiB of it); every byte read goes into the hash `h`."""
+    with open(path, "rb") as f:
+        for n in itertools.count(1):
+            line = f.readline(MAX_RECORD_BYTES + 3)  # room for the line's own \r\n
+            if not line:
+                return
+            h.update(line)
+            if len(line.rstrip(b"\r\n")) > MAX_RECORD_BYTES:
+                raise DataError(f"{path}:{n}: a line longer than {MAX_RECORD_BYTES >> 20} MiB, herd's bound on one "
+                                "record (split it into several records; a long document can go in a .txt file)")
+            try:
+                yield line.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _check_unicode(value, where: str) -> None:
+    """DataError for a string anywhere in `value` that no tokenizer can encode: JSON's \\ud800 escape gives Python
+    a lone surrogate."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise DataError(f"{where}: a string holds a lone surrogate ({v[e.start]!r}) at character {e.start}: "
+                                    "not valid Unicode") from None
+        elif isinstance(v, dict):
+            todo += list(v.keys()) + list(v.values())
+        elif isinstance(v, list):
+            todo += v
+
+
+def _check_messages(messages, where: str, key: str = "messages") -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: \"{key}\" must be a non-empty list of messages, got {_type(messages)}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: {key}[{i}] must be an object with \"role\" and \"content\", got {_type(m)}")
+        if not isinstance(m.get("role"), str):
+            raise DataError(f"{where}: {key}[{i}].role must be a string, got {_type(m.get('role'))}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise DataError(f"{where}: {key}[{i}].content must be a string or a list of parts, got {_type(content)}")
+
+
+def _type(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_record(record: dict, kind: str, where: str) -> None:
+    """The fields a record of `kind` needs, of the types it needs, before anything is tokenized."""
+    _check_unicode(record, where)
+    if kind == "chat":
+        _check_messages(record["messages"], where)
+        if not any(m.get("role") == "assistant" for m in record["messages"]):
+            raise DataError(f"{where}: no assistant message, so nothing to learn")
+    elif kind == "preference":
+        if isinstance(record["prompt"], list):
+            _check_messages(record["prompt"], where, "prompt")
+        elif not isinstance(record["prompt"], str):
+            raise DataError(f"{where}: \"prompt\" must be a string or a list of chat messages, got "
+                            f"{_type(record['prompt'])}")
+        for key in ("chosen", "rejected"):
+            if not isinstance(record[key], str) or not record[key]:
+                raise DataError(f"{where}: \"{key}\" must be a non-empty string, got {_type(record[key])}")
+    else:
+        for key in KINDS[kind]:
+            _string(record, key, where)
+
+
+def read_data(path: str | Path) -> DataFile:
+    """Read and check a data file (see DataFile); the kind is told by the first record (a .txt file: text)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such data file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file (a directory, device or pipe); give a .jsonl or .txt file")
+    h = hashlib.sha256()
+    if path.suffix == ".txt":
+        text = "".join(_lines(path, h))
+        _check_unicode(text, str(path))
+        return DataFile(path, h.hexdigest(), "text", [(str(path), {"text": text})])
     records, kind = [], None
-    with open(path, encoding="utf-8") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    for n, record in json_objects(path, lines):
+    for n, record in json_objects(path, _lines(path, h)):
         where = f"{path}:{n}"
         this = record_kind(record)
         if this is None:
@@ -96,10 +190,17 @@ def read_records(path: str | Path) -> tuple[list[tuple[str, dict]], str]:
             kind = this
         elif this != kind:
             raise DataError(f"{where}: a {this} record in a file of {kind} records (line 1 decides the kind)")
+        _check_record(record, kind, where)
         records.append((where, record))
     if not records:
         raise DataError(f"{path}: no records")
-    return records, kind
+    return DataFile(path, h.hexdigest(), kind, records)
+
+
+def read_records(path: str | Path) -> tuple[list[tuple[str, dict]], str]:
+    """[(file:line, record)] of a JSONL file, all of one kind, and the kind. Blank lines are skipped."""
+    data = read_data(path)
+    return data.records, data.kind
 
 
 def _string(record: dict, key: str, where: str) -> str:
@@ -120,6 +221,8 @@ def chat_example(messages, tokenizer, chat_format, where: str) -> Example:
         raise DataError(f"{where}: \"messages\" must be a non-empty list")
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message, so nothing to learn")
+    if chat_format is None:
+        raise DataError(f"{where}: a chat record, but this model has no chat format (no template, unknown generation)")
     try:
         full = render(messages, tokenizer, chat_format, add_generation_prompt=False)
         train = [False] * len(full)
@@ -148,40 +251,62 @@ def prompt_completion_example(prompt: str, completion: str, tokenizer, where: st
     return Example(head + tail, [False] * len(head) + [True] * len(tail), where)
 
 
+_PIECE_START = re.compile(r"(?<=\S\n)(?=\S)")  # after a newline that stands alone between two visible characters
+
+
+def encode_text(tokenizer, text: str, bos: bool) -> list[int]:
+    """tokenizer.encode(text, bos=bos), a long text in pieces of about PIECE_CHARS characters, so that the
+    tokenizer's working memory (HF tokenizers holds about 100 bytes per character while encoding) follows the
+    piece, not the text. A piece begins after a newline that stands alone between two visible characters: there
+    every tokenizer herd reads splits anyway (byte-level BPE pre-tokenizers end a pre-token at such a newline,
+    SentencePiece has no piece across it). A later piece is encoded with that newline in front and the newline's
+    own tokens dropped, so that a dummy prefix or other start-of-text rule applies once, as in the whole text;
+    if the newline does not encode as it does alone, the text is encoded whole. The ids are those of one encode
+    (tests/test_finetune_data.py checks each kind of tokenizer), except where a tokenizer cuts a very long text
+    itself: Meta's tiktoken code (herd.tokenizer.tiktoken_bpe) cuts every 400,000 characters, wherever that
+    falls, and a piece is never that long."""
+    if len(text) <= PIECE_CHARS:
+        return tokenizer.encode(text, bos=bos)
+    newline = tokenizer.encode("\n", bos=False)
+    ids, start = [], 0
+    while start < len(text):
+        found = _PIECE_START.search(text, start + PIECE_CHARS)
+        end = found.start() if found else len(text)
+        if start == 0:
+            ids += tokenizer.encode(text[:end], bos=bos)
+        else:
+            part = tokenizer.encode("\n" + text[start:end], bos=False)
+            if part[:len(newline)] != newline:
+                return tokenizer.encode(text, bos=bos)
+            ids += part[len(newline):]
+        start = end
+    return ids
+
+
 def text_examples(text: str, tokenizer, max_len: int, where: str) -> list[Example]:
-    ids = tokenizer.encode(text, bos=tokenizer.bos_id is not None)
+    ids = encode_text(tokenizer, text, bos=tokenizer.bos_id is not None)
     if tokenizer.eos_id is not None:
         ids.append(tokenizer.eos_id)
     return [Example(ids[a:a + max_len], [True] * len(ids[a:a + max_len]), where)
             for a in range(0, len(ids), max_len) if len(ids[a:a + max_len]) > 1]
 
 
-def load_dataset(path: str | Path, tokenizer, chat_format, max_len: int, truncate: bool = False) -> Dataset:
-    """The examples of a data file for supervised fine-tuning (chat, prompt/completion or text)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    sha = file_sha256(path)
-    if path.suffix == ".txt":
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-        examples = text_examples(text, tokenizer, max_len, str(path))
-        return Dataset(examples, "text", path, sha, records=1)
-    records, kind = read_records(path)
+def load_dataset(data: str | Path | DataFile, tokenizer, chat_format, max_len: int, truncate: bool = False) -> Dataset:
+    """The examples of a data file (a path, or a DataFile read_data made) for supervised fine-tuning (chat,
+    prompt/completion or text)."""
+    data = data if isinstance(data, DataFile) else read_data(data)
+    path, kind = data.path, data.kind
     if kind == "preference":
         raise DataError(f"{path}: preference records (prompt/chosen/rejected) are for --method dpo")
     examples, truncated = [], 0
-    for where, record in records:
+    for where, record in data.records:
         if kind == "text":
-            examples += text_examples(_string(record, "text", where), tokenizer, max_len, where)
+            examples += text_examples(record["text"], tokenizer, max_len, where)
             continue
         if kind == "chat":
             example = chat_example(record["messages"], tokenizer, chat_format, where)
         else:
-            example = prompt_completion_example(_string(record, "prompt", where), _string(record, "completion", where),
-                                                tokenizer, where)
+            example = prompt_completion_example(record["prompt"], record["completion"], tokenizer, where)
         if len(example.ids) > max_len:
             if not truncate:
                 raise DataError(f"{where}: {len(example.ids)} tokens, longer than --max-len {max_len} "
@@ -191,7 +316,9 @@ def load_dataset(path: str | Path, tokenizer, chat_format, max_len: int, truncat
         if not any(example.train[1:]):
             raise DataError(f"{where}: no trained token" + (" left after truncation" if truncated else ""))
         examples.append(example)
-    return Dataset(examples, kind, path, sha, truncated, len(records))
+    if not examples:
+        raise DataError(f"{path}: no example of two tokens or more to train on")
+    return Dataset(examples, kind, path, data.sha256, truncated, len(data.records))
 
 
 @dataclass
@@ -251,7 +378,7 @@ def collate(rows: list[Row], pad_id: int = 0) -> TensorBatch:
 def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     """The rows' order in one epoch: a permutation that depends only on (seed, epoch), so a resumed run
     sees the same order."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # (the same for seeds below 2^44)
     return torch.randperm(n_rows, generator=g).tolist()
 
 
@@ -262,5 +389,5 @@ def check_fits(rows: list[Row], path, context: int) -> None:
                         "(lower --max-len)")
 
 
-__all__ = ["IGNORE", "Example", "Dataset", "Row", "TensorBatch", "load_dataset", "read_records", "pack", "collate",
+__all__ = ["IGNORE", "MAX_RECORD_BYTES", "DataFile", "read_data", "encode_text", "Example", "Dataset", "Row", "TensorBatch", "load_dataset", "read_records", "pack", "collate",
            "epoch_order", "check_fits", "file_sha256", "chat_example", "prompt_completion_example", "text_examples"]

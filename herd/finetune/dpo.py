@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.errors import DataError
-from herd.finetune.data import Example, Row, collate, read_records
+from herd.finetune.data import DataFile, Example, Row, collate, read_data
 from herd.finetune.forward import sequence_logprobs
 from herd.finetune.train import Trainer
 
@@ -36,18 +36,24 @@ def _row(example: Example) -> Row:
     return row
 
 
-def load_preferences(path, tokenizer, chat_format, max_len: int, truncate: bool = False) -> tuple[list[Pair], int]:
-    """(pairs, how many were cut to max_len)."""
+def load_preferences(data, tokenizer, chat_format, max_len: int, truncate: bool = False) -> tuple[list[Pair], int]:
+    """(pairs, how many were cut to max_len) of a data file: a path, or a DataFile read_data made."""
     from herd.chat import render
+    from herd.errors import TemplateError
 
-    records, kind = read_records(path)
-    if kind != "preference":
-        raise DataError(f"{path}: DPO needs {{\"prompt\", \"chosen\", \"rejected\"}} records, not {kind}")
+    data = data if isinstance(data, DataFile) else read_data(data)
+    if data.kind != "preference":
+        raise DataError(f"{data.path}: DPO needs {{\"prompt\", \"chosen\", \"rejected\"}} records, not {data.kind}")
     pairs, truncated = [], 0
-    for where, record in records:
+    for where, record in data.records:
         prompt = record["prompt"]
         if isinstance(prompt, list):
-            head = render(prompt, tokenizer, chat_format, add_generation_prompt=True)
+            if chat_format is None:
+                raise DataError(f"{where}: a chat prompt, but this model has no chat format")
+            try:
+                head = render(prompt, tokenizer, chat_format, add_generation_prompt=True)
+            except TemplateError as e:
+                raise DataError(f"{where}: {e}") from None
         elif isinstance(prompt, str):
             head = tokenizer.encode(prompt, bos=tokenizer.bos_id is not None)
         else:

@@ -327,6 +327,28 @@ def _walk(node):
             yield from _walk(v)
 
 
+def check_export_target(to: str, out) -> Path:
+    """Refuse, before any weights are loaded, an output an export cannot write or would overwrite: HF and Meta
+    exports create a new (or empty) directory, a GGUF export a new file in an existing directory."""
+    if to not in FORMATS:
+        raise HerdError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+    out = Path(out)
+    if to == "gguf":
+        if out.exists() or out.is_symlink():
+            raise HerdError(f"{out}: exists; choose a new file name (a GGUF export never overwrites)")
+        if not out.parent.is_dir():
+            raise HerdError(f"{out}: {out.parent} is not an existing directory to write the GGUF file into")
+        return out
+    if out.exists() and not out.is_dir():
+        raise HerdError(f"{out}: exists and is not a directory (--to {to} writes a directory of files)")
+    if out.is_dir() and any(out.iterdir()):
+        raise HerdError(f"{out}: exists and is not empty; choose a new directory (an export never overwrites)")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise HerdError(f"{out}: {above} is a file, so the directory cannot be made")
+    return out
+
+
 def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str = "F16",
                  hf_dtype: torch.dtype | None = None, state: dict | None = None) -> tuple[Path, str]:
     """Write `llm`'s model (LoRA merged in first) as `to` ("hf", "gguf" or "meta"); returns (path, new
@@ -334,8 +356,7 @@ def export_model(llm, to: str, out, lineage: dict | None = None, gguf_type: str 
     the lineage record, when given, gets it as "fingerprint". `state`: the weights to write instead of the
     model's own (whole tensors gathered from FSDP shards). An HF or Meta directory gets the tokenizer as
     files (herd.tokenizer.hf_files: a tokenizer.json with the source's token ids) and its chat template."""
-    if to not in FORMATS:
-        raise HerdError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+    check_export_target(to, out)
     ck = llm.checkpoint
     tokenizer_json = None
     # converted before the weights are touched (a tokenizer it cannot write stops the export here); a Meta
@@ -447,5 +468,5 @@ def source_lineage(llm, adapter: str | Path | None) -> dict:
     return {**make_lineage(base, "conversion", {}, None), "exported_from": base}
 
 
-__all__ = ["export_model", "write_adapter_dir", "canonical_state", "adapter_fingerprint", "source_lineage",
-           "peft_base_name", "gguf_tokenizer_keys", "FORMATS"]
+__all__ = ["export_model", "check_export_target", "write_adapter_dir", "canonical_state", "adapter_fingerprint",
+           "source_lineage", "peft_base_name", "gguf_tokenizer_keys", "FORMATS"]

@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from herd.errors import ConfigError, TrainingDiverged
 from herd.finetune.config import TrainConfig
 from herd.finetune.data import IGNORE, Row, TensorBatch, collate, epoch_order
 from herd.finetune.forward import loss_sum
@@ -149,14 +151,26 @@ class Trainer:
         return float(total)
 
     def train_step(self) -> dict:
+        """One optimizer step. A loss or gradient that is not finite (a learning rate or LoRA scale too large,
+        overflow in bfloat16) stops the run before the optimizer applies it: TrainingDiverged, the weights as
+        they were after the last good step."""
+        from herd.finetune.distributed import as_local
+
         c = self.config
         batches = [self.make_batch(self.micro_batch_items(self.step, m)) for m in range(c.grad_accum)]
         loss = self.backward(batches)
-        grad_norm = None
-        if c.max_grad_norm:
-            from herd.finetune.distributed import as_local
-
-            grad_norm = float(as_local(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)))
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"step {self.step + 1}: the loss is {loss} (lr {c.lr:g}, lora_alpha "
+                                   f"{c.lora_alpha:g}): training diverged; lower --lr, or check the data and settings")
+        # the norm is measured on every step (clip_grad_norm_ with no limit only measures it)
+        grad_norm = float(as_local(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm or float("inf"))))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"step {self.step + 1}: the gradient norm is {grad_norm} (loss {loss:.4f}): "
+                                   "training diverged; lower --lr, or check the data and settings")
+        if not c.max_grad_norm:
+            grad_norm = None
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -224,7 +238,13 @@ class Trainer:
         return path
 
     def load(self, path: str | Path) -> None:
-        state = torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=True)
+        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+            raise ConfigError(f"{Path(path) / 'trainer.pt'}: not a checkpoint herd can resume from "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if not isinstance(state, dict) or not {"trainable", "optimizer", "scheduler", "step"} <= set(state):
+            raise ConfigError(f"{Path(path) / 'trainer.pt'}: not a herd fine-tuning checkpoint")
         if self.objective is not None:
             from herd.finetune.distributed import load_full_state
 
@@ -233,7 +253,8 @@ class Trainer:
             return
         names = dict(self.named_params)
         if set(state["trainable"]) != set(names):
-            raise ValueError(f"{path}: the checkpoint trains other parameters than this run")
+            raise ConfigError(f"{path}: the checkpoint trains other parameters than this run (another method, "
+                              "targets or model)")
         with torch.no_grad():
             for n, value in state["trainable"].items():
                 names[n].copy_(value)

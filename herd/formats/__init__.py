@@ -19,13 +19,18 @@ def open_checkpoint(path: str | Path, lazy: bool = False) -> Checkpoint:
     if not path.exists():
         raise ModelNotFound(f"{path}: no such file or directory")
     if path.is_file():
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:  # /proc/self/mem and the like: a "file" that cannot be read from its start
+            raise FormatError(f"{path}: cannot be read ({e.strerror or e})") from None
         if magic == GGUF_MAGIC:
             from herd.formats.gguf import read_gguf
 
             return read_gguf(path)
         raise FormatError(f"{path}: not a GGUF file (starts with {magic!r}); pass a GGUF file or a model directory")
+    if not path.is_dir():
+        raise FormatError(f"{path}: neither a regular file nor a directory; pass a GGUF file or a model directory")
     from herd.formats.herdq import is_herdq_dir, read_herdq
     from herd.formats.hf import is_hf_dir, read_hf
     from herd.formats.meta import is_meta_dir, read_meta
