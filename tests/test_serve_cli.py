@@ -116,7 +116,8 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(flag, value):
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and "nonexistent" not in run.stderr, run.stderr
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"herd serve: error: argument {flag}:") and value in last, run.stderr
+    assert last.startswith(f"herd serve: argument {flag}:") and value in last, run.stderr
+    assert last.endswith("(see herd serve --help)"), run.stderr
 
 
 def test_an_address_in_use_is_said_before_the_model_loads():
