@@ -70,18 +70,16 @@ def raises(exc, source, *words, **load_kwargs):
 
 def load_in_child(path: Path, timeout: float = 60) -> dict:
     """herd.load in a fresh interpreter (a load that hangs cannot hang the suite): the error's class and
-    message, and the seconds and peak RSS the load itself took."""
+    message, and the peak RSS of the process."""
     code = textwrap.dedent(f"""
-        import json, sys, time
+        import json, sys
         sys.path.insert(0, {str(ROOT)!r})
         import herd
-        t = time.perf_counter()
         try:
             herd.load({str(path)!r}, device="cpu")
             out = {{"error": None}}
         except BaseException as e:
             out = {{"error": type(e).__name__, "herd": isinstance(e, herd.errors.HerdError), "message": str(e)}}
-        out["seconds"] = time.perf_counter() - t
         # VmHWM: this process's own peak (ru_maxrss would start from the forking parent's RSS)
         hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
         out["rss_mb"] = int(hwm.split()[1]) / 1024
@@ -95,10 +93,13 @@ def load_in_child(path: Path, timeout: float = 60) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def assert_fast_herd_error(result: dict, *words, seconds: float = 5.0, rss_mb: float = 2000):
+def assert_fast_herd_error(result: dict, *words, rss_mb: float = 2000):
+    """A herd error naming the field, raised before anything sized by the bad value exists: the peak memory
+    stays far below what a billion layers (or a 2^31-wide head) would take, and the child's deadline
+    (load_in_child) catches a loop over them. (No wall-clock bound: speed is benchmarks/' business, and a
+    shared machine makes seconds meaningless.)"""
     assert result["error"] is not None, "the load succeeded"
     assert result["herd"], f"bare {result['error']}: {result['message']}"
-    assert result["seconds"] < seconds, f"{result['error']} after {result['seconds']:.1f} s (bound {seconds} s)"
     assert result["rss_mb"] < rss_mb, f"peak RSS {result['rss_mb']:.0f} MB (bound {rss_mb} MB)"
     missing = [w for w in words if w.lower() not in result["message"].lower()]
     assert not missing, f"message {result['message']!r} does not mention {missing}"
@@ -108,14 +109,14 @@ def assert_fast_herd_error(result: dict, *words, seconds: float = 5.0, rss_mb: f
 
 
 @pytest.mark.parametrize("blocks", [20000, 200000, 2**31 - 1])
-def test_gguf_block_count_fails_fast(smollm2_header, tmp_path, blocks):
+def test_gguf_block_count_fails_before_allocating(smollm2_header, tmp_path, blocks):
     path = gguf_variant(smollm2_header, tmp_path, llama__block_count=(U32, blocks))
     result = load_in_child(path)
     assert_fast_herd_error(result, "llama.block_count", str(blocks), path.name)
     assert result["error"] == "MissingTensor"
 
 
-def test_gguf_head_size_fails_fast(smollm2_header, tmp_path):
+def test_gguf_head_size_fails_before_allocating(smollm2_header, tmp_path):
     """A 2^31-wide head: checked against attn_q's rows before anything sized by it (the RoPE table) exists."""
     path = gguf_variant(smollm2_header, tmp_path, llama__rope__dimension_count=(U32, 2**31))
     result = load_in_child(path)
@@ -136,7 +137,7 @@ def test_gguf_ffn_width_beyond_the_tensors(tiny_gguf_header, tmp_path):
 
 
 @pytest.mark.parametrize("gen", [GEN, "llama4_scout"])
-def test_hf_num_hidden_layers_fails_fast(tmp_path, gen):
+def test_hf_num_hidden_layers_fails_before_allocating(tmp_path, gen):
     d = tmp_path / "hf"
     shutil.copytree(B.reference(gen).hf_dir, d)
 
@@ -146,7 +147,7 @@ def test_hf_num_hidden_layers_fails_fast(tmp_path, gen):
     assert_fast_herd_error(load_in_child(d), "num_hidden_layers", "1000000000", "config.json")
 
 
-def test_meta_n_layers_fails_fast(meta_dir):
+def test_meta_n_layers_fails_before_allocating(meta_dir):
     edit_json(meta_dir / "params.json", lambda p: p.update(n_layers=1_000_000_000))
     assert_fast_herd_error(load_in_child(meta_dir), "n_layers", "1000000000", "params.json")
 
